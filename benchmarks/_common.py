@@ -1,0 +1,77 @@
+"""Helpers shared by the benchmark scripts: timing, machine description, result files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_tag() -> str:
+    """Short label of this machine: ``cpu<N>`` or the GPU name, for result file names."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).replace(" ", "-").lower()
+    return f"cpu{os.cpu_count()}"
+
+
+def machine_description() -> Dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def best_time(function: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Fastest wall time in seconds of ``repeats`` calls after ``warmup`` calls (the minimum is
+    the least noisy estimate on a shared machine)."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        function()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def markdown_table(rows: List[Dict[str, object]]) -> str:
+    """Rows of equal keys as a Markdown table; floats get 4 significant digits."""
+    if not rows:
+        return "(no rows)\n"
+    keys = list(rows[0])
+
+    def cell(value: object) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(name: str, rows: List[Dict[str, object]], extra: Dict[str, object] = None) -> Path:
+    """Print the table, write ``results/<name>-<machine>.md`` and ``.json``; return the .md path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    machine = machine_description()
+    header = f"# {name} on {machine_tag()}\n\nMachine: {json.dumps(machine)}\n\n"
+    table = markdown_table(rows)
+    print(header + table)
+    stem = RESULTS / f"{name}-{machine_tag()}"
+    stem.with_suffix(".md").write_text(header + table)
+    stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows, **(extra or {})},
+                                                    indent=2))
+    return stem.with_suffix(".md")

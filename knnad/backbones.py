@@ -1,0 +1,266 @@
+"""Hooked ImageNet backbones: a batch of images in, the activations of named layers out.
+
+:class:`FeatureExtractor` wraps any torchvision classification model (by name) or a user's
+``nn.Module``, registers forward hooks on the requested layers and stops the forward pass as
+soon as the last of them has run, so later layers (``layer4``, ``fc``, ...) cost nothing.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import pickle
+import urllib.error
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torchvision
+from torch import nn
+
+from .runtime import resolve_device
+
+logger = logging.getLogger(__name__)
+
+#: Default hooked layers per backbone: mid-level layers at strides 8 and 16, as PatchCore.
+PRESET_LAYERS: Dict[str, Tuple[str, ...]] = {
+    "wide_resnet50_2": ("layer2", "layer3"),
+    "resnet18": ("layer2", "layer3"),
+    "mobilenet_v2": ("features.6", "features.13"),
+}
+
+#: Seed of the random initialisation for ``weights=None``, so that a saved model built on a
+#: random backbone gives the same features when loaded again.
+RANDOM_INIT_SEED = 0
+
+WeightsSpec = Union[None, str, os.PathLike, "torchvision.models.WeightsEnum"]
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be found locally nor downloaded."""
+
+
+class _LastLayerReached(Exception):
+    """Raised from a forward hook to stop the forward pass after the last hooked layer."""
+
+
+def available_backbones() -> list:
+    """Names of the torchvision classification models knnad can build by name."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights_enum(name: str) -> Any:
+    try:
+        return torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return None
+
+
+def _resolve_named_weights(name: str, weights: Any) -> Any:
+    """A torchvision WeightsEnum member for ``weights`` ("DEFAULT", a member name, its full
+    name, or a member), or a Path for a local file. Raises ValueError for anything else."""
+    enum = _weights_enum(name)
+    if isinstance(weights, torchvision.models.WeightsEnum):
+        if enum is None or not isinstance(weights, enum):
+            raise ValueError(f"weights={weights} do not belong to backbone {name!r}; "
+                             f"use one of {_weight_names(enum)}")
+        return weights
+    if isinstance(weights, str) and enum is not None:
+        member = weights.split(".", 1)[1] if weights.startswith(enum.__name__ + ".") else weights
+        if member in enum.__members__:
+            return enum[member]
+    path = Path(weights)
+    if path.is_file():
+        return path
+    raise ValueError(f"weights={str(weights)!r} is neither a weight name of {name!r} "
+                     f"({_weight_names(enum)}) nor an existing .pth file")
+
+
+def _weight_names(enum: Any) -> str:
+    if enum is None:
+        return "this model has no pretrained weights; use weights=None or a .pth path"
+    return ", ".join(["'DEFAULT'"] + [repr(member) for member in enum.__members__])
+
+
+def _build_pretrained(name: str, weights: Any) -> nn.Module:
+    """torchvision's own builder and loader (local cache first, hash check included), with an
+    offline or damaged-cache failure turned into one clear WeightsUnavailableError."""
+    file_name = os.path.basename(weights.url)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except (urllib.error.URLError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        cached = cache / file_name
+        hint = (f"the cached file {cached} is damaged: delete it or replace it"
+                if cached.exists() else f"put {file_name} (from {weights.url}) into {cache}/")
+        raise WeightsUnavailableError(
+            f"cannot load pretrained weights {weights} for {name!r}: {error}. Offline, {hint}, "
+            f"or pass weights=PATH to a local .pth state dict (or weights=None for a random "
+            f"initialisation)") from None
+
+
+def _load_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a bad file
+        raise ValueError(f"weights file {path} is not a readable torch state dict: {error}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights file {path} does not hold a state dict of tensors")
+    return state
+
+
+def build_backbone(backbone: Union[str, nn.Module], weights: WeightsSpec = "DEFAULT"
+                   ) -> Tuple[nn.Module, str, str]:
+    """Build the model and load its weights.
+
+    Returns ``(model, name, weights_id)``: ``name`` is the torchvision name (or the module's
+    class name) and ``weights_id`` identifies the weights for save/load: a torchvision weight
+    name, ``"sha256:<hex>"`` of a local file, ``"random:seed=0"``, or ``"module:<hash>"``
+    (a fingerprint of a user module's parameters).
+    """
+    if isinstance(backbone, nn.Module):
+        if weights not in (None, "DEFAULT"):
+            path = Path(weights)
+            backbone.load_state_dict(_load_state_dict_file(path))
+        return backbone, type(backbone).__name__, "module:" + module_fingerprint(backbone)
+    if not isinstance(backbone, str):
+        raise TypeError(f"backbone must be a torchvision model name or an nn.Module, got "
+                        f"{type(backbone).__name__}")
+    if backbone not in available_backbones():
+        close = difflib.get_close_matches(backbone, available_backbones(), n=3)
+        raise ValueError(f"unknown backbone {backbone!r}" + (f"; did you mean {close}?" if close else "")
+                         + " See knnad.backbones.available_backbones() for all names.")
+    if weights is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = torchvision.models.get_model(backbone, weights=None)
+        return model, backbone, f"random:seed={RANDOM_INIT_SEED}"
+    resolved = _resolve_named_weights(backbone, weights)
+    if isinstance(resolved, Path):
+        model = torchvision.models.get_model(backbone, weights=None)
+        try:
+            model.load_state_dict(_load_state_dict_file(resolved))
+        except RuntimeError as error:
+            raise ValueError(f"weights file {resolved} does not fit backbone {backbone!r}: "
+                             f"{str(error).splitlines()[0]}") from None
+        return model, backbone, "sha256:" + _file_sha256(resolved)
+    return _build_pretrained(backbone, resolved), backbone, str(resolved)
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """First 16 hex digits of a SHA-256 over the names, shapes and values of ``module``'s
+    parameters and buffers: equal for equal weights, different for any other model."""
+    digest = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def _layer_choices(model: nn.Module) -> str:
+    shallow = [name for name, _ in model.named_modules() if name and name.count(".") <= 1]
+    return ", ".join(shallow)
+
+
+class FeatureExtractor:
+    """Activations of named layers of a pretrained CNN, in eval mode and without gradients.
+
+    Parameters
+    ----------
+    backbone: a torchvision classification model name (``"wide_resnet50_2"``,
+        ``"mobilenet_v2"``, ``"resnet18"``, any of :func:`available_backbones`) or an
+        ``nn.Module``.
+    layers: module names as in ``model.named_modules()`` (``"layer2"``, ``"features.6"``);
+        ``None`` takes :data:`PRESET_LAYERS` for the backbone.
+    weights: ``"DEFAULT"`` (torchvision's best ImageNet weights), a weight name such as
+        ``"IMAGENET1K_V1"`` or a torchvision weight enum, ``None`` (seeded random init), or a
+        path to a local ``.pth`` state dict. Ignored (unless a path) for an ``nn.Module``.
+    device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+
+    ``extractor(images)`` with a float tensor ``[B, 3, H, W]`` returns an ordered
+    ``dict[layer -> Tensor[B, C, h, w]]`` (float32, on ``device``) in the order of ``layers``.
+    """
+
+    def __init__(self, backbone: Union[str, nn.Module] = "wide_resnet50_2",
+                 layers: Optional[Sequence[str]] = None, weights: WeightsSpec = "DEFAULT",
+                 device: Union[str, torch.device] = "cpu"):
+        self.device = resolve_device(device)
+        model, self.backbone_name, self.weights_id = build_backbone(backbone, weights)
+        if layers is None:
+            if self.backbone_name not in PRESET_LAYERS:
+                raise ValueError(f"no preset layers for backbone {self.backbone_name!r}; pass "
+                                 f"layers=[...] with module names such as: {_layer_choices(model)}")
+            layers = PRESET_LAYERS[self.backbone_name]
+        if isinstance(layers, str):
+            layers = [layers]
+        self.layers = tuple(layers)
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers must be a non-empty list of distinct module names, got {layers!r}")
+        modules = dict(model.named_modules())
+        unknown = [name for name in self.layers if name not in modules or name == ""]
+        if unknown:
+            close = {name: difflib.get_close_matches(name, list(modules), n=3) for name in unknown}
+            raise ValueError(f"unknown layer(s) {unknown} for backbone {self.backbone_name!r} "
+                             f"(close matches: {close}). Valid names include: "
+                             f"{_layer_choices(model)} (and every name in model.named_modules())")
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self._outputs: Dict[str, torch.Tensor] = {}
+        self._hooks = [modules[name].register_forward_hook(self._make_hook(name))
+                       for name in self.layers]
+
+    def __repr__(self) -> str:
+        return (f"FeatureExtractor(backbone={self.backbone_name!r}, layers={list(self.layers)}, "
+                f"weights={self.weights_id!r}, device='{self.device}')")
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            self._outputs[name] = output
+            if len(self._outputs) == len(self.layers):
+                raise _LastLayerReached
+        return hook
+
+    def __call__(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor (normalised), got {images.dtype}; "
+                            f"use knnad.preprocessing.Preprocessor to prepare images")
+        self._outputs = {}
+        try:
+            with torch.inference_mode():
+                self.model(images.to(self.device, torch.float32))
+        except _LastLayerReached:
+            pass
+        finally:
+            outputs, self._outputs = self._outputs, {}
+        missing = [name for name in self.layers if name not in outputs]
+        if missing:
+            raise RuntimeError(f"layers {missing} did not run in the forward pass of "
+                               f"{self.backbone_name}; hook modules that are called in forward()")
+        for name, output in outputs.items():
+            if not isinstance(output, torch.Tensor) or output.ndim != 4:
+                raise ValueError(f"layer {name!r} gives {type(output).__name__} "
+                                 f"{getattr(output, 'shape', '')}, not a [B, C, h, w] feature "
+                                 f"map; choose a convolutional layer")
+        return {name: outputs[name].float() for name in self.layers}
+
+    @staticmethod
+    def global_features(features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Global average pooling of each layer, concatenated: ``Tensor[B, sum(C)]``
+        (SPADE-style image features)."""
+        return torch.cat([f.mean(dim=(2, 3)) for f in features.values()], dim=1)

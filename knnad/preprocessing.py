@@ -1,0 +1,114 @@
+"""Images and masks to tensors: decode any PIL mode, resize the shorter side, centre crop,
+ImageNet normalisation. Masks get the same geometry with nearest-neighbour interpolation."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+#: ImageNet channel statistics used by every torchvision classification model.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: File suffixes treated as images when a folder is scanned.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+ImageInput = Union[str, os.PathLike, Image.Image]
+
+
+class ImageLoadError(ValueError):
+    """An image file that cannot be opened or decoded; ``path`` names it."""
+
+    def __init__(self, path: object, reason: str):
+        self.path = str(path)
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+def open_image(image: ImageInput) -> Image.Image:
+    """Open ``image`` (a path or a PIL image) and decode it fully.
+
+    Raises ImageLoadError naming the file when it is missing, not an image, or truncated.
+    """
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"expected an image path or a PIL.Image, got {type(image).__name__}")
+    path = Path(image)
+    if not path.is_file():
+        raise ImageLoadError(path, "no such file")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(path, f"not a decodable image ({error})") from error
+
+
+def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """Float32 tensor ``[3, H, W]`` in [0, 1] from a PIL image of any mode.
+
+    16- and 32-bit integer images (``I;16*``, ``I``) map 0..65535 to 0..1 (full range, no
+    per-image stretching, so absolute intensity stays comparable); ``F`` images are clipped to
+    [0, 1]; alpha is dropped; grey and palette images are replicated to three channels.
+    """
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if image.mode != "F":
+            values = values / 65535.0
+        grey = torch.from_numpy(np.clip(values, 0.0, 1.0))
+        return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return TF.pil_to_tensor(image).float().div_(255.0)
+
+
+class Preprocessor:
+    """Resize the shorter side to ``image_size`` pixels, centre crop ``crop_size`` × ``crop_size``.
+
+    ``preprocessor(image)`` gives the normalised float32 tensor ``[3, crop_size, crop_size]``
+    for a path or PIL image; :meth:`mask` gives the matching bool tensor ``[crop_size,
+    crop_size]`` for a mask (any non-zero pixel is anomalous).
+    """
+
+    def __init__(self, image_size: int = 256, crop_size: int = 224):
+        for name, value in (("image_size", image_size), ("crop_size", crop_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if crop_size > image_size:
+            raise ValueError(f"crop_size={crop_size} is larger than image_size={image_size}; "
+                             f"the crop is taken from the resized image, so choose "
+                             f"crop_size <= image_size")
+        self.image_size = image_size
+        self.crop_size = crop_size
+
+    def __repr__(self) -> str:
+        return f"Preprocessor(image_size={self.image_size}, crop_size={self.crop_size})"
+
+    def __call__(self, image: ImageInput) -> torch.Tensor:
+        rgb = to_rgb_tensor(open_image(image))
+        rgb = TF.resize(rgb, self.image_size, interpolation=InterpolationMode.BILINEAR,
+                        antialias=True)
+        rgb = TF.center_crop(rgb, [self.crop_size, self.crop_size])
+        return TF.normalize(rgb, IMAGENET_MEAN, IMAGENET_STD)
+
+    def mask(self, mask: ImageInput) -> torch.Tensor:
+        """Bool tensor ``[crop_size, crop_size]``: True where the mask is non-zero."""
+        opened = open_image(mask)
+        binary = torch.from_numpy(np.asarray(opened.convert("L")) > 0)
+        resized = TF.resize(binary[None].to(torch.uint8), self.image_size,
+                            interpolation=InterpolationMode.NEAREST)
+        return TF.center_crop(resized, [self.crop_size, self.crop_size])[0].bool()
+
+
+def list_images(folder: Union[str, os.PathLike]) -> list:
+    """Sorted paths of the image files (by suffix, see IMAGE_SUFFIXES) directly in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

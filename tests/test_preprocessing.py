@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from knnad.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, Preprocessor,
+                                 list_images)
+
+
+def normalised(value: float) -> torch.Tensor:
+    return (value - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+
+
+@pytest.mark.parametrize("image, grey", [
+    (Image.new("L", (300, 200), 128), 128 / 255),
+    (Image.new("RGB", (300, 200), (128, 128, 128)), 128 / 255),
+    (Image.new("RGBA", (300, 200), (128, 128, 128, 10)), 128 / 255),
+    (Image.new("P", (300, 200), 0), 0.0),
+    (Image.fromarray(np.full((200, 300), 65535, np.uint16)), 1.0),
+    (Image.fromarray(np.full((200, 300), 32768, np.uint16)), 32768 / 65535),
+])
+def test_modes_give_rgb_normalised_tensor(image, grey):
+    tensor = Preprocessor(256, 224)(image)
+    assert tensor.shape == (3, 224, 224) and tensor.dtype == torch.float32
+    expected = normalised(grey)[:, None, None].expand(3, 224, 224)
+    torch.testing.assert_close(tensor, expected, atol=1e-3, rtol=0)
+
+
+def test_geometry_of_images_and_masks_agree(tmp_path):
+    # A 400x300 image: shorter side 300 -> 256, so the scale is 256/300; a bright square marks
+    # the defect and its mask must land on the same crop pixels.
+    pixels = np.zeros((300, 400, 3), np.uint8)
+    pixels[100:160, 250:310] = 255
+    mask = np.zeros((300, 400), np.uint8)
+    mask[100:160, 250:310] = 255
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    preprocessor = Preprocessor(256, 224)
+    image = preprocessor(tmp_path / "image.png")
+    binary = preprocessor.mask(tmp_path / "mask.png")
+    assert binary.shape == (224, 224) and binary.dtype == torch.bool
+    bright = image[0] > 0.5 * float(normalised(1.0)[0])
+    agreement = (bright == binary).float().mean()
+    assert agreement > 0.995
+    # Square 60 px * 256/300 = 51 px on a side.
+    assert abs(int(binary.sum()) - 51 * 51) < 2 * 51 * 2
+
+
+def test_path_and_pil_agree(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    preprocessor = Preprocessor(128, 112)
+    torch.testing.assert_close(preprocessor(tmp_path / "a.png"), preprocessor(Image.fromarray(pixels)))
+    assert preprocessor(str(tmp_path / "a.png")).shape == (3, 112, 112)
+
+
+def test_bad_inputs(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "notes.png").write_text("hello")
+    preprocessor = Preprocessor()
+    for name in ("broken.png", "notes.png", "missing.png"):
+        with pytest.raises(ImageLoadError, match=name) as info:
+            preprocessor(tmp_path / name)
+        assert info.value.path.endswith(name)
+    with pytest.raises(TypeError, match="image path or a PIL.Image"):
+        preprocessor(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="crop_size=300 is larger"):
+        Preprocessor(256, 300)
+    with pytest.raises(ValueError, match="image_size"):
+        Preprocessor(0, 0)
+
+
+def test_truncated_png_is_refused(tmp_path):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="cut.png"):
+        Preprocessor()(tmp_path / "cut.png")
+
+
+def test_list_images(tmp_path):
+    for name in ("b.PNG", "a.jpg", "c.txt", "d.bmp"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "d.bmp"]
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        list_images(tmp_path / "nothere")
