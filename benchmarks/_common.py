@@ -63,15 +63,21 @@ def markdown_table(rows: List[Dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(name: str, rows: List[Dict[str, object]], extra: Dict[str, object] = None) -> Path:
-    """Print the table, write ``results/<name>-<machine>.md`` and ``.json``; return the .md path."""
+def write_results(name: str, tables: Dict[str, List[Dict[str, object]]],
+                  summary: Dict[str, object] = None) -> Path:
+    """Print the tables (title -> rows) and a summary, and write them to
+    ``results/<name>-<machine>.md`` and ``.json``. Returns the .md path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = machine_description()
-    header = f"# {name} on {machine_tag()}\n\nMachine: {json.dumps(machine)}\n\n"
-    table = markdown_table(rows)
-    print(header + table)
+    text = f"# {name} on {machine_tag()}\n\nMachine: {json.dumps(machine)}\n"
+    for title, rows in tables.items():
+        text += f"\n## {title}\n\n" + markdown_table(rows)
+    if summary:
+        text += "\n## Summary\n\n" + "".join(f"- {key}: {value:.4g}\n" if isinstance(value, float)
+                                              else f"- {key}: {value}\n" for key, value in summary.items())
+    print(text)
     stem = RESULTS / f"{name}-{machine_tag()}"
-    stem.with_suffix(".md").write_text(header + table)
-    stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows, **(extra or {})},
-                                                    indent=2))
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "tables": tables,
+                                                     "summary": summary or {}}, indent=2))
     return stem.with_suffix(".md")

@@ -35,7 +35,7 @@ def main() -> None:
         rows.append({"backbone": name, "layers": ",".join(extractor.layers), "batch": args.batch,
                      "full forward s": full, "truncated s": truncated,
                      "saving %": 100.0 * (1 - truncated / full)})
-    write_results("truncation", rows)
+    write_results("truncation", {"Full forward pass against the hooked, truncated one": rows})
 
 
 if __name__ == "__main__":

@@ -8,12 +8,17 @@ import logging
 
 __version__ = "0.1.0"
 
-from . import backbones, preprocessing, runtime  # noqa: E402
+from . import anomaly_map, backbones, embedding, index, preprocessing, runtime, sampling  # noqa: E402
 from .backbones import FeatureExtractor  # noqa: E402
-from .preprocessing import Preprocessor  # noqa: E402
+from .detector import Detector, Prediction  # noqa: E402
+from .index import FlatL2Index  # noqa: E402
+from .preprocessing import ImageLoadError, Preprocessor  # noqa: E402
 from .runtime import backend_info  # noqa: E402
+from .sampling import coreset, covering_radius  # noqa: E402
+from ._io import ModelFileError  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["FeatureExtractor", "Preprocessor", "backend_info", "backbones", "preprocessing",
-           "runtime", "__version__"]
+__all__ = ["Detector", "FeatureExtractor", "FlatL2Index", "ImageLoadError", "ModelFileError",
+           "Prediction", "Preprocessor", "backend_info", "coreset", "covering_radius",
+           "__version__"]

@@ -217,7 +217,7 @@ class FeatureExtractor:
                              f"(close matches: {close}). Valid names include: "
                              f"{_layer_choices(model)} (and every name in model.named_modules())")
         self.model = model.eval().requires_grad_(False).to(self.device)
-        self._outputs: Dict[str, torch.Tensor] = {}
+        self._outputs: Optional[Dict[str, torch.Tensor]] = None  # a dict only while running
         self._hooks = [modules[name].register_forward_hook(self._make_hook(name))
                        for name in self.layers]
 
@@ -227,6 +227,8 @@ class FeatureExtractor:
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            if self._outputs is None:  # another extractor sharing this module is running
+                return
             self._outputs[name] = output
             if len(self._outputs) == len(self.layers):
                 raise _LastLayerReached
@@ -247,7 +249,7 @@ class FeatureExtractor:
         except _LastLayerReached:
             pass
         finally:
-            outputs, self._outputs = self._outputs, {}
+            outputs, self._outputs = self._outputs, None
         missing = [name for name in self.layers if name not in outputs]
         if missing:
             raise RuntimeError(f"layers {missing} did not run in the forward pass of "

@@ -1,0 +1,138 @@
+"""Exact kNN search and coreset selection, measured side by side in one run.
+
+1. Search: knnad FlatL2Index on faiss against the torch.cdist + topk reference on the same
+   queries; throughput, GFLOP/s-equivalent (2·m·n·d / time) and its share of this machine's
+   float32 matrix-multiply rate (torch.mm, measured in the same run); neighbour agreement.
+2. Coreset: knnad's greedy k-center against anomalib's KCenterGreedy (run in its own Python
+   via --peer-python) on MobileNetV2 patch embeddings of MVTec bottle; time and covering
+   radius (in the original feature space) of both.
+
+Example:
+  python benchmarks/bench_index.py --mvtec-root ../shared/data/mvtec --peer-python /tmp/peer/bin/python
+"""
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from knnad.backbones import FeatureExtractor
+from knnad.embedding import PatchEmbedder
+from knnad.index import FlatL2Index
+from knnad.preprocessing import Preprocessor, list_images
+from knnad.sampling import coreset, covering_radius
+
+from _common import best_time, write_results
+
+PEER_CODE = """
+import sys, time, numpy as np, torch
+from anomalib.models.components.sampling import KCenterGreedy
+features = torch.from_numpy(np.load(sys.argv[1]))
+torch.manual_seed(0)
+start = time.perf_counter()
+picks = KCenterGreedy(features, float(sys.argv[2])).select_coreset_idxs()
+elapsed = time.perf_counter() - start
+np.save(sys.argv[3], np.asarray(picks, dtype=np.int64))
+print(elapsed)
+"""
+
+
+def matmul_gflops(size: int = 2048) -> float:
+    """float32 GEMM rate of this machine through torch.mm, GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size ** 3 / best_time(lambda: torch.mm(a, b)) / 1e9
+
+
+def search_rows(queries: int, bank: int, dim: int, k: int, peak: float):
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((bank, dim), dtype=np.float32)
+    query_vectors = rng.standard_normal((queries, dim), dtype=np.float32)
+    rows, results = [], {}
+    for backend in ("faiss", "torch"):
+        index = FlatL2Index(dim, backend=backend, device="cpu")
+        index.add(vectors)
+        seconds = best_time(lambda: results.__setitem__(backend, index.search(query_vectors, k)),
+                            repeats=2)
+        gflops = 2 * queries * bank * dim / seconds / 1e9
+        rows.append({"task": f"search {queries}x{bank}x{dim} k={k}", "method": backend,
+                     "seconds": seconds, "queries/s": queries / seconds, "GFLOP/s": gflops,
+                     "% of matmul": 100 * gflops / peak})
+    same = float((results["faiss"][1] == results["torch"][1]).all(axis=1).mean())
+    ratio = rows[1]["seconds"] / rows[0]["seconds"]
+    return rows, {"search_speedup_faiss_over_torch": ratio, "identical_neighbour_lists": same}
+
+
+def bottle_bank(root: Path, image_share: float, weights: str) -> np.ndarray:
+    extractor = FeatureExtractor("mobilenet_v2", weights=weights)
+    preprocessor, embedder = Preprocessor(), PatchEmbedder()
+    paths = list_images(root / "bottle" / "train" / "good")
+    paths = paths[: max(1, round(len(paths) * image_share))]
+    banks = []
+    for start in range(0, len(paths), 16):
+        batch = torch.stack([preprocessor(p) for p in paths[start:start + 16]])
+        embedding = embedder(extractor(batch))
+        banks.append(embedding.reshape(-1, embedding.shape[-1]))
+    return torch.cat(banks).numpy()
+
+
+def coreset_rows(features: np.ndarray, ratio: float, label: str, peer_python: str):
+    rows = []
+    start = time.perf_counter()
+    picks = coreset(features, ratio=ratio)
+    knnad_seconds = time.perf_counter() - start
+    knnad_radius = covering_radius(features, picks)
+    rows.append({"task": f"coreset {label} {features.shape[0]}x{features.shape[1]} ratio={ratio}",
+                 "method": "knnad", "seconds": knnad_seconds, "covering radius": knnad_radius})
+    if peer_python:
+        with tempfile.TemporaryDirectory() as folder:
+            np.save(f"{folder}/features.npy", features)
+            output = subprocess.run([peer_python, "-c", PEER_CODE, f"{folder}/features.npy",
+                                     str(ratio), f"{folder}/picks.npy"], check=True,
+                                    capture_output=True, text=True).stdout
+            peer_seconds = float(output.strip().splitlines()[-1])
+            peer_picks = np.load(f"{folder}/picks.npy")
+        rows.append({"task": rows[0]["task"], "method": "anomalib 2.7 KCenterGreedy",
+                     "seconds": peer_seconds, "covering radius": covering_radius(features, peer_picks)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, default=4096)
+    parser.add_argument("--bank", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=9)
+    parser.add_argument("--mvtec-root", type=Path, help="MVTec AD root holding bottle/")
+    parser.add_argument("--weights", default="IMAGENET1K_V1", help="MobileNetV2 weights")
+    parser.add_argument("--ratio", type=float, default=0.1)
+    parser.add_argument("--peer-python", help="a Python with anomalib 2.7 installed")
+    parser.add_argument("--peer-share", type=float, default=0.25,
+                        help="share of bottle's training images for the side-by-side instance")
+    args = parser.parse_args()
+
+    peak = matmul_gflops()
+    rows, summary = search_rows(args.queries, args.bank, args.dim, args.k, peak)
+    summary["matmul_gflops"] = peak
+    coreset_table = []
+    if args.mvtec_root:
+        full = bottle_bank(args.mvtec_root, 1.0, args.weights)
+        small = full[: int(len(full) * args.peer_share) // 784 * 784]
+        coreset_table += coreset_rows(small, args.ratio, f"bottle {args.peer_share:.0%} of images",
+                                      args.peer_python)
+        coreset_table += coreset_rows(full, args.ratio, "bottle all images", None)
+        if args.peer_python:
+            summary["coreset_speedup_over_anomalib"] = coreset_table[1]["seconds"] / coreset_table[0]["seconds"]
+            summary["coreset_radius_ratio_knnad_over_anomalib"] = (
+                coreset_table[0]["covering radius"] / coreset_table[1]["covering radius"])
+    tables = {"Search (random data)": rows}
+    if coreset_table:
+        tables["Coreset (MobileNetV2 patch embeddings of MVTec bottle)"] = coreset_table
+    write_results("index", tables, summary)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Patch embeddings: hooked feature maps to one vector per patch (PatchCore-style).
+
+Each layer's map is averaged over a local neighbourhood (3×3 by default), resized bilinearly to
+the finest hooked resolution, and the layers are concatenated along channels; optionally the
+channels are reduced by adaptive average pooling to a fixed dimension.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+class PatchEmbedder:
+    """``embedder(features)`` turns ``dict[layer -> Tensor[B, C_i, h_i, w_i]]`` into
+    ``Tensor[B, h, w, D]`` where ``(h, w)`` is the largest hooked grid and ``D`` is
+    ``sum(C_i)`` or ``reduce_dim``.
+
+    Parameters
+    ----------
+    aggregation_size: side of the local averaging window (odd; 1 disables aggregation).
+    reduce_dim: target dimension of adaptive average pooling over channels, or None.
+    """
+
+    def __init__(self, aggregation_size: int = 3, reduce_dim: Optional[int] = None):
+        if isinstance(aggregation_size, bool) or not isinstance(aggregation_size, int) \
+                or aggregation_size < 1 or aggregation_size % 2 == 0:
+            raise ValueError(f"aggregation_size must be a positive odd int, got {aggregation_size!r}")
+        if reduce_dim is not None and (isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int)
+                                       or reduce_dim < 1):
+            raise ValueError(f"reduce_dim must be a positive int or None, got {reduce_dim!r}")
+        self.aggregation_size = aggregation_size
+        self.reduce_dim = reduce_dim
+
+    def __repr__(self) -> str:
+        return f"PatchEmbedder(aggregation_size={self.aggregation_size}, reduce_dim={self.reduce_dim})"
+
+    def grid(self, features: Dict[str, torch.Tensor]) -> Tuple[int, int]:
+        """The patch grid ``(h, w)``: the largest hooked resolution."""
+        return max((tuple(f.shape[-2:]) for f in features.values()), key=lambda hw: hw[0] * hw[1])
+
+    def __call__(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        size = self.grid(features)
+        maps = []
+        for feature in features.values():
+            if self.aggregation_size > 1:
+                feature = F.avg_pool2d(feature, self.aggregation_size, stride=1,
+                                       padding=self.aggregation_size // 2, count_include_pad=False)
+            if tuple(feature.shape[-2:]) != size:
+                feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
+            maps.append(feature)
+        embedding = torch.cat(maps, dim=1).permute(0, 2, 3, 1)  # [B, h, w, D]
+        if self.reduce_dim is not None and self.reduce_dim != embedding.shape[-1]:
+            batch, height, width, dim = embedding.shape
+            embedding = F.adaptive_avg_pool1d(embedding.reshape(-1, 1, dim), self.reduce_dim)
+            embedding = embedding.reshape(batch, height, width, self.reduce_dim)
+        return embedding.contiguous()

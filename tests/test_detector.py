@@ -1,0 +1,239 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from knnad import Detector, ImageLoadError, ModelFileError, _io
+from knnad.anomaly_map import anomaly_maps
+from knnad.preprocessing import Preprocessor
+
+SMALL = dict(backbone="mobilenet_v2", weights=None, image_size=72, crop_size=64, progress=False,
+             device="cpu")
+
+
+def textured_images(count: int, seed: int, size: int = 96):
+    """Normal images: a smooth striped texture with noise; PIL RGB."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = []
+    for _ in range(count):
+        base = 128 + 60 * np.sin(xx / 4.0 + rng.uniform(0, 0.3))[..., None] * np.ones(3)
+        noisy = base + rng.normal(0, 6, (size, size, 3))
+        images.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+    return images
+
+
+def with_defect(image: Image.Image) -> Image.Image:
+    pixels = np.array(image)
+    pixels[30:60, 30:60] = [250, 20, 20]
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def normal_images():
+    return textured_images(6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(normal_images):
+    return Detector(**SMALL, k=3).fit(normal_images)
+
+
+def reference_scores(detector, images, bank_ids=None):
+    """Brute force with torch.cdist in float64 of the documented definitions."""
+    batch = torch.stack([detector.preprocessor(image) for image in images])
+    features = detector.extractor(batch)
+    embedding = detector.embedder(features).double()
+    bank = torch.from_numpy(detector.index_.vectors()).double()
+    n, h, w, d = embedding.shape
+    if detector.image_score == "max":
+        dist = torch.cdist(embedding.reshape(-1, d), bank)
+        patch = dist.topk(detector.k, largest=False).values.mean(1).reshape(n, h, w)
+        maps = anomaly_maps(patch.float(), 64, detector.sigma)
+        return maps.amax(dim=(1, 2)).numpy(), maps.numpy()
+    pooled = detector.extractor.global_features(features).double()
+    train = torch.from_numpy(detector.global_features_).double()
+    global_dist = torch.cdist(pooled, train)
+    k_images = min(detector.image_k, len(train))
+    nearest = global_dist.topk(k_images, largest=False)
+    patch = []
+    ids = torch.from_numpy(detector.patch_image_ids_)
+    for image, neighbours in zip(embedding, nearest.indices):
+        gallery = bank[torch.isin(ids, neighbours)]
+        dist = torch.cdist(image.reshape(-1, d), gallery)
+        patch.append(dist.topk(detector.k, largest=False).values.mean(1).reshape(h, w))
+    maps = anomaly_maps(torch.stack(patch).float(), 64, detector.sigma)
+    return nearest.values.mean(1).numpy(), maps.numpy()
+
+
+@pytest.mark.parametrize("image_score, coreset", [("max", None), ("max", 0.5), ("spade", None),
+                                                  ("spade", 150)])
+def test_scores_match_brute_force_definition(normal_images, image_score, coreset):
+    detector = Detector(**SMALL, k=3, image_score=image_score, image_k=3, coreset=coreset)
+    detector.fit(normal_images)
+    if coreset:
+        assert len(detector.index_) == (150 if isinstance(coreset, int) else 6 * 64 // 2)
+    tests = textured_images(2, seed=5) + [with_defect(textured_images(1, seed=6)[0])]
+    prediction = detector.predict(tests)
+    expected_scores, expected_maps = reference_scores(detector, tests)
+    assert prediction.image_scores.dtype == np.float32 and prediction.image_scores.shape == (3,)
+    assert prediction.anomaly_maps.shape == (3, 64, 64)
+    np.testing.assert_allclose(prediction.anomaly_maps, expected_maps, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(prediction.image_scores, expected_scores, rtol=1e-4, atol=1e-4)
+    assert prediction.image_scores[2] > prediction.image_scores[:2].max()
+
+
+def test_defect_is_hotter_on_synthetic_images(fitted):
+    defect = with_defect(textured_images(1, seed=9)[0])
+    prediction = fitted.predict([defect])
+    defect_mask = Preprocessor(72, 64).mask(Image.fromarray(
+        (np.array(defect)[..., 1] < 40).astype(np.uint8) * 255))
+    heat = prediction.anomaly_maps[0]
+    assert heat[defect_mask.numpy()].mean() > 2 * heat[~defect_mask.numpy()].mean()
+
+
+def test_save_load_round_trip(normal_images, tmp_path):
+    for image_score in ("max", "spade"):
+        detector = Detector(**SMALL, k=2, image_score=image_score, image_k=4, coreset=0.5)
+        detector.fit(normal_images).calibrate(textured_images(4, seed=3), quantile=0.9)
+        tests = textured_images(2, seed=4) + [with_defect(normal_images[0])]
+        before = detector.predict(tests)
+        path = detector.save(tmp_path / f"{image_score}.npz")
+        assert not list(tmp_path.glob("*.tmp"))
+        loaded = Detector.load(path)
+        after = loaded.predict(tests)
+        np.testing.assert_array_equal(after.image_scores, before.image_scores)
+        np.testing.assert_array_equal(after.anomaly_maps, before.anomaly_maps)
+        np.testing.assert_array_equal(after.labels, before.labels)
+        np.testing.assert_array_equal(after.masks, before.masks)
+        assert loaded.image_threshold_ == detector.image_threshold_
+        assert loaded.get_params()["k"] == 2 and loaded.image_score == image_score
+        assert loaded.train_paths_ == detector.train_paths_
+
+
+def test_calibrate_sets_thresholds(fitted, caplog, tmp_path):
+    held_out = textured_images(5, seed=11)
+    fitted.calibrate(held_out, quantile=1.0)
+    assert fitted.image_threshold_ == pytest.approx(float(fitted.predict(held_out).image_scores.max()))
+    prediction = fitted.predict(held_out + [with_defect(held_out[0])])
+    assert prediction.labels.dtype == bool and list(prediction.labels) == [False] * 5 + [True]
+    assert prediction.masks.shape == (6, 64, 64) and not prediction.masks[:5].any()
+    assert prediction.masks[5].any()
+    with pytest.raises(ValueError, match="quantile"):
+        fitted.calibrate(held_out, quantile=1.5)
+    paths = []
+    for i, image in enumerate(textured_images(3, seed=0)):
+        image.save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    detector = Detector(**SMALL).fit(paths)
+    with caplog.at_level(logging.WARNING, logger="knnad.detector"):
+        detector.calibrate(paths)
+    assert "used in fit" in caplog.text
+
+
+def test_inputs_of_every_kind(tmp_path, normal_images):
+    folder = tmp_path / "good"
+    folder.mkdir()
+    modes = ["RGB", "L", "RGBA", "P", "RGB", "I;16"]
+    sizes = [(96, 96), (120, 80), (64, 100), (96, 96), (200, 150), (96, 96)]
+    for i, (image, mode, size) in enumerate(zip(normal_images, modes, sizes)):
+        converted = image.resize(size)
+        converted = (Image.fromarray(np.array(converted.convert("L"), np.uint16) * 257)
+                     if mode == "I;16" else converted.convert(mode))
+        converted.save(folder / f"{i}.png")
+    from_folder = Detector(**SMALL).fit(folder)
+    assert len(from_folder.train_paths_) == 6
+    tensor = torch.stack([from_folder.preprocessor(p) for p in sorted(folder.iterdir())])
+    from_tensor = Detector(**SMALL).fit(tensor)
+    np.testing.assert_allclose(from_tensor.index_.vectors(), from_folder.index_.vectors(), rtol=1e-5, atol=1e-5)
+    prediction = from_folder.predict(folder / "1.png")
+    assert prediction.paths == [str(folder / "1.png")] and prediction.anomaly_maps.shape == (1, 64, 64)
+    assert from_tensor.predict(tensor[:2]).paths == [None, None]
+
+
+def test_undecodable_images(tmp_path, normal_images, caplog):
+    for i, image in enumerate(normal_images[:3]):
+        image.save(tmp_path / f"{i}.png")
+    (tmp_path / "3.png").write_bytes(b"garbage")
+    with pytest.raises(ImageLoadError, match="3.png"):
+        Detector(**SMALL).fit(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="knnad.detector"):
+        detector = Detector(**SMALL, on_error="skip").fit(tmp_path)
+    assert "3.png" in caplog.text
+    assert detector.skipped_ == [str(tmp_path / "3.png")] and len(detector.train_paths_) == 3
+    prediction = detector.predict(sorted(tmp_path.iterdir()))
+    assert prediction.skipped == [str(tmp_path / "3.png")] and len(prediction) == 3
+    with pytest.raises(ValueError, match="none of the 1 images"):
+        detector.predict([tmp_path / "3.png"])
+
+
+def test_bad_inputs(tmp_path, fitted):
+    with pytest.raises(ValueError, match="at least one normal image"):
+        Detector(**SMALL).fit([])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="at least one normal image"):
+        Detector(**SMALL).fit(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Detector(**SMALL).fit(tmp_path / "nowhere")
+    with pytest.raises(RuntimeError, match="predict before fit"):
+        Detector(**SMALL).predict([Image.new("RGB", (64, 64))])
+    with pytest.raises(RuntimeError, match="save before fit"):
+        Detector(**SMALL).save(tmp_path / "m.npz")
+    with pytest.raises(TypeError, match="list items"):
+        fitted.predict([1, 2])
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        fitted.predict(torch.zeros(2, 64, 64))
+    for kwargs, match in [({"k": 0}, "k must"), ({"image_score": "mean"}, "image_score"),
+                          ({"coreset": 1.5}, "coreset"), ({"coreset": 0}, "coreset"),
+                          ({"on_error": "ignore"}, "on_error"), ({"sigma": -1}, "sigma"),
+                          ({"crop_size": 300}, "crop_size")]:
+        with pytest.raises(ValueError, match=match):
+            Detector(**{**SMALL, **kwargs})
+    with pytest.raises(ValueError, match="k=5000 exceeds"):
+        Detector(**SMALL, k=5000).fit(textured_images(1, seed=0))
+
+
+def test_model_files_refused(fitted, tmp_path):
+    path = fitted.save(tmp_path / "model.npz")
+    data = bytearray(path.read_bytes())
+    (tmp_path / "cut.npz").write_bytes(bytes(data[: len(data) // 3]))
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)
+    (tmp_path / "flipped.npz").write_bytes(bytes(data))
+    for name in ("cut.npz", "flipped.npz"):
+        with pytest.raises(ModelFileError, match=name):
+            Detector.load(tmp_path / name)
+    _io.write_archive(tmp_path / "future.npz", "Detector", 99, {}, {})
+    with pytest.raises(ModelFileError, match="format version 99"):
+        Detector.load(tmp_path / "future.npz")
+    with pytest.raises(ModelFileError, match="FlatL2Index"):
+        fitted.index_.save(tmp_path / "index.npz")
+        Detector.load(tmp_path / "index.npz")
+    with pytest.raises(ValueError, match="fit with backbone 'mobilenet_v2', not 'resnet18'"):
+        Detector.load(path, backbone="resnet18")
+
+
+def test_custom_backbone_and_weight_file(tmp_path, normal_images):
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU(),
+                                 torch.nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    detector = Detector(**{**SMALL, "backbone": module, "layers": ["0", "2"]}).fit(normal_images)
+    path = detector.save(tmp_path / "custom.npz")
+    with pytest.raises(ValueError, match="custom backbone"):
+        Detector.load(path)
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    with pytest.raises(ValueError, match="scores would be wrong"):
+        Detector.load(path, backbone=other)
+    same = Detector.load(path, backbone=module)
+    np.testing.assert_array_equal(same.predict(normal_images[:1]).anomaly_maps,
+                                  detector.predict(normal_images[:1]).anomaly_maps)
+    import torchvision
+    weights = tmp_path / "mnv2.pth"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), weights)
+    detector = Detector(**{**SMALL, "weights": weights}).fit(normal_images)
+    path = detector.save(tmp_path / "file_weights.npz")
+    with pytest.raises(ValueError, match="weights=PATH"):
+        Detector.load(path)
+    assert Detector.load(path, weights=weights).extractor.weights_id == detector.extractor.weights_id

@@ -1,0 +1,197 @@
+import numpy as np
+import pytest
+import torch
+
+from knnad import runtime
+from knnad._io import ModelFileError
+from knnad.index import FlatL2Index, _resolve_backend
+
+BACKENDS = ["faiss", "torch"]
+
+
+def brute_force(bank: np.ndarray, queries: np.ndarray, k: int):
+    """float64 NumPy reference: Euclidean distances by differences, stable sort."""
+    bank64, queries64 = bank.astype(np.float64), queries.astype(np.float64)
+    distances = np.sqrt(((queries64[:, None, :] - bank64[None, :, :]) ** 2).sum(-1))
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(distances, order, 1), order
+
+
+def assert_matches_reference(bank, queries, k, distances, indices, rtol=1e-4, atol=1e-5):
+    ref_d, ref_i = brute_force(bank, queries, k)
+    assert distances.dtype == np.float32 and indices.dtype == np.int64
+    assert distances.shape == indices.shape == (len(queries), k)
+    np.testing.assert_allclose(distances, ref_d, rtol=rtol, atol=atol)
+    assert np.all(np.diff(distances, axis=1) >= 0), "rows must be ascending"
+    # The true distance of every returned neighbour equals the reference distance at that
+    # rank: indices may differ only where distances tie.
+    true_d = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[indices].astype(np.float64)) ** 2).sum(-1))
+    np.testing.assert_allclose(true_d, ref_d, rtol=rtol, atol=atol)
+    differs = indices != ref_i
+    for row, col in zip(*np.nonzero(differs)):
+        tied = np.isclose(true_d[row, col], ref_d[row, col], rtol=rtol, atol=atol)
+        assert tied, f"row {row} rank {col}: index differs without a tie"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, m, d, k", [(1, 3, 8, 1), (50, 20, 1, 50), (300, 64, 1792, 5),
+                                        (1000, 200, 32, 10), (2000, 30, 128, 2000)])
+def test_agrees_with_float64_brute_force(backend, n, m, d, k):
+    rng = np.random.default_rng(n + d)
+    bank = rng.standard_normal((n, d)).astype(np.float32)
+    queries = rng.standard_normal((m, d)).astype(np.float32)
+    index = FlatL2Index(d, backend=backend, device="cpu")
+    index.add(bank)
+    assert len(index) == n and index.dim == d and index.backend == backend and index.device == "cpu"
+    distances, indices = index.search(queries, k)
+    assert_matches_reference(bank, queries, k, distances, indices)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicates_and_exact_ties(backend):
+    rng = np.random.default_rng(1)
+    base = rng.integers(-3, 4, (40, 6)).astype(np.float32)
+    bank = np.concatenate([base, base, base[:10]])  # duplicated rows: exact ties
+    queries = np.concatenate([base[:15], rng.integers(-3, 4, (15, 6)).astype(np.float32)])
+    index = FlatL2Index(6, backend=backend, device="cpu")
+    index.add(bank[:45])
+    index.add(torch.from_numpy(bank[45:]))  # several adds, numpy and torch
+    distances, indices = index.search(queries, 7)
+    assert_matches_reference(bank, queries, 7, distances, indices)
+    assert np.all(distances[:15, :2] == 0)  # each query is in the bank at least twice
+
+
+def test_backends_agree_and_dtypes_are_converted():
+    rng = np.random.default_rng(2)
+    bank = rng.standard_normal((500, 48))
+    queries = torch.from_numpy(rng.standard_normal((70, 48))).to(torch.float64)
+    results = {}
+    for backend in BACKENDS:
+        index = FlatL2Index(48, backend=backend, device="cpu")
+        index.add(bank)  # float64 numpy
+        results[backend] = index.search(queries, 9)
+    np.testing.assert_array_equal(results["faiss"][1], results["torch"][1])
+    np.testing.assert_allclose(results["faiss"][0], results["torch"][0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_memory_budget_chunks_give_the_same_answer(backend):
+    rng = np.random.default_rng(3)
+    bank = rng.standard_normal((20000, 40)).astype(np.float32)
+    queries = rng.standard_normal((300, 40)).astype(np.float32)
+    wide = FlatL2Index(40, backend=backend, device="cpu")
+    tight = FlatL2Index(40, backend=backend, device="cpu", memory_budget=2**20)
+    for index in (wide, tight):
+        index.add(bank)
+    if backend == "torch":
+        queries_per_block, bank_rows = tight._torch_chunks()
+        assert bank_rows < len(bank)  # the bank itself is split and the top-k merged
+        assert queries_per_block * bank_rows * 16 <= 2**20
+    expected = wide.search(queries, 4)
+    got = tight.search(queries, 4, progress=True)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_save_load_round_trip(backend, tmp_path):
+    rng = np.random.default_rng(4)
+    bank = rng.standard_normal((400, 16)).astype(np.float32)
+    queries = rng.standard_normal((50, 16)).astype(np.float32)
+    index = FlatL2Index(16, backend=backend, device="cpu")
+    index.add(bank)
+    index.save(tmp_path / "bank.npz")
+    np.testing.assert_array_equal(index.vectors(), bank)
+    loaded = FlatL2Index.load(tmp_path / "bank.npz", backend=backend, device="cpu")
+    assert len(loaded) == 400 and loaded.dim == 16
+    for got, expected in zip(loaded.search(queries, 6), index.search(queries, 6)):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_load_refuses_bad_files(tmp_path):
+    index = FlatL2Index(4, backend="faiss", device="cpu")
+    index.add(np.eye(4, dtype=np.float32))
+    index.save(tmp_path / "good.npz")
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "foreign.npz").write_bytes(b"PK\x03\x04 definitely not a zip")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    for name, match in [("cut.npz", "truncated"), ("foreign.npz", "truncated"),
+                        ("other.npz", "not a knnad model")]:
+        with pytest.raises(ModelFileError, match=name):
+            FlatL2Index.load(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        FlatL2Index.load(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match=r"must end in \.npz"):
+        index.save(tmp_path / "bank.faiss")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs(backend):
+    index = FlatL2Index(3, backend=backend, device="cpu")
+    with pytest.raises(ValueError, match="empty index"):
+        index.search(np.zeros((1, 3)), 1)
+    with pytest.raises(ValueError, match="dimension 4, the index has dimension 3"):
+        index.add(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="rank 2"):
+        index.add(np.zeros(3))
+    bad = np.zeros((5, 3))
+    bad[1, 0], bad[3, 2] = np.nan, np.inf
+    with pytest.raises(ValueError, match="NaN or inf in 2 of 5 rows"):
+        index.add(bad)
+    with pytest.raises(TypeError, match="vectors must be"):
+        index.add([[1, 2, 3]])
+    with pytest.raises(TypeError, match="numbers"):
+        index.add(np.array([["a", "b", "c"]]))
+    index.add(np.zeros((2, 3)))
+    for k in (0, 3, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 2\]"):
+            index.search(np.zeros((1, 3)), k)
+    with pytest.raises(ValueError, match="queries has NaN or inf in 1 of 1 rows"):
+        index.search(np.full((1, 3), np.nan), 1)
+    with pytest.raises(ValueError, match="queries has dimension 2"):
+        index.search(np.zeros((1, 2)), 1)
+
+
+def test_bad_construction(monkeypatch):
+    for dim in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="dim must be"):
+            FlatL2Index(dim)
+    with pytest.raises(ValueError, match="backend='annoy'"):
+        FlatL2Index(3, backend="annoy")
+    with pytest.raises(ValueError, match="memory_budget"):
+        FlatL2Index(3, memory_budget=10)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="GPU"):
+            FlatL2Index(3, backend="torch", device="cuda")
+        with pytest.raises(ValueError, match="faiss sees no GPU"):
+            FlatL2Index(3, backend="faiss", device="cuda:all")
+
+
+def test_auto_picks_faiss_and_falls_back(monkeypatch, caplog):
+    assert FlatL2Index(3).backend == "faiss"
+    # faiss sees no GPU while torch does: "auto" falls back to torch with a logged reason and
+    # an explicit faiss backend on the GPU is refused.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr("knnad.index.faiss_gpu_count", lambda: 0)
+    with caplog.at_level("INFO", logger="knnad.index"):
+        assert _resolve_backend("auto", "cuda:0") == ("torch", "cuda:0")
+    assert "faiss sees no GPU" in caplog.text
+    with pytest.raises(ValueError, match="faiss-gpu-cu12"):
+        _resolve_backend("faiss", "cuda")
+    monkeypatch.setattr("knnad.index.import_faiss", lambda: None)
+    assert _resolve_backend("auto", "cpu") == ("torch", "cpu")
+
+
+def test_backend_info_reports_faiss():
+    info = runtime.backend_info()
+    assert info["faiss_distribution"] == "faiss-cpu"
+    assert info["faiss_gpus"] == 0 and info["faiss_problem"] is None
+    assert isinstance(info["faiss_version"], str)
+
+
+def test_two_faiss_packages_are_reported(monkeypatch):
+    monkeypatch.setattr(runtime, "installed_faiss_distributions", lambda: ["faiss-cpu", "faiss-gpu-cu12"])
+    problem = runtime.faiss_install_problem()
+    assert "pip uninstall -y faiss-cpu faiss-gpu-cu12 && pip install faiss-gpu-cu12" in problem

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+
+from knnad.sampling import coreset, coreset_size, covering_radius
+
+
+def clustered(n_clusters=20, per_cluster=150, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, dim)) * 10
+    sizes = rng.integers(per_cluster // 10, per_cluster * 2, n_clusters)  # uneven clusters
+    points = np.concatenate([c + rng.standard_normal((s, dim)) * 0.5 for c, s in zip(centres, sizes)])
+    return points.astype(np.float32)
+
+
+def brute_force_greedy(points: np.ndarray, count: int, first: int) -> np.ndarray:
+    """The textbook greedy k-center in float64."""
+    points = points.astype(np.float64)
+    nearest = np.full(len(points), np.inf)
+    picks = [first]
+    for _ in range(count - 1):
+        nearest = np.minimum(nearest, np.linalg.norm(points - points[picks[-1]], axis=1))
+        picks.append(int(np.argmax(nearest)))
+    return np.array(picks)
+
+
+def test_unique_count_and_deterministic():
+    points = clustered()
+    picks = coreset(points, ratio=0.1, seed=3)
+    assert picks.dtype == np.int64 and len(picks) == int(len(points) * 0.1)
+    assert len(np.unique(picks)) == len(picks)
+    assert picks.min() >= 0 and picks.max() < len(points)
+    np.testing.assert_array_equal(picks, coreset(points, ratio=0.1, seed=3))
+    assert not np.array_equal(picks, coreset(points, ratio=0.1, seed=4))
+    assert len(coreset(torch.from_numpy(points), n=7)) == 7
+
+
+def test_matches_textbook_greedy_without_projection():
+    points = clustered(dim=8, seed=1)
+    picks = coreset(points, n=60, projection_dim=None, seed=0)
+    expected = brute_force_greedy(points, 60, first=int(picks[0]))
+    np.testing.assert_array_equal(picks, expected)
+
+
+def test_covering_radius_beats_random_sampling_on_clustered_data():
+    points = clustered(n_clusters=30, dim=64, seed=2)
+    count = 60
+    greedy = covering_radius(points, coreset(points, n=count, projection_dim=16))
+    rng = np.random.default_rng(0)
+    random_radii = [covering_radius(points, rng.choice(len(points), count, replace=False))
+                    for _ in range(5)]
+    assert greedy < min(random_radii)
+    # Greedy k-center covers every cluster, so its radius is about a cluster's spread.
+    assert greedy < 0.5 * np.median(random_radii)
+
+
+def test_projection_keeps_quality():
+    points = clustered(n_clusters=40, dim=256, seed=5)
+    full = covering_radius(points, coreset(points, n=100, projection_dim=None))
+    projected = covering_radius(points, coreset(points, n=100, projection_dim=32))
+    assert projected < 1.25 * full
+
+
+def test_covering_radius_definition():
+    points = np.array([[0.0, 0], [3, 4], [6, 8], [0, 1]], np.float32)
+    assert covering_radius(points, [0]) == pytest.approx(10.0)
+    assert covering_radius(points, [0, 2]) == pytest.approx(5.0)
+    assert covering_radius(points, [0, 1, 2, 3]) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"ratio": 0.0}, r"ratio must be a fraction in \(0, 1\]"),
+    ({"ratio": 1.5}, r"ratio must be a fraction in \(0, 1\]"),
+    ({"ratio": 0.5, "n": 3}, "exactly one"),
+    ({}, "exactly one"),
+    ({"n": 0}, r"n must be an int in \[1, 10\]"),
+    ({"n": 11}, r"n must be an int in \[1, 10\]"),
+    ({"ratio": 0.5, "projection_dim": -2}, "projection_dim"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        coreset(np.zeros((10, 4), np.float32), **kwargs)
+
+
+def test_bad_features():
+    with pytest.raises(ValueError, match="empty"):
+        coreset(np.zeros((0, 4), np.float32), ratio=0.5)
+    with pytest.raises(ValueError, match="NaN or inf in 1 of 3 rows"):
+        coreset(np.array([[0.0], [np.nan], [1.0]]), ratio=0.5)
+    with pytest.raises(ValueError, match="rank 2"):
+        coreset(np.zeros(5), ratio=0.5)
+    assert coreset_size(10, ratio=0.01) == 1
