@@ -81,3 +81,37 @@ def write_results(name: str, tables: Dict[str, List[Dict[str, object]]],
     stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "tables": tables,
                                                      "summary": summary or {}}, indent=2))
     return stem.with_suffix(".md")
+
+
+class PeakMemory:
+    """Peak resident memory (bytes) of this process above its level at entry, sampled every
+    ``interval`` seconds in a background thread: ``with PeakMemory() as peak: ...; peak.bytes``.
+    Counts what faiss and torch allocate natively, which tracemalloc does not see."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.bytes = 0
+
+    @staticmethod
+    def resident() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self.resident())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+        self._start = self._peak = self.resident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self.resident())
+        self.bytes = self._peak - self._start

@@ -8,9 +8,11 @@ import logging
 
 __version__ = "0.1.0"
 
-from . import anomaly_map, backbones, embedding, index, preprocessing, runtime, sampling  # noqa: E402
+from . import (anomaly_map, backbones, datasets, embedding, index, metrics, plots,  # noqa: E402
+               preprocessing, runtime, sampling)
 from .backbones import FeatureExtractor  # noqa: E402
 from .detector import Detector, Prediction  # noqa: E402
+from .evaluation import evaluate  # noqa: E402
 from .index import FlatL2Index  # noqa: E402
 from .preprocessing import ImageLoadError, Preprocessor  # noqa: E402
 from .runtime import backend_info  # noqa: E402
@@ -19,6 +21,6 @@ from ._io import ModelFileError  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["Detector", "FeatureExtractor", "FlatL2Index", "ImageLoadError", "ModelFileError",
+__all__ = ["datasets", "evaluate", "metrics", "plots", "Detector", "FeatureExtractor", "FlatL2Index", "ImageLoadError", "ModelFileError",
            "Prediction", "Preprocessor", "backend_info", "coreset", "covering_radius",
            "__version__"]

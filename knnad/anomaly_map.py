@@ -6,12 +6,25 @@ from typing import Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 
 def gaussian_kernel_size(sigma: float) -> int:
     """Odd kernel side covering ±4σ (the truncation scipy and anomalib use): 33 for σ = 4."""
     return 2 * int(4.0 * sigma + 0.5) + 1
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of ``maps`` ``[B, 1, H, W]`` with reflect padding, as torchvision's
+    ``gaussian_blur`` computes it, but as two 1-D passes: 2·33 instead of 33² multiply-adds per
+    pixel for σ = 4."""
+    size = gaussian_kernel_size(sigma)
+    half = size // 2
+    offsets = torch.linspace(-half, half, size, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    padded = F.pad(maps, (half, half, half, half), mode="reflect")
+    blurred = F.conv2d(padded, kernel.view(1, 1, 1, size))
+    return F.conv2d(blurred, kernel.view(1, 1, size, 1))
 
 
 def anomaly_maps(patch_scores: torch.Tensor, size: Union[int, Tuple[int, int]],
@@ -26,5 +39,5 @@ def anomaly_maps(patch_scores: torch.Tensor, size: Union[int, Tuple[int, int]],
     size = (size, size) if isinstance(size, int) else tuple(size)
     maps = F.interpolate(patch_scores[:, None].float(), size=size, mode="bilinear", align_corners=False)
     if sigma > 0:
-        maps = gaussian_blur(maps, kernel_size=gaussian_kernel_size(sigma), sigma=sigma)
+        maps = gaussian_blur(maps, sigma)
     return maps[:, 0]

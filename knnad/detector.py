@@ -233,6 +233,11 @@ class Detector:
         PIL images (any size and mode), or a float tensor batch ``[N, 3, H, W]`` of normalised
         images.
         """
+        defective = [s.path for s in getattr(data, "samples", []) if s.label != 0]
+        if defective:
+            raise ValueError(f"fit data holds {len(defective)} defect images (e.g. {defective[0]}); "
+                             f"fit learns from normal images only: use split='train' or the "
+                             f"normal folder")
         items = self._items(data, "fit data")
         if len(items) == 0:
             raise ValueError(f"fit needs at least one normal image; {data!r} holds none")

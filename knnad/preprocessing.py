@@ -9,7 +9,6 @@ from typing import Union
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 #: ImageNet channel statistics used by every torchvision classification model.
@@ -50,8 +49,20 @@ def open_image(image: ImageInput) -> Image.Image:
         raise ImageLoadError(path, f"not a decodable image ({error})") from error
 
 
-def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
-    """Float32 tensor ``[3, H, W]`` in [0, 1] from a PIL image of any mode.
+def _resize_shorter_side(image: Image.Image, size: int, resample: int = Image.BILINEAR) -> Image.Image:
+    """Shorter side to ``size``, the longer one truncated as torchvision's Resize does."""
+    width, height = image.size
+    if width <= height:
+        target = (size, max(1, int(size * height / width)))
+    else:
+        target = (max(1, int(size * width / height)), size)
+    return image if target == image.size else image.resize(target, resample)
+
+
+def resized_rgb_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """Float32 tensor ``[3, H, W]`` in [0, 1] of ``image`` (any PIL mode) with its shorter side
+    resized to ``size`` (PIL's antialiased bilinear filter, as torchvision's Resize on PIL
+    images).
 
     16- and 32-bit integer images (``I;16*``, ``I``) map 0..65535 to 0..1 (full range, no
     per-image stretching, so absolute intensity stays comparable); ``F`` images are clipped to
@@ -59,13 +70,13 @@ def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
     """
     if image.mode.startswith("I") or image.mode == "F":
         values = np.asarray(image, dtype=np.float32)
-        if image.mode != "F":
-            values = values / 65535.0
-        grey = torch.from_numpy(np.clip(values, 0.0, 1.0))
+        scale = 1.0 if image.mode == "F" else 65535.0
+        resized = _resize_shorter_side(Image.fromarray(values / scale, mode="F"), size)
+        grey = torch.from_numpy(np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0))
         return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return TF.pil_to_tensor(image).float().div_(255.0)
+    return TF.pil_to_tensor(_resize_shorter_side(image, size)).float().div_(255.0)
 
 
 class Preprocessor:
@@ -91,19 +102,15 @@ class Preprocessor:
         return f"Preprocessor(image_size={self.image_size}, crop_size={self.crop_size})"
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
-        rgb = to_rgb_tensor(open_image(image))
-        rgb = TF.resize(rgb, self.image_size, interpolation=InterpolationMode.BILINEAR,
-                        antialias=True)
+        rgb = resized_rgb_tensor(open_image(image), self.image_size)
         rgb = TF.center_crop(rgb, [self.crop_size, self.crop_size])
         return TF.normalize(rgb, IMAGENET_MEAN, IMAGENET_STD)
 
     def mask(self, mask: ImageInput) -> torch.Tensor:
         """Bool tensor ``[crop_size, crop_size]``: True where the mask is non-zero."""
-        opened = open_image(mask)
-        binary = torch.from_numpy(np.asarray(opened.convert("L")) > 0)
-        resized = TF.resize(binary[None].to(torch.uint8), self.image_size,
-                            interpolation=InterpolationMode.NEAREST)
-        return TF.center_crop(resized, [self.crop_size, self.crop_size])[0].bool()
+        binary = Image.fromarray((np.asarray(open_image(mask).convert("L")) > 0).astype(np.uint8))
+        resized = torch.from_numpy(np.array(_resize_shorter_side(binary, self.image_size, Image.NEAREST)))
+        return TF.center_crop(resized[None], [self.crop_size, self.crop_size])[0].bool()
 
 
 def list_images(folder: Union[str, os.PathLike]) -> list:

@@ -237,3 +237,20 @@ def test_custom_backbone_and_weight_file(tmp_path, normal_images):
     with pytest.raises(ValueError, match="weights=PATH"):
         Detector.load(path)
     assert Detector.load(path, weights=weights).extractor.weights_id == detector.extractor.weights_id
+
+
+def test_genuine_bottle_defects_score_higher(seeded_torch_home, bottle_root):
+    from knnad.datasets import MVTecAD
+    train = MVTecAD(bottle_root, "bottle", "train")
+    test = MVTecAD(bottle_root, "bottle", "test")
+    good = [s for s in test.samples if s.label == 0][:4]
+    defects = [s for s in test.samples if s.label == 1][::12][:5]
+    detector = Detector("mobilenet_v2", weights="IMAGENET1K_V1", progress=False, device="cpu")
+    detector.fit([s.path for s in train.samples[::10]])
+    prediction = detector.predict([s.path for s in good + defects])
+    scores = prediction.image_scores
+    assert scores[4:].min() > scores[:4].max()
+    for row, sample in enumerate(defects, start=4):
+        mask = detector.preprocessor.mask(sample.mask_path).numpy()
+        heat = prediction.anomaly_maps[row]
+        assert heat[mask].mean() > 1.5 * heat[~mask].mean(), sample.path

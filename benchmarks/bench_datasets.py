@@ -1,0 +1,158 @@
+"""FAISS against the torch.cdist reference on MVTec AD and BTAD categories.
+
+For each category found under the given roots: features are extracted once (cached under
+--cache), the memory bank is built with and without coreset, and for each backend (faiss and
+torch on CPU; on CUDA too when a GPU is present) the script measures bank build time, search
+time for all test patches, queries/s, GFLOP/s-equivalent and its share of the float32
+matrix-multiply rate measured in the same run, peak search memory, exactness against a float64
+reference (share of identical neighbour lists, ties excepted; largest relative distance
+error), and the image and pixel AUROC each backend yields.
+
+  python benchmarks/bench_datasets.py --mvtec-root ../shared/data/mvtec [--btad-root BTAD]
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from knnad import metrics
+from knnad.anomaly_map import anomaly_maps
+from knnad.backbones import FeatureExtractor
+from knnad.datasets import BTAD, MVTecAD
+from knnad.embedding import PatchEmbedder
+from knnad.evaluation import load_masks
+from knnad.index import FlatL2Index
+from knnad.preprocessing import Preprocessor
+from knnad.report import discover_categories
+from knnad.sampling import coreset
+
+from _common import PeakMemory, best_time, write_results
+from bench_index import matmul_gflops
+
+K = 1  # the detector's default
+
+
+def backends():
+    found = [("faiss", "cpu"), ("torch", "cpu")]
+    if torch.cuda.is_available():
+        found.append(("torch", "cuda:0"))
+        try:
+            FlatL2Index(2, backend="faiss", device="cuda:0")
+            found.append(("faiss", "cuda:0"))
+        except ValueError:
+            pass
+    return found
+
+
+def embeddings(dataset, extractor, cache: Path):
+    """Patch embeddings [N, h, w, D] of a dataset, cached as .npy."""
+    if cache.exists():
+        return np.load(cache)
+    preprocessor, embedder = Preprocessor(), PatchEmbedder()
+    batches = []
+    for start in range(0, len(dataset), 16):
+        images = torch.stack([preprocessor(s.path) for s in dataset.samples[start:start + 16]])
+        batches.append(embedder(extractor(images)).cpu().numpy())
+    array = np.concatenate(batches)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, array)
+    return array
+
+
+def float64_reference(bank: np.ndarray, queries: np.ndarray, k: int):
+    """Exact neighbours and distances in float64 (torch.cdist without the matmul shortcut
+    would be slower; float64 matmul keeps ~1e-12 relative error here)."""
+    bank64, distances, indices = torch.from_numpy(bank).double(), [], []
+    for start in range(0, len(queries), 2048):
+        block = torch.cdist(torch.from_numpy(queries[start:start + 2048]).double(), bank64)
+        top = block.topk(k, largest=False)
+        distances.append(top.values)
+        indices.append(top.indices)
+    return torch.cat(distances).numpy(), torch.cat(indices).numpy()
+
+
+def exactness(distances, indices, ref_d, ref_i, bank, queries):
+    """Share of neighbour lists identical to the reference (ties excepted) and the largest
+    relative distance error."""
+    same = (indices == ref_i).all(axis=1)
+    for row in np.flatnonzero(~same):  # a differing list is fine where the distances tie
+        true = np.linalg.norm(bank[indices[row]].astype(np.float64) - queries[row].astype(np.float64), axis=1)
+        same[row] = np.allclose(true, ref_d[row], rtol=1e-5, atol=1e-6)
+    relative = np.abs(distances - ref_d) / np.maximum(ref_d, 1e-12)
+    return float(same.mean()), float(relative.max())
+
+
+def category_rows(name, train, test, extractor, cache, ratio, peak_gflops):
+    train_embedding = embeddings(train, extractor, cache / f"{name}-train.npy")
+    test_embedding = embeddings(test, extractor, cache / f"{name}-test.npy")
+    n, h, w, dim = test_embedding.shape
+    queries = test_embedding.reshape(-1, dim)
+    full_bank = train_embedding.reshape(-1, dim)
+    masks = load_masks(test, Preprocessor())
+    rows = []
+    for label, bank_ratio in (("none", None), (str(ratio), ratio)):
+        start = time.perf_counter()
+        bank = full_bank if bank_ratio is None else full_bank[coreset(full_bank, ratio=bank_ratio)]
+        coreset_seconds = time.perf_counter() - start
+        ref_d, ref_i = float64_reference(bank, queries, K)
+        for backend, device in backends():
+            start = time.perf_counter()
+            index = FlatL2Index(dim, backend=backend, device=device)
+            index.add(bank)
+            build = time.perf_counter() - start
+            with PeakMemory() as peak:
+                distances, indices = index.search(queries, K)
+            seconds = best_time(lambda: index.search(queries, K), repeats=2, warmup=0)
+            same, error = exactness(distances, indices, ref_d, ref_i, bank, queries)
+            maps = anomaly_maps(torch.from_numpy(distances.mean(1)).reshape(n, h, w), 224, 4.0).numpy()
+            gflops = 2 * len(queries) * len(bank) * dim / seconds / 1e9
+            rows.append({"category": name, "coreset": label, "bank": len(bank), "backend": f"{backend} {device}",
+                         "build s": build + coreset_seconds, "search s": seconds,
+                         "queries/s": len(queries) / seconds, "GFLOP/s": gflops,
+                         "% of matmul": 100 * gflops / peak_gflops, "peak MiB": peak.bytes / 2**20,
+                         "identical lists": same, "max rel. error": error,
+                         "image AUROC": metrics.image_auroc(test.labels, maps.reshape(n, -1).max(1)),
+                         "pixel AUROC": metrics.pixel_auroc(masks, maps) if masks is not None else None})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mvtec-root", type=Path)
+    parser.add_argument("--btad-root", type=Path)
+    parser.add_argument("--categories", nargs="+", help="only these categories")
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--weights", default="IMAGENET1K_V1")
+    parser.add_argument("--coreset", type=float, default=0.1)
+    parser.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent / ".cache")
+    args = parser.parse_args()
+    if not (args.mvtec_root or args.btad_root):
+        parser.error("give --mvtec-root and/or --btad-root")
+    extractor = FeatureExtractor(args.backbone, weights=args.weights)
+    peak = matmul_gflops()
+    rows = []
+    for kind, root, loader in (("mvtec", args.mvtec_root, MVTecAD), ("btad", args.btad_root, BTAD)):
+        if root is None:
+            continue
+        for category in discover_categories(kind, root):
+            if args.categories and category not in args.categories:
+                continue
+            rows += category_rows(f"{kind}-{category}", loader(root, category, "train"),
+                                  loader(root, category, "test"), extractor,
+                                  args.cache / args.backbone, args.coreset, peak)
+    summary = {"matmul GFLOP/s": peak}
+    for row in rows:
+        if row["backend"] == "faiss cpu":
+            torch_row = next(r for r in rows if r["category"] == row["category"]
+                             and r["coreset"] == row["coreset"] and r["backend"] == "torch cpu")
+            key = f"{row['category']} coreset={row['coreset']}"
+            summary[f"faiss/torch speedup {key}"] = torch_row["search s"] / row["search s"]
+            summary[f"identical AUROC {key}"] = (row["image AUROC"], row["pixel AUROC"]) == \
+                (torch_row["image AUROC"], torch_row["pixel AUROC"])
+    write_results("datasets", {f"{args.backbone} {args.weights}, k={K}": rows}, summary)
+
+
+if __name__ == "__main__":
+    main()

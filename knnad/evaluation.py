@@ -1,0 +1,75 @@
+"""Evaluate a fitted detector on a labelled test set: every metric, overall and per defect."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import metrics
+from .datasets import ImageDataset
+from .detector import Detector, Prediction
+from .preprocessing import Preprocessor
+
+logger = logging.getLogger(__name__)
+
+
+def load_masks(dataset: ImageDataset, preprocessor: Preprocessor) -> Optional[np.ndarray]:
+    """Ground-truth masks ``[N, crop, crop]`` (bool) with the detector's geometry: all False
+    for good images. None when a defect image has no mask (pixel metrics are then undefined)."""
+    if any(s.label == 1 and s.mask_path is None for s in dataset.samples):
+        return None
+    crop = preprocessor.crop_size
+    masks = np.zeros((len(dataset), crop, crop), dtype=bool)
+    for row, sample in enumerate(dataset.samples):
+        if sample.mask_path is not None:
+            masks[row] = preprocessor.mask(sample.mask_path).numpy()
+    return masks
+
+
+def score_prediction(prediction: Prediction, labels: np.ndarray, defects, masks: Optional[np.ndarray],
+                     fpr_limit: float = 0.3) -> Dict[str, Any]:
+    """Metrics of a prediction against ground truth: ``image_auroc``, ``image_f1_max``,
+    ``pixel_auroc``, ``aupro`` (None without masks) and ``per_defect``: the same for the good
+    images together with each defect type's images."""
+    def block(rows: np.ndarray) -> Dict[str, Optional[float]]:
+        result = {"images": int(len(rows)),
+                  "image_auroc": metrics.image_auroc(labels[rows], prediction.image_scores[rows]),
+                  "image_f1_max": metrics.f1_max(labels[rows], prediction.image_scores[rows]),
+                  "pixel_auroc": None, "aupro": None}
+        if masks is not None and masks[rows].any():
+            result["pixel_auroc"] = metrics.pixel_auroc(masks[rows], prediction.anomaly_maps[rows])
+            result["aupro"] = metrics.aupro(masks[rows], prediction.anomaly_maps[rows], fpr_limit)
+        return result
+
+    defects = np.asarray(defects)
+    everything = block(np.arange(len(labels)))
+    everything["per_defect"] = {
+        defect: block(np.flatnonzero((defects == defect) | (labels == 0)))
+        for defect in sorted(set(defects[labels == 1]))}
+    return everything
+
+
+def evaluate(detector: Detector, test_dataset: ImageDataset, *, fpr_limit: float = 0.3,
+             return_prediction: bool = False):
+    """Predict ``test_dataset`` (good and defect images) and compute every metric.
+
+    Returns a dict: ``image_auroc``, ``image_f1_max``, ``pixel_auroc``, ``aupro`` (pixel metrics
+    None when masks are missing), ``per_defect`` {defect: same keys}, ``images``,
+    ``predict_seconds`` and ``images_per_second``. With ``return_prediction=True`` returns
+    ``(results, prediction, masks)``.
+    """
+    if not isinstance(test_dataset, ImageDataset):
+        raise TypeError(f"test_dataset must be a knnad dataset (MVTecAD, BTAD, ImageFolder), "
+                        f"got {type(test_dataset).__name__}")
+    start = time.perf_counter()
+    prediction = detector.predict(test_dataset)
+    seconds = time.perf_counter() - start
+    if prediction.skipped:
+        raise ValueError(f"evaluate: {len(prediction.skipped)} test images could not be read: "
+                         f"{prediction.skipped[:5]}; fix or remove them")
+    masks = load_masks(test_dataset, detector.preprocessor)
+    results = score_prediction(prediction, test_dataset.labels, test_dataset.defects, masks, fpr_limit)
+    results.update(predict_seconds=seconds, images_per_second=len(prediction) / seconds)
+    return (results, prediction, masks) if return_prediction else results

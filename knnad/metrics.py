@@ -1,0 +1,106 @@
+"""Anomaly detection metrics: image and pixel ROC AUC, ROC curves, F1-max and AUPRO.
+
+Built on scikit-learn's ROC and precision–recall curves; pixel metrics work on flattened
+arrays in one sort (O(P log P) time, O(P) memory for P pixels, no pairwise work).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import roc_curve as _sklearn_roc_curve
+
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
+
+
+def _binary_and_scores(labels, scores, what: str) -> Tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels)
+    scores = np.asarray(scores)
+    if labels.shape != scores.shape:
+        raise ValueError(f"{what}: labels/masks of shape {labels.shape} and scores/maps of shape "
+                         f"{scores.shape} must match")
+    if labels.size == 0:
+        raise ValueError(f"{what}: no samples")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{what}: scores hold {int((~np.isfinite(scores)).sum())} NaN/inf values")
+    labels = labels.astype(bool).ravel()
+    if labels.all() or not labels.any():
+        raise ValueError(f"{what} needs both normal and anomalous samples; all are "
+                         f"{'anomalous' if labels.all() else 'normal'}")
+    return labels, scores.ravel()
+
+
+def image_auroc(labels, scores) -> float:
+    """Area under the ROC curve of image ``scores`` for ``labels`` (1 = defect)."""
+    labels, scores = _binary_and_scores(labels, scores, "image_auroc")
+    return float(roc_auc_score(labels, scores))
+
+
+def pixel_auroc(masks, maps) -> float:
+    """Area under the ROC curve over all pixels: ``masks`` bool ``[N, H, W]``, ``maps``
+    float ``[N, H, W]``."""
+    masks, maps = _binary_and_scores(masks, maps, "pixel_auroc")
+    return float(roc_auc_score(masks, maps))
+
+
+def roc_curve(labels, scores) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` for images or, flattened, for pixels (sklearn's points, with
+    collinear points dropped, so pixel curves stay small)."""
+    labels, scores = _binary_and_scores(labels, scores, "roc_curve")
+    return _sklearn_roc_curve(labels, scores, drop_intermediate=True)
+
+
+def f1_max(labels, scores) -> float:
+    """Best F1 score over all thresholds."""
+    labels, scores = _binary_and_scores(labels, scores, "f1_max")
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    f1 = np.divide(2 * precision * recall, precision + recall,
+                   out=np.zeros_like(precision), where=(precision + recall) > 0)
+    return float(f1.max())
+
+
+def pro_curve(masks, maps) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-region-overlap curve: ``(fpr, pro)``, both ascending from 0 to 1, one point per
+    distinct score threshold.
+
+    At a threshold, PRO is the mean over every ground-truth region (8-connected component of a
+    mask) of the share of its pixels above the threshold, and FPR the share of normal pixels
+    above it (MVTec AD paper, Bergmann et al. 2021).
+    """
+    masks, maps = np.asarray(masks).astype(bool), np.asarray(maps)
+    if masks.ndim != 3 or masks.shape != maps.shape:
+        raise ValueError(f"pro_curve needs masks and maps of equal shape [N, H, W], got "
+                         f"{masks.shape} and {maps.shape}")
+    _binary_and_scores(masks, maps, "pro_curve")
+    region_share = np.zeros(masks.shape, dtype=np.float64)  # 1/|region| on region pixels
+    regions = 0
+    structure = np.ones((3, 3), dtype=bool)
+    for image_mask, share in zip(masks, region_share):
+        labelled, count = ndimage.label(image_mask, structure=structure)
+        if count:
+            sizes = np.bincount(labelled.ravel())
+            sizes[0] = 1
+            share[:] = np.where(labelled > 0, 1.0 / sizes[labelled], 0.0)
+        regions += count
+    normal_pixels = int((~masks).sum())
+    order = np.argsort(maps.ravel(), kind="stable")[::-1]
+    scores_sorted = maps.ravel()[order]
+    fpr = np.cumsum((~masks).ravel()[order], dtype=np.float64) / normal_pixels
+    pro = np.cumsum(region_share.ravel()[order]) / regions
+    # One point per threshold: the last pixel of each run of equal scores.
+    keep = np.append(np.diff(scores_sorted) != 0, True)
+    return np.concatenate([[0.0], fpr[keep]]), np.concatenate([[0.0], pro[keep]])
+
+
+def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
+    """Area under the PRO curve for FPR in [0, ``fpr_limit``], divided by ``fpr_limit`` (1.0 is
+    perfect). The curve is interpolated linearly at ``fpr_limit``."""
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    fpr, pro = pro_curve(masks, maps)
+    end = np.searchsorted(fpr, fpr_limit, side="right")
+    x = np.append(fpr[:end], fpr_limit)
+    y = np.append(pro[:end], np.interp(fpr_limit, fpr, pro))
+    return float(_trapezoid(y, x) / fpr_limit)

@@ -1,0 +1,31 @@
+import pytest
+import torch
+from torchvision.transforms.functional import gaussian_blur as torchvision_blur
+
+from knnad.anomaly_map import anomaly_maps, gaussian_blur, gaussian_kernel_size
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.5, 4.0])
+def test_separable_blur_equals_torchvision(sigma):
+    maps = torch.rand(3, 1, 64, 80)
+    expected = torchvision_blur(maps, gaussian_kernel_size(sigma), sigma)
+    torch.testing.assert_close(gaussian_blur(maps, sigma), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_anomaly_maps_shape_and_values():
+    assert gaussian_kernel_size(4.0) == 33
+    constant = torch.full((2, 7, 7), 3.0)
+    maps = anomaly_maps(constant, 56, sigma=4.0)
+    assert maps.shape == (2, 56, 56) and maps.dtype == torch.float32
+    torch.testing.assert_close(maps, torch.full((2, 56, 56), 3.0))
+    spike = torch.zeros(1, 8, 8)
+    spike[0, 4, 4] = 1.0
+    sharp = anomaly_maps(spike, (64, 64), sigma=0)
+    smooth = anomaly_maps(spike, (64, 64), sigma=4)
+    assert sharp.argmax() == smooth.argmax() or abs(int(sharp.argmax()) - int(smooth.argmax())) <= 65
+    assert smooth.max() < sharp.max()
+    torch.testing.assert_close(smooth.sum(), sharp.sum(), rtol=0.02, atol=0)
+    with pytest.raises(ValueError, match="sigma"):
+        anomaly_maps(spike, 64, sigma=-1)
+    with pytest.raises(ValueError, match=r"\[B, h, w\]"):
+        anomaly_maps(spike[0], 64)

@@ -1,0 +1,143 @@
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from knnad.datasets import BTAD, BTAD_ARCHIVE_FOLDER, MVTEC_CATEGORIES, ImageFolder, MVTecAD, Sample
+
+
+def write_image(path, size=(40, 30), value=100, mode="RGB", suffix=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value,) * 3).save(path)
+    return path
+
+
+def write_mask(path, size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros(size[::-1], np.uint8)
+    pixels[5:10, 5:10] = 255
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def mvtec_root(tmp_path):
+    root = tmp_path / "mvtec"
+    for i in range(3):
+        write_image(root / "bottle" / "train" / "good" / f"{i:03d}.png")
+    write_image(root / "bottle" / "test" / "good" / "000.png")
+    for defect in ("broken_large", "contamination"):
+        for i in range(2):
+            write_image(root / "bottle" / "test" / defect / f"{i:03d}.png")
+            write_mask(root / "bottle" / "ground_truth" / defect / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture
+def btad_root(tmp_path):
+    """BTAD's layout as its archive unpacks: bmp and png images, png and bmp masks."""
+    root = tmp_path / "download" / BTAD_ARCHIVE_FOLDER
+    for i in range(3):
+        write_image(root / "01" / "train" / "ok" / f"{i:04d}.bmp")
+    write_image(root / "01" / "test" / "ok" / "0000.bmp")
+    write_image(root / "01" / "test" / "ko" / "0000.bmp")
+    write_mask(root / "01" / "ground_truth" / "ko" / "0000.png")
+    write_image(root / "01" / "test" / "ko" / "0001.png")
+    write_mask(root / "01" / "ground_truth" / "ko" / "0001.bmp")
+    for i in range(2):
+        write_image(root / "02" / "train" / "ok" / f"{i:04d}.png")
+    return root
+
+
+def test_mvtec_layout(mvtec_root):
+    train = MVTecAD(mvtec_root, "bottle", "train")
+    assert len(train) == 3 and all(s.label == 0 and s.mask_path is None for s in train.samples)
+    test = MVTecAD(mvtec_root, "bottle", "test")
+    assert len(test) == 5
+    assert list(test.labels) == [1, 1, 1, 1, 0]
+    assert test.defects == ["broken_large"] * 2 + ["contamination"] * 2 + ["good"]
+    first = test.samples[0]
+    assert isinstance(first, Sample)
+    assert first.mask_path == mvtec_root / "bottle" / "ground_truth" / "broken_large" / "000_mask.png"
+    assert "bottle" in MVTEC_CATEGORIES
+
+
+def test_mvtec_errors(mvtec_root, tmp_path, caplog):
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        MVTecAD(tmp_path / "nothere", "bottle")
+    with pytest.raises(ValueError, match=r"unknown MVTec AD category 'cable'.*\['bottle'\]"):
+        MVTecAD(mvtec_root, "cable")
+    with pytest.raises(ValueError, match="split="):
+        MVTecAD(mvtec_root, "bottle", "val")
+    (mvtec_root / "bottle" / "ground_truth" / "contamination" / "001_mask.png").unlink()
+    with pytest.raises(ValueError, match="001.png has no mask.*allow_missing_masks"):
+        MVTecAD(mvtec_root, "bottle", "test")
+    with caplog.at_level(logging.WARNING):
+        allowed = MVTecAD(mvtec_root, "bottle", "test", allow_missing_masks=True)
+    assert allowed.samples[3].mask_path is None and "no mask" in caplog.text
+    write_mask(mvtec_root / "bottle" / "ground_truth" / "contamination" / "001_mask.png", size=(20, 20))
+    with pytest.raises(ValueError, match="is 20x20 but its image .* is 40x30"):
+        MVTecAD(mvtec_root, "bottle", "test")
+
+
+def test_not_images_are_skipped_with_a_warning(mvtec_root, caplog):
+    good = mvtec_root / "bottle" / "train" / "good"
+    (good / "notes.txt").write_text("hi")
+    (good / "fake.png").write_text("not a png")
+    with caplog.at_level(logging.WARNING):
+        train = MVTecAD(mvtec_root, "bottle", "train")
+    assert len(train) == 3
+    assert "notes.txt" in caplog.text and "fake.png" in caplog.text
+    assert sorted(p.name for p in train.not_images) == ["fake.png", "notes.txt"]
+
+
+def test_empty_split(tmp_path):
+    (tmp_path / "bottle" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images found"):
+        MVTecAD(tmp_path, "bottle", "train")
+
+
+def test_btad_layout(btad_root):
+    parent = btad_root.parent
+    for root in (btad_root, parent):  # the archive folder or the folder above it
+        train = BTAD(root, "01", "train")
+        assert [s.path.suffix for s in train.samples] == [".bmp"] * 3
+    test = BTAD(parent, "01", "test")
+    assert list(test.labels) == [0, 1, 1]
+    assert [s.mask_path.name for s in test.samples if s.label] == ["0000.png", "0001.bmp"]
+    assert test.defects == ["good", "ko", "ko"]
+    assert len(BTAD(btad_root, "02", "train")) == 2
+    with pytest.raises(ValueError, match=r"unknown BTAD category '03'.*\['01', '02'\]"):
+        BTAD(btad_root, "03")
+    (btad_root / "01" / "ground_truth" / "ko" / "0001.bmp").unlink()
+    with pytest.raises(ValueError, match="0001.png has no mask"):
+        BTAD(btad_root, "01", "test")
+
+
+def test_image_folder(tmp_path):
+    for i in range(2):
+        write_image(tmp_path / "normal" / f"n{i}.png")
+        write_image(tmp_path / "bad" / f"b{i}.jpg")
+    write_mask(tmp_path / "masks" / "b0.png")
+    write_mask(tmp_path / "masks" / "b1_mask.png")
+    plain = ImageFolder(tmp_path / "normal")
+    assert len(plain) == 2 and list(plain.labels) == [0, 0]
+    unmasked = ImageFolder(tmp_path / "normal", tmp_path / "bad")
+    assert list(unmasked.labels) == [0, 0, 1, 1] and unmasked.samples[2].mask_path is None
+    masked = ImageFolder(tmp_path / "normal", tmp_path / "bad", tmp_path / "masks")
+    assert [s.mask_path.name for s in masked.samples if s.label] == ["b0.png", "b1_mask.png"]
+    with pytest.raises(FileNotFoundError, match="abnormal_dir"):
+        ImageFolder(tmp_path / "normal", tmp_path / "missing")
+    with pytest.raises(ValueError, match="without abnormal_dir"):
+        ImageFolder(tmp_path / "normal", mask_dir=tmp_path / "masks")
+
+
+def test_genuine_bottle(bottle_root):
+    train = MVTecAD(bottle_root, "bottle", "train")
+    test = MVTecAD(bottle_root, "bottle", "test")
+    assert len(train) == 209
+    assert len(test) == 83 and int(test.labels.sum()) == 63
+    assert {d: test.defects.count(d) for d in set(test.defects)} == {
+        "good": 20, "broken_large": 20, "broken_small": 22, "contamination": 21}
+    assert all(s.mask_path is not None and s.mask_path.is_file() for s in test.samples if s.label)
