@@ -61,7 +61,7 @@ def read_archive(path: PathLike, kind: str, max_version: int
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
             if _META_KEY not in archive.files:
                 raise ModelFileError(f"{path} is not a knnad model file (no knnad header)")
             header = json.loads(archive[_META_KEY].tobytes().decode())

@@ -2,6 +2,7 @@
 (kept apart from the feature model, as in anomalib)."""
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Tuple, Union
 
 import torch
@@ -15,8 +16,7 @@ def gaussian_kernel_size(sigma: float) -> int:
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of ``maps`` ``[B, 1, H, W]`` with reflect padding, as torchvision's
-    ``gaussian_blur`` computes it, but as two 1-D passes: 2·33 instead of 33² multiply-adds per
-    pixel for σ = 4."""
+    ``gaussian_blur`` computes it, but as two 1-D passes."""
     size = gaussian_kernel_size(sigma)
     half = size // 2
     offsets = torch.linspace(-half, half, size, dtype=maps.dtype, device=maps.device)
@@ -27,17 +27,37 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(blurred, kernel.view(1, 1, size, 1))
 
 
+@lru_cache(maxsize=32)
+def _upsample_blur_matrix(patches: int, pixels: int, sigma: float) -> torch.Tensor:
+    """``[pixels, patches]`` matrix of 1-D bilinear upsampling followed by the Gaussian blur:
+    both are linear and separable, so a map is ``A_h @ scores @ A_w.T``. Built by sending the
+    unit vectors through :func:`F.interpolate` and :func:`gaussian_blur` themselves."""
+    basis = torch.eye(patches, dtype=torch.float64).reshape(patches, 1, patches, 1)
+    columns = F.interpolate(basis, size=(pixels, 1), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        size = gaussian_kernel_size(sigma)
+        half = size // 2
+        if half >= pixels:
+            raise ValueError(f"sigma={sigma} needs maps larger than {half} pixels, got {pixels}")
+        offsets = torch.linspace(-half, half, size, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        columns = F.conv2d(F.pad(columns, (0, 0, half, half), mode="reflect"),
+                           (kernel / kernel.sum()).view(1, 1, size, 1))
+    return columns.reshape(patches, pixels).T.float().contiguous()
+
+
 def anomaly_maps(patch_scores: torch.Tensor, size: Union[int, Tuple[int, int]],
                  sigma: float = 4.0) -> torch.Tensor:
     """Pixel maps ``Tensor[B, H, W]`` (float32, same units as the scores) from patch scores
-    ``Tensor[B, h, w]``: bilinear upsampling to ``size``, then a Gaussian blur of standard
-    deviation ``sigma`` pixels (reflect padding; ``sigma=0`` disables it)."""
+    ``Tensor[B, h, w]``: bilinear upsampling to ``size`` (``align_corners=False``), then a
+    Gaussian blur of standard deviation ``sigma`` pixels with reflect padding (``sigma=0``
+    disables it). Computed as two small matrix products per map, equal to
+    ``gaussian_blur(F.interpolate(...))`` up to float32 rounding."""
     if patch_scores.ndim != 3:
         raise ValueError(f"patch_scores must be [B, h, w], got {tuple(patch_scores.shape)}")
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0 pixels, got {sigma}")
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    maps = F.interpolate(patch_scores[:, None].float(), size=size, mode="bilinear", align_corners=False)
-    if sigma > 0:
-        maps = gaussian_blur(maps, sigma)
-    return maps[:, 0]
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    rows = _upsample_blur_matrix(patch_scores.shape[1], height, float(sigma)).to(patch_scores.device)
+    columns = _upsample_blur_matrix(patch_scores.shape[2], width, float(sigma)).to(patch_scores.device)
+    return rows @ patch_scores.float() @ columns.T

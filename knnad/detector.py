@@ -92,7 +92,7 @@ class Detector:
                  coreset: Union[None, float, int] = None, backend: str = "auto",
                  device: Union[str, torch.device] = "auto", image_size: int = 256,
                  crop_size: int = 224, aggregation_size: int = 3, reduce_dim: Optional[int] = None,
-                 sigma: float = 4.0, batch_size: int = 16, progress: bool = True,
+                 sigma: float = 4.0, batch_size: int = 8, progress: bool = True,
                  on_error: str = "raise", seed: int = 0):
         self.backbone = backbone
         self.layers = layers

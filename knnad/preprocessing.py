@@ -41,11 +41,14 @@ def open_image(image: ImageInput) -> Image.Image:
     path = Path(image)
     if not path.is_file():
         raise ImageLoadError(path, "no such file")
+    opened = None
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            return opened.copy()
+        opened = Image.open(path)
+        opened.load()  # decodes now, and closes the file Pillow opened itself
+        return opened
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if opened is not None:
+            opened.close()
         raise ImageLoadError(path, f"not a decodable image ({error})") from error
 
 

@@ -12,6 +12,18 @@ def test_separable_blur_equals_torchvision(sigma):
     torch.testing.assert_close(gaussian_blur(maps, sigma), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grid, size, sigma", [((28, 28), 224, 4.0), ((7, 9), (64, 80), 2.0),
+                                               ((14, 14), 112, 0.0)])
+def test_matrix_form_equals_upsample_then_blur(grid, size, sigma):
+    scores = torch.rand(3, *grid) * 5
+    target = (size, size) if isinstance(size, int) else size
+    explicit = torch.nn.functional.interpolate(scores[:, None], size=target, mode="bilinear",
+                                               align_corners=False)
+    if sigma:
+        explicit = gaussian_blur(explicit, sigma)
+    torch.testing.assert_close(anomaly_maps(scores, size, sigma), explicit[:, 0], rtol=1e-5, atol=1e-5)
+
+
 def test_anomaly_maps_shape_and_values():
     assert gaussian_kernel_size(4.0) == 33
     constant = torch.full((2, 7, 7), 3.0)

@@ -69,8 +69,10 @@ def test_truncation_skips_later_layers_and_keeps_values(wide_resnet):
         stem = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
         layer2 = reference.layer2(reference.layer1(stem))
         layer3 = reference.layer3(layer2)
-    torch.testing.assert_close(features["layer2"], layer2)
-    torch.testing.assert_close(features["layer3"], layer3)
+    # Channels-last convolutions sum in another order: equal to float32 rounding.
+    for name, expected in (("layer2", layer2), ("layer3", layer3)):
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(features[name], expected, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_genuine_mobilenet_weights_classify_a_cat(seeded_torch_home):
