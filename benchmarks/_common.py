@@ -6,7 +6,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -30,6 +30,22 @@ def machine_description() -> Dict[str, object]:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def search_backends() -> List[Tuple[str, str]]:
+    """``(backend, device)`` pairs to measure here: faiss and torch on the CPU, and on the first
+    GPU torch and, when faiss-gpu is installed, faiss."""
+    from knnad.index import FlatL2Index
+
+    found = [("faiss", "cpu"), ("torch", "cpu")]
+    if torch.cuda.is_available():
+        found.append(("torch", "cuda:0"))
+        try:
+            FlatL2Index(2, backend="faiss", device="cuda:0")
+            found.append(("faiss", "cuda:0"))
+        except ValueError:
+            pass
+    return found
 
 
 def best_time(function: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:

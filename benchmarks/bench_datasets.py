@@ -28,22 +28,10 @@ from knnad.preprocessing import Preprocessor
 from knnad.report import discover_categories
 from knnad.sampling import coreset
 
-from _common import PeakMemory, best_time, write_results
+from _common import PeakMemory, best_time, search_backends, write_results
 from bench_index import matmul_gflops
 
 K = 1  # the detector's default
-
-
-def backends():
-    found = [("faiss", "cpu"), ("torch", "cpu")]
-    if torch.cuda.is_available():
-        found.append(("torch", "cuda:0"))
-        try:
-            FlatL2Index(2, backend="faiss", device="cuda:0")
-            found.append(("faiss", "cuda:0"))
-        except ValueError:
-            pass
-    return found
 
 
 def embeddings(dataset, extractor, cache: Path):
@@ -97,7 +85,7 @@ def category_rows(name, train, test, extractor, cache, ratio, peak_gflops):
         bank = full_bank if bank_ratio is None else full_bank[coreset(full_bank, ratio=bank_ratio)]
         coreset_seconds = time.perf_counter() - start
         ref_d, ref_i = float64_reference(bank, queries, K)
-        for backend, device in backends():
+        for backend, device in search_backends():
             start = time.perf_counter()
             index = FlatL2Index(dim, backend=backend, device=device)
             index.add(bank)

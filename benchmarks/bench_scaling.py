@@ -10,25 +10,12 @@ import argparse
 import gc
 
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from knnad.index import DEFAULT_MEMORY_BUDGET, FlatL2Index
 
-from _common import RESULTS, PeakMemory, best_time, machine_tag, write_results
-
-
-def backends():
-    found = [("faiss", "cpu"), ("torch", "cpu")]
-    if torch.cuda.is_available():
-        found.append(("torch", "cuda:0"))
-        try:
-            FlatL2Index(2, backend="faiss", device="cuda:0")
-            found.append(("faiss", "cuda:0"))
-        except ValueError:
-            pass
-    return found
+from _common import RESULTS, PeakMemory, best_time, machine_tag, search_backends, write_results
 
 
 def plot(rows, path):
@@ -64,7 +51,7 @@ def main() -> None:
         queries = rng.standard_normal((args.queries, dim), dtype=np.float32)
         for size in args.sizes:
             bank = rng.standard_normal((size, dim), dtype=np.float32)
-            for backend, device in backends():
+            for backend, device in search_backends():
                 index = FlatL2Index(dim, backend=backend, device=device, memory_budget=budget)
                 index.add(bank)
                 with PeakMemory() as peak:  # first, before timing runs leave freed pages behind
@@ -75,7 +62,7 @@ def main() -> None:
                              "seconds": seconds, "ns per query-vector": 1e9 * seconds / (size * args.queries),
                              "peak search MiB": peak.bytes / 2**20,
                              "within budget": peak.bytes <= budget + outputs})
-                del index
+                index = None  # free the bank copy before the next backend builds its own
                 gc.collect()
             del bank
             gc.collect()

@@ -21,6 +21,7 @@ from ._io import ModelFileError  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["datasets", "evaluate", "metrics", "plots", "Detector", "FeatureExtractor", "FlatL2Index", "ImageLoadError", "ModelFileError",
-           "Prediction", "Preprocessor", "backend_info", "coreset", "covering_radius",
-           "__version__"]
+__all__ = ["anomaly_map", "backbones", "datasets", "embedding", "index", "metrics", "plots",
+           "preprocessing", "runtime", "sampling", "evaluate", "Detector", "FeatureExtractor",
+           "FlatL2Index", "ImageLoadError", "ModelFileError", "Prediction", "Preprocessor",
+           "backend_info", "coreset", "covering_radius", "__version__"]

@@ -48,7 +48,7 @@ def _add_detector_options(parser: argparse.ArgumentParser) -> None:
                        help="share (0-1] or count of patches to keep, or 'none' (default: 0.1)")
     group.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or cuda:all")
-    group.add_argument("--batch-size", type=int, default=16)
+    group.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
     group.add_argument("--image-size", type=int, default=256, help="shorter side after resize")
     group.add_argument("--crop-size", type=int, default=224, help="centre crop side")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")

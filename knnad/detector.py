@@ -258,8 +258,8 @@ class Detector:
         if self.coreset is not None:
             picks = greedy_coreset(bank, **({"ratio": self.coreset} if isinstance(self.coreset, float)
                                             else {"n": min(int(self.coreset), len(bank))}),
-                                   seed=self.seed, progress=self.progress)
-            picks.sort()  # keep the bank grouped by image for SPADE
+                                   seed=self.seed, device=self.extractor.device, progress=self.progress)
+            picks.sort()  # bank rows in image order, as without a coreset
             bank, image_ids = bank[picks], image_ids[picks]
         if self.k > len(bank):
             raise ValueError(f"k={self.k} exceeds the {len(bank)} patches in the memory bank; "

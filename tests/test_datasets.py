@@ -141,3 +141,17 @@ def test_genuine_bottle(bottle_root):
     assert {d: test.defects.count(d) for d in set(test.defects)} == {
         "good": 20, "broken_large": 20, "broken_small": 22, "contamination": 21}
     assert all(s.mask_path is not None and s.mask_path.is_file() for s in test.samples if s.label)
+
+
+def test_detector_takes_datasets_and_refuses_defects_in_fit(mvtec_root):
+    import knnad
+    detector = knnad.Detector("mobilenet_v2", weights=None, image_size=40, crop_size=32,
+                              progress=False, device="cpu")
+    detector.fit(MVTecAD(mvtec_root, "bottle", "train"))
+    assert len(detector.train_paths_) == 3
+    test = MVTecAD(mvtec_root, "bottle", "test")
+    with pytest.raises(ValueError, match="4 defect images"):
+        detector.fit(test)
+    results = knnad.evaluate(detector, test)
+    assert results["images"] == 5 and set(results["per_defect"]) == {"broken_large", "contamination"}
+    assert 0 <= results["pixel_auroc"] <= 1 and results["images_per_second"] > 0
