@@ -68,7 +68,19 @@ def main() -> None:
             gc.collect()
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, RESULTS / "scaling.png")
-    write_results("scaling", {f"{args.queries} queries, k={args.k}, budget {args.budget_mib} MiB": rows})
+    write_results("scaling", {f"{args.queries} queries, k={args.k}, budget {args.budget_mib} MiB": rows},
+                  growth_exponents(rows))
+
+
+def growth_exponents(rows):
+    """Least-squares slope of log(time) against log(bank size) per backend and d: 1 is linear."""
+    slopes = {}
+    for key in sorted({(r["backend"], r["device"], r["d"]) for r in rows}):
+        points = [(r["bank"], r["seconds"]) for r in rows if (r["backend"], r["device"], r["d"]) == key]
+        if len(points) > 1:
+            sizes, seconds = np.log(np.array(points)).T
+            slopes[f"growth exponent {key[0]} {key[1]} d={key[2]}"] = float(np.polyfit(sizes, seconds, 1)[0])
+    return slopes
 
 
 if __name__ == "__main__":

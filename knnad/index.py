@@ -234,11 +234,13 @@ class FlatL2Index:
 
         Both backends rank by |q|² + |x|² − 2q·x, whose rounding error grows with |x|² and can
         swamp small distances; recomputing |q − x| for the k winners costs m·k·d, not m·n·d,
-        and makes the distances of both backends identical where their neighbours are."""
+        and makes the distances of both backends identical where their neighbours are. Equal
+        distances are ordered by index, whatever order the backend found them in."""
         sub = max(1, (self.memory_budget // 4) // (4 * found.shape[1] * self._dim))
         out_d, out_i = [], []
         for start in range(0, found.shape[0], sub):
             rows = found[start:start + sub]
+            rows, _ = torch.sort(rows, dim=1)  # exact ties then go to the lowest index
             neighbours = self._stored(rows)
             queries = block[start:start + sub].to(neighbours.device)
             exact = torch.linalg.vector_norm(neighbours - queries[:, None, :], dim=2)
