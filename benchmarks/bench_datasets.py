@@ -11,6 +11,7 @@ error), and the image and pixel AUROC each backend yields.
   python benchmarks/bench_datasets.py --mvtec-root ../shared/data/mvtec [--btad-root BTAD]
 """
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def exactness(distances, indices, ref_d, ref_i, bank, queries):
     return float(same.mean()), float(relative.max())
 
 
-def category_rows(name, train, test, extractor, cache, ratio, peak_gflops):
+def category_rows(name, train, test, extractor, cache, ratio, peak_gflops, reranks):
     train_embedding = embeddings(train, extractor, cache / f"{name}-train.npy")
     test_embedding = embeddings(test, extractor, cache / f"{name}-test.npy")
     n, h, w, dim = test_embedding.shape
@@ -87,9 +88,9 @@ def category_rows(name, train, test, extractor, cache, ratio, peak_gflops):
         bank = full_bank if bank_ratio is None else full_bank[coreset(full_bank, ratio=bank_ratio)]
         coreset_seconds = time.perf_counter() - start
         ref_d, ref_i = float64_reference(bank, queries, K)
-        for backend, device in search_backends():
+        for (backend, device), rerank in itertools.product(search_backends(), reranks):
             start = time.perf_counter()
-            index = FlatL2Index(dim, backend=backend, device=device)
+            index = FlatL2Index(dim, backend=backend, device=device, rerank=rerank)
             index.add(bank)
             build = time.perf_counter() - start
             with PeakMemory() as peak:
@@ -99,6 +100,7 @@ def category_rows(name, train, test, extractor, cache, ratio, peak_gflops):
             maps = anomaly_maps(torch.from_numpy(distances.mean(1)).reshape(n, h, w), 224, 4.0).numpy()
             gflops = 2 * len(queries) * len(bank) * dim / seconds / 1e9
             rows.append({"category": name, "coreset": label, "bank": len(bank), "backend": f"{backend} {device}",
+                         "rerank": rerank,
                          "build s": build + coreset_seconds, "search s": seconds,
                          "queries/s": len(queries) / seconds, "GFLOP/s": gflops,
                          "% of matmul": 100 * gflops / peak_gflops, "peak MiB": peak.bytes / 2**20,
@@ -116,6 +118,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--weights", default="IMAGENET1K_V1")
     parser.add_argument("--coreset", type=float, default=0.1)
+    parser.add_argument("--reranks", type=int, nargs="+", default=[0, 4],
+                        help="FlatL2Index rerank settings to measure (default: 0 4)")
     parser.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent / ".cache")
     args = parser.parse_args()
     if not (args.mvtec_root or args.btad_root):
@@ -131,13 +135,13 @@ def main() -> None:
                 continue
             rows += category_rows(f"{kind}-{category}", loader(root, category, "train"),
                                   loader(root, category, "test"), extractor,
-                                  args.cache / args.backbone, args.coreset, peak)
+                                  args.cache / args.backbone, args.coreset, peak, args.reranks)
     summary = {"matmul GFLOP/s": peak}
     for row in rows:
         if row["backend"] == "faiss cpu":
-            torch_row = next(r for r in rows if r["category"] == row["category"]
+            torch_row = next(r for r in rows if r["category"] == row["category"] and r["rerank"] == row["rerank"]
                              and r["coreset"] == row["coreset"] and r["backend"] == "torch cpu")
-            key = f"{row['category']} coreset={row['coreset']}"
+            key = f"{row['category']} coreset={row['coreset']} rerank={row['rerank']}"
             summary[f"faiss/torch speedup {key}"] = torch_row["search s"] / row["search s"]
             summary[f"AUROC difference faiss - torch {key}"] = max(
                 abs(row[name] - torch_row[name]) for name in ("image AUROC", "pixel AUROC")

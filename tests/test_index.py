@@ -195,3 +195,24 @@ def test_two_faiss_packages_are_reported(monkeypatch):
     monkeypatch.setattr(runtime, "installed_faiss_distributions", lambda: ["faiss-cpu", "faiss-gpu-cu12"])
     problem = runtime.faiss_install_problem()
     assert "pip uninstall -y faiss-cpu faiss-gpu-cu12 && pip install faiss-gpu-cu12" in problem
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rerank_recovers_neighbours_lost_to_float32_cancellation(backend):
+    # A large common offset makes |x|² huge next to the distances: the matrix-product form
+    # then misranks close neighbours, and exact reranking of extra candidates repairs it.
+    rng = np.random.default_rng(7)
+    bank = (30.0 + rng.standard_normal((2000, 64)) * 0.05).astype(np.float32)
+    queries = (30.0 + rng.standard_normal((200, 64)) * 0.05).astype(np.float32)
+    ref_d, ref_i = brute_force(bank, queries, 3)
+    plain = FlatL2Index(64, backend=backend, device="cpu")
+    full = FlatL2Index(64, backend=backend, device="cpu", rerank=2000)
+    for index in (plain, full):
+        index.add(bank)
+    distances, indices = full.search(queries, 3)
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-5)
+    plain_d, _ = plain.search(queries, 3)
+    assert np.all(plain_d >= distances - 1e-6)  # reranking never returns a farther neighbour
+    with pytest.raises(ValueError, match="rerank"):
+        FlatL2Index(64, rerank=-1)
