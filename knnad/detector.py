@@ -78,6 +78,9 @@ class Detector:
         keep by greedy k-center selection.
     backend, device: search backend and device of :class:`~knnad.FlatL2Index` (the backbone
         runs on ``device`` too; ``"auto"`` is the first GPU if there is one).
+    rerank: extra candidates whose exact distances are checked per patch (see
+        :class:`~knnad.FlatL2Index`); 4 makes the neighbours exact on MVTec bottle at about
+        half again the search time, 0 is fastest.
     image_size, crop_size: resize the shorter side, then centre crop (pixels).
     aggregation_size, reduce_dim: patch embedding (see :class:`~knnad.embedding.PatchEmbedder`).
     sigma: Gaussian smoothing of the anomaly maps, in pixels.
@@ -90,7 +93,7 @@ class Detector:
                  layers: Optional[Sequence[str]] = None, weights: Any = "DEFAULT", k: int = 1,
                  image_score: str = "max", image_k: int = 50,
                  coreset: Union[None, float, int] = None, backend: str = "auto",
-                 device: Union[str, torch.device] = "auto", image_size: int = 256,
+                 device: Union[str, torch.device] = "auto", rerank: int = 0, image_size: int = 256,
                  crop_size: int = 224, aggregation_size: int = 3, reduce_dim: Optional[int] = None,
                  sigma: float = 4.0, batch_size: int = 8, progress: bool = True,
                  on_error: str = "raise", seed: int = 0):
@@ -110,6 +113,9 @@ class Detector:
         self.coreset = coreset
         self.backend = backend
         self.device = device
+        if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 0:
+            raise ValueError(f"rerank must be an int >= 0, got {rerank!r}")
+        self.rerank = int(rerank)
         self.preprocessor = Preprocessor(image_size, crop_size)
         self.image_size, self.crop_size = image_size, crop_size
         self.embedder = PatchEmbedder(aggregation_size, reduce_dim)
@@ -126,8 +132,8 @@ class Detector:
         self._extractor: Optional[FeatureExtractor] = None
 
     _PARAMS = ("backbone", "layers", "weights", "k", "image_score", "image_k", "coreset",
-               "backend", "device", "image_size", "crop_size", "aggregation_size", "reduce_dim",
-               "sigma", "batch_size", "progress", "on_error", "seed")
+               "backend", "device", "rerank", "image_size", "crop_size", "aggregation_size",
+               "reduce_dim", "sigma", "batch_size", "progress", "on_error", "seed")
 
     def get_params(self) -> Dict[str, Any]:
         """The constructor arguments, as scikit-learn estimators report them."""
@@ -264,12 +270,7 @@ class Detector:
         if self.k > len(bank):
             raise ValueError(f"k={self.k} exceeds the {len(bank)} patches in the memory bank; "
                              f"use a smaller k or a larger coreset")
-        self.index_ = FlatL2Index(dim, backend=self.backend, device=self.device)
-        self.index_.add(bank)
-        self.global_features_ = torch.cat(global_features).numpy()
-        self.global_index_ = FlatL2Index(self.global_features_.shape[1], backend=self.backend,
-                                         device=self.device)
-        self.global_index_.add(self.global_features_)
+        self._build_indexes(bank, torch.cat(global_features).numpy())
         self.patch_image_ids_ = image_ids
         self.grid_ = (height, width)
         self.train_paths_ = paths
@@ -279,6 +280,16 @@ class Detector:
         logger.info("fitted on %d images: memory bank %d x %d (%s on %s)", n_images, len(bank),
                     dim, self.index_.backend, self.index_.device)
         return self
+
+    def _build_indexes(self, bank: np.ndarray, global_features: np.ndarray) -> None:
+        """The patch memory bank and the global-feature index, on the configured backend."""
+        self.index_ = FlatL2Index(bank.shape[1], backend=self.backend, device=self.device,
+                                  rerank=self.rerank)
+        self.index_.add(bank)
+        self.global_features_ = global_features
+        self.global_index_ = FlatL2Index(global_features.shape[1], backend=self.backend,
+                                         device=self.device, rerank=self.rerank)
+        self.global_index_.add(global_features)
 
     # ----------------------------------------------------------------------------- predict
     def _check_fitted(self, action: str) -> None:
@@ -301,7 +312,8 @@ class Detector:
             if gallery.sum() < self.k:
                 raise ValueError(f"SPADE: the {image_k} nearest training images keep only "
                                  f"{gallery.sum()} patches (< k={self.k}); raise image_k or coreset")
-            subset = FlatL2Index(dim, backend=self.index_.backend, device=self._index_device())
+            subset = FlatL2Index(dim, backend=self.index_.backend, device=self._index_device(),
+                                 rerank=self.rerank)
             subset.add(bank[gallery])
             distances, _ = subset.search(image.reshape(-1, dim), self.k)
             scores.append(torch.from_numpy(distances.mean(axis=1)).reshape(height, width))
@@ -428,13 +440,7 @@ class Detector:
             raise ValueError(f"{path} was fit with backbone weights {weights_id}, but the given "
                              f"backbone/weights are {detector.extractor.weights_id}; scores would "
                              f"be wrong")
-        bank = arrays["memory_bank"]
-        detector.index_ = FlatL2Index(bank.shape[1], backend=detector.backend, device=detector.device)
-        detector.index_.add(bank)
-        detector.global_features_ = arrays["global_features"]
-        detector.global_index_ = FlatL2Index(detector.global_features_.shape[1],
-                                             backend=detector.backend, device=detector.device)
-        detector.global_index_.add(detector.global_features_)
+        detector._build_indexes(arrays["memory_bank"], arrays["global_features"])
         detector.patch_image_ids_ = arrays["patch_image_ids"]
         detector.grid_ = tuple(meta["grid"])
         detector.train_paths_ = meta["train_paths"]
