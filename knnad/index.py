@@ -241,10 +241,10 @@ class FlatL2Index:
         """Exact distances of the found neighbours, each row re-sorted ascending.
 
         Both backends rank by |q|² + |x|² − 2q·x, whose rounding error grows with |x|² and can
-        swamp small distances; recomputing |q − x| for the k (+ rerank) candidates costs m·k·d,
-        not m·n·d,
-        and makes the distances of both backends identical where their neighbours are. Equal
-        distances are ordered by index, whatever order the backend found them in."""
+        swamp small distances; recomputing |q − x| for the k (+ rerank) candidates costs
+        m·k·d, not m·n·d, and makes the distances of both backends identical where their
+        neighbours are. Equal distances are ordered by index, whatever order the backend found
+        them in."""
         sub = max(1, (self.memory_budget // 4) // (4 * found.shape[1] * self._dim))
         out_d, out_i = [], []
         for start in range(0, found.shape[0], sub):
