@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from ._checks import check_int
 from ._io import PathLike, read_archive, write_archive
 from .anomaly_map import anomaly_maps
 from .backbones import FeatureExtractor
@@ -55,12 +56,6 @@ class Prediction:
 
     def __len__(self) -> int:
         return len(self.image_scores)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 class Detector:
@@ -100,11 +95,11 @@ class Detector:
         self.backbone = backbone
         self.layers = layers
         self.weights = weights
-        self.k = _positive_int(k, "k")
+        self.k = check_int(k, "k")
         if image_score not in IMAGE_SCORES:
             raise ValueError(f"image_score={image_score!r}; choose one of {IMAGE_SCORES}")
         self.image_score = image_score
-        self.image_k = _positive_int(image_k, "image_k")
+        self.image_k = check_int(image_k, "image_k")
         if coreset is not None and not (
                 (isinstance(coreset, float) and 0 < coreset <= 1)
                 or (isinstance(coreset, (int, np.integer)) and not isinstance(coreset, bool) and coreset >= 1)):
@@ -113,9 +108,7 @@ class Detector:
         self.coreset = coreset
         self.backend = backend
         self.device = device
-        if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 0:
-            raise ValueError(f"rerank must be an int >= 0, got {rerank!r}")
-        self.rerank = int(rerank)
+        self.rerank = check_int(rerank, "rerank", 0)
         self.preprocessor = Preprocessor(image_size, crop_size)
         self.image_size, self.crop_size = image_size, crop_size
         self.embedder = PatchEmbedder(aggregation_size, reduce_dim)
@@ -123,7 +116,7 @@ class Detector:
         if not isinstance(sigma, (int, float)) or sigma < 0:
             raise ValueError(f"sigma must be a number of pixels >= 0, got {sigma!r}")
         self.sigma = float(sigma)
-        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.batch_size = check_int(batch_size, "batch_size")
         self.progress = bool(progress)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error={on_error!r}; choose 'raise' or 'skip'")

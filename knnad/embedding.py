@@ -11,6 +11,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_int
+
 
 class PatchEmbedder:
     """``embedder(features)`` turns ``dict[layer -> Tensor[B, C_i, h_i, w_i]]`` into
@@ -24,12 +26,10 @@ class PatchEmbedder:
     """
 
     def __init__(self, aggregation_size: int = 3, reduce_dim: Optional[int] = None):
-        if isinstance(aggregation_size, bool) or not isinstance(aggregation_size, int) \
-                or aggregation_size < 1 or aggregation_size % 2 == 0:
-            raise ValueError(f"aggregation_size must be a positive odd int, got {aggregation_size!r}")
-        if reduce_dim is not None and (isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int)
-                                       or reduce_dim < 1):
-            raise ValueError(f"reduce_dim must be a positive int or None, got {reduce_dim!r}")
+        if check_int(aggregation_size, "aggregation_size") % 2 == 0:
+            raise ValueError(f"aggregation_size must be odd, got {aggregation_size!r}")
+        if reduce_dim is not None:
+            check_int(reduce_dim, "reduce_dim", hint=" or None")
         self.aggregation_size = aggregation_size
         self.reduce_dim = reduce_dim
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._checks import check_int
 from ._io import PathLike, read_archive, write_archive
 from .runtime import faiss_gpu_count, import_faiss, resolve_device
 
@@ -119,16 +120,9 @@ class FlatL2Index:
 
     def __init__(self, dim: int, backend: str = "auto", device: Union[str, torch.device] = "auto",
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, rerank: int = 0):
-        if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 0:
-            raise ValueError(f"rerank must be an int >= 0 (extra candidates), got {rerank!r}")
-        self.rerank = int(rerank)
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)) \
-                or memory_budget < 2**20:
-            raise ValueError(f"memory_budget must be an int of at least 1 MiB (bytes), got {memory_budget!r}")
-        self._dim = int(dim)
-        self.memory_budget = int(memory_budget)
+        self.rerank = check_int(rerank, "rerank", 0, hint=" (extra candidates)")
+        self._dim = check_int(dim, "dim")
+        self.memory_budget = check_int(memory_budget, "memory_budget", 2**20, hint=" (bytes, 1 MiB)")
         self._backend, self._device = _resolve_backend(backend, device)
         self._count = 0
         if self._backend == "faiss":
@@ -202,9 +196,8 @@ class FlatL2Index:
         """
         if self._count == 0:
             raise ValueError("search on an empty index: add() normal vectors first")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self._count:
-            raise ValueError(f"k must be an int in [1, {self._count}] (the index size), got {k!r}")
-        candidates = min(int(k) + self.rerank, self._count)
+        k = check_int(k, "k", 1, self._count, " (the index size)")
+        candidates = min(k + self.rerank, self._count)
         if self._backend == "faiss" and self._device != "cpu" and candidates > _FAISS_GPU_MAX_K:
             raise ValueError(f"k + rerank = {candidates} exceeds faiss's GPU limit of "
                              f"{_FAISS_GPU_MAX_K}; use a smaller k or device='cpu'")

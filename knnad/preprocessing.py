@@ -11,6 +11,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
+from ._checks import check_int
+
 #: ImageNet channel statistics used by every torchvision classification model.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,9 +93,8 @@ class Preprocessor:
     """
 
     def __init__(self, image_size: int = 256, crop_size: int = 224):
-        for name, value in (("image_size", image_size), ("crop_size", crop_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(image_size, "image_size")
+        check_int(crop_size, "crop_size")
         if crop_size > image_size:
             raise ValueError(f"crop_size={crop_size} is larger than image_size={image_size}; "
                              f"the crop is taken from the resized image, so choose "

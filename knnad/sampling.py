@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._checks import check_int
 from .index import ArrayLike, FlatL2Index, as_float32_matrix
 from .runtime import resolve_device
 
@@ -33,9 +34,7 @@ def coreset_size(total: int, ratio: Optional[float] = None, n: Optional[int] = N
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}")
         return max(1, int(total * ratio))
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= total:
-        raise ValueError(f"n must be an int in [1, {total}] (the number of points), got {n!r}")
-    return int(n)
+    return check_int(n, "n", 1, total, " (the number of points)")
 
 
 def coreset(features: ArrayLike, ratio: Optional[float] = None, n: Optional[int] = None,
