@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,6 +47,19 @@ def search_backends() -> List[Tuple[str, str]]:
         except ValueError:
             pass
     return found
+
+
+def patch_embeddings(paths, extractor) -> np.ndarray:
+    """Default-preprocessed, PatchCore-embedded features of images: float32 [N, h, w, D]."""
+    from knnad.embedding import PatchEmbedder
+    from knnad.preprocessing import Preprocessor
+
+    preprocessor, embedder = Preprocessor(), PatchEmbedder()
+    batches = []
+    for start in range(0, len(paths), 16):
+        images = torch.stack([preprocessor(p) for p in paths[start:start + 16]])
+        batches.append(embedder(extractor(images)).cpu().numpy())
+    return np.concatenate(batches)
 
 
 def best_time(function: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:

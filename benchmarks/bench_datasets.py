@@ -22,14 +22,13 @@ from knnad import metrics
 from knnad.anomaly_map import anomaly_maps
 from knnad.backbones import FeatureExtractor
 from knnad.datasets import BTAD, MVTecAD
-from knnad.embedding import PatchEmbedder
 from knnad.evaluation import load_masks
 from knnad.index import FlatL2Index
 from knnad.preprocessing import Preprocessor
 from knnad.report import discover_categories
 from knnad.sampling import coreset
 
-from _common import PeakMemory, best_time, search_backends, write_results
+from _common import PeakMemory, best_time, patch_embeddings, search_backends, write_results
 from bench_index import matmul_gflops
 
 K = 1  # the detector's default
@@ -39,12 +38,7 @@ def embeddings(dataset, extractor, cache: Path):
     """Patch embeddings [N, h, w, D] of a dataset, cached as .npy."""
     if cache.exists():
         return np.load(cache)
-    preprocessor, embedder = Preprocessor(), PatchEmbedder()
-    batches = []
-    for start in range(0, len(dataset), 16):
-        images = torch.stack([preprocessor(s.path) for s in dataset.samples[start:start + 16]])
-        batches.append(embedder(extractor(images)).cpu().numpy())
-    array = np.concatenate(batches)
+    array = patch_embeddings([s.path for s in dataset.samples], extractor)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, array)
     return array

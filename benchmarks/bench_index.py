@@ -21,12 +21,11 @@ import numpy as np
 import torch
 
 from knnad.backbones import FeatureExtractor
-from knnad.embedding import PatchEmbedder
 from knnad.index import FlatL2Index
-from knnad.preprocessing import Preprocessor, list_images
+from knnad.preprocessing import list_images
 from knnad.sampling import coreset, covering_radius
 
-from _common import best_time, write_results
+from _common import best_time, patch_embeddings, write_results
 
 PEER_CODE = """
 import sys, time, numpy as np, torch
@@ -67,17 +66,11 @@ def search_rows(queries: int, bank: int, dim: int, k: int, peak: float):
     return rows, {"search_speedup_faiss_over_torch": ratio, "identical_neighbour_lists": same}
 
 
-def bottle_bank(root: Path, image_share: float, weights: str) -> np.ndarray:
+def bottle_bank(root: Path, weights: str) -> np.ndarray:
+    """MobileNetV2 patch embeddings of all bottle training images, [N·h·w, D]."""
     extractor = FeatureExtractor("mobilenet_v2", weights=weights)
-    preprocessor, embedder = Preprocessor(), PatchEmbedder()
-    paths = list_images(root / "bottle" / "train" / "good")
-    paths = paths[: max(1, round(len(paths) * image_share))]
-    banks = []
-    for start in range(0, len(paths), 16):
-        batch = torch.stack([preprocessor(p) for p in paths[start:start + 16]])
-        embedding = embedder(extractor(batch))
-        banks.append(embedding.reshape(-1, embedding.shape[-1]))
-    return torch.cat(banks).numpy()
+    embedding = patch_embeddings(list_images(root / "bottle" / "train" / "good"), extractor)
+    return embedding.reshape(-1, embedding.shape[-1])
 
 
 def coreset_rows(features: np.ndarray, ratio: float, label: str, peer_python: str):
@@ -120,7 +113,7 @@ def main() -> None:
     summary["matmul_gflops"] = peak
     coreset_table = []
     if args.mvtec_root:
-        full = bottle_bank(args.mvtec_root, 1.0, args.weights)
+        full = bottle_bank(args.mvtec_root, args.weights)
         small = full[: int(len(full) * args.peer_share) // 784 * 784]
         coreset_table += coreset_rows(small, args.ratio, f"bottle {args.peer_share:.0%} of images",
                                       args.peer_python)
