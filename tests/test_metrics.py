@@ -81,3 +81,32 @@ def test_aupro_extremes_and_pro_curve():
     fpr, pro = metrics.pro_curve(masks, np.random.default_rng(1).random(masks.shape))
     assert fpr[0] == pro[0] == 0 and fpr[-1] == pytest.approx(1) and pro[-1] == pytest.approx(1)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
+
+
+def test_pixel_auroc_bootstrap_equals_auroc_of_repeated_images():
+    rng = np.random.default_rng(1)
+    masks = rng.random((7, 9, 9)) < 0.2
+    masks[0] = False  # an image without defect pixels
+    tied_maps = np.round(rng.random((7, 9, 9)) + 0.3 * masks, 1)  # many exact ties
+    noise_maps = rng.random((7, 9, 9))
+    replicates = metrics.pixel_auroc_bootstrap(masks, tied_maps, noise_maps, rounds=6, seed=3)
+    assert replicates.shape == (6, 2)
+    draws = np.random.default_rng(3).multinomial(7, [1 / 7] * 7, size=6)
+    for replicate, draw in zip(replicates, draws):
+        images = np.repeat(np.arange(7), draw)
+        if not masks[images].any():
+            assert np.isnan(replicate).all()
+            continue
+        for value, maps in zip(replicate, (tied_maps, noise_maps)):
+            assert value == pytest.approx(metrics.pixel_auroc(masks[images], maps[images]), abs=1e-12)
+
+
+def test_pixel_auroc_bootstrap_errors():
+    masks = np.zeros((2, 3, 3), bool)
+    masks[0, 0, 0] = True
+    with pytest.raises(ValueError, match="at least one"):
+        metrics.pixel_auroc_bootstrap(masks)
+    with pytest.raises(ValueError, match="maps #1 has shape"):
+        metrics.pixel_auroc_bootstrap(masks, np.zeros((2, 3, 3)), np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="rounds"):
+        metrics.pixel_auroc_bootstrap(masks, np.zeros((2, 3, 3)), rounds=0)
