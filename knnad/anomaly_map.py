@@ -1,5 +1,5 @@
-"""From patch scores to pixel anomaly maps: bilinear upsampling and Gaussian smoothing
-(kept apart from the feature model, as in anomalib)."""
+"""From patch scores to pixel anomaly maps: upsampling (bilinear, or nearest as anomalib) and
+Gaussian smoothing (kept apart from the feature model, as in anomalib)."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -7,6 +7,10 @@ from typing import Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+#: Upsampling of patch scores to pixels: ``"bilinear"`` (``align_corners=False``) or
+#: ``"nearest"`` (each patch's score on its whole stride × stride cell, anomalib's maps).
+UPSAMPLING = ("bilinear", "nearest")
 
 
 def gaussian_kernel_size(sigma: float) -> int:
@@ -27,13 +31,21 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(blurred, kernel.view(1, 1, size, 1))
 
 
+def check_upsampling(upsampling: str) -> str:
+    """``upsampling`` if it is one of :data:`UPSAMPLING`, else a ValueError naming the choices."""
+    if upsampling not in UPSAMPLING:
+        raise ValueError(f"upsampling={upsampling!r}; choose one of {UPSAMPLING}")
+    return upsampling
+
+
 @lru_cache(maxsize=32)
-def _upsample_blur_matrix(patches: int, pixels: int, sigma: float) -> torch.Tensor:
-    """``[pixels, patches]`` matrix of 1-D bilinear upsampling followed by the Gaussian blur:
-    both are linear and separable, so a map is ``A_h @ scores @ A_w.T``. Built by sending the
-    unit vectors through :func:`F.interpolate` and :func:`gaussian_blur` themselves."""
+def _upsample_blur_matrix(patches: int, pixels: int, sigma: float, upsampling: str) -> torch.Tensor:
+    """``[pixels, patches]`` matrix of 1-D upsampling followed by the Gaussian blur: both are
+    linear and separable, so a map is ``A_h @ scores @ A_w.T``. Built by sending the unit
+    vectors through :func:`F.interpolate` and :func:`gaussian_blur` themselves."""
     basis = torch.eye(patches, dtype=torch.float64).reshape(patches, 1, patches, 1)
-    columns = F.interpolate(basis, size=(pixels, 1), mode="bilinear", align_corners=False)
+    corners = {"align_corners": False} if upsampling == "bilinear" else {}
+    columns = F.interpolate(basis, size=(pixels, 1), mode=upsampling, **corners)
     if sigma > 0:
         size = gaussian_kernel_size(sigma)
         half = size // 2
@@ -47,17 +59,19 @@ def _upsample_blur_matrix(patches: int, pixels: int, sigma: float) -> torch.Tens
 
 
 def anomaly_maps(patch_scores: torch.Tensor, size: Union[int, Tuple[int, int]],
-                 sigma: float = 4.0) -> torch.Tensor:
+                 sigma: float = 4.0, upsampling: str = "bilinear") -> torch.Tensor:
     """Pixel maps ``Tensor[B, H, W]`` (float32, same units as the scores) from patch scores
-    ``Tensor[B, h, w]``: bilinear upsampling to ``size`` (``align_corners=False``), then a
-    Gaussian blur of standard deviation ``sigma`` pixels with reflect padding (``sigma=0``
-    disables it). Computed as two small matrix products per map, equal to
+    ``Tensor[B, h, w]``: upsampling to ``size`` (``"bilinear"`` with ``align_corners=False``, or
+    ``"nearest"``), then a Gaussian blur of standard deviation ``sigma`` pixels with reflect
+    padding (``sigma=0`` disables it). Computed as two small matrix products per map, equal to
     ``gaussian_blur(F.interpolate(...))`` up to float32 rounding."""
     if patch_scores.ndim != 3:
         raise ValueError(f"patch_scores must be [B, h, w], got {tuple(patch_scores.shape)}")
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0 pixels, got {sigma}")
+    check_upsampling(upsampling)
     height, width = (size, size) if isinstance(size, int) else tuple(size)
-    rows = _upsample_blur_matrix(patch_scores.shape[1], height, float(sigma)).to(patch_scores.device)
-    columns = _upsample_blur_matrix(patch_scores.shape[2], width, float(sigma)).to(patch_scores.device)
+    rows = _upsample_blur_matrix(patch_scores.shape[1], height, float(sigma), upsampling)
+    columns = _upsample_blur_matrix(patch_scores.shape[2], width, float(sigma), upsampling)
+    rows, columns = rows.to(patch_scores.device), columns.to(patch_scores.device)
     return rows @ patch_scores.float() @ columns.T

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import __version__
+from .anomaly_map import UPSAMPLING
 from .backbones import PRESET_LAYERS
 from .datasets import ImageFolder
 from .detector import IMAGE_SCORES, Detector
@@ -50,6 +51,8 @@ def _add_detector_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or cuda:all")
     group.add_argument("--rerank", type=int, default=0,
                        help="extra candidates checked with exact distances (default: 0)")
+    group.add_argument("--upsampling", choices=UPSAMPLING, default="bilinear",
+                       help="patch scores to pixels (nearest: as anomalib; default: bilinear)")
     group.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
     group.add_argument("--image-size", type=int, default=256, help="shorter side after resize")
     group.add_argument("--crop-size", type=int, default=224, help="centre crop side")
@@ -60,7 +63,7 @@ def _detector_params(args: argparse.Namespace) -> Dict[str, Any]:
     return {"backbone": args.backbone, "weights": None if args.weights.lower() == "none" else args.weights,
             "layers": args.layers, "k": args.k, "image_score": args.image_score,
             "coreset": args.coreset, "backend": args.backend, "device": args.device,
-            "rerank": args.rerank,
+            "rerank": args.rerank, "upsampling": args.upsampling,
             "batch_size": args.batch_size, "image_size": args.image_size,
             "crop_size": args.crop_size, "progress": not args.no_progress}
 

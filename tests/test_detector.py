@@ -51,7 +51,7 @@ def reference_scores(detector, images, bank_ids=None):
     if detector.image_score == "max":
         dist = torch.cdist(embedding.reshape(-1, d), bank)
         patch = dist.topk(detector.k, largest=False).values.mean(1).reshape(n, h, w)
-        maps = anomaly_maps(patch.float(), 64, detector.sigma)
+        maps = anomaly_maps(patch.float(), 64, detector.sigma, detector.upsampling)
         return maps.amax(dim=(1, 2)).numpy(), maps.numpy()
     pooled = detector.extractor.global_features(features).double()
     train = torch.from_numpy(detector.global_features_).double()
@@ -64,15 +64,16 @@ def reference_scores(detector, images, bank_ids=None):
         gallery = bank[torch.isin(ids, neighbours)]
         dist = torch.cdist(image.reshape(-1, d), gallery)
         patch.append(dist.topk(detector.k, largest=False).values.mean(1).reshape(h, w))
-    maps = anomaly_maps(torch.stack(patch).float(), 64, detector.sigma)
+    maps = anomaly_maps(torch.stack(patch).float(), 64, detector.sigma, detector.upsampling)
     return nearest.values.mean(1).numpy(), maps.numpy()
 
 
-@pytest.mark.parametrize("image_score, coreset, rerank", [("max", None, 0), ("max", 0.5, 4),
-                                                          ("spade", None, 0), ("spade", 150, 2)])
-def test_scores_match_brute_force_definition(normal_images, image_score, coreset, rerank):
+@pytest.mark.parametrize("image_score, coreset, rerank, upsampling", [
+    ("max", None, 0, "bilinear"), ("max", 0.5, 4, "nearest"), ("spade", None, 0, "bilinear"),
+    ("spade", 150, 2, "nearest")])
+def test_scores_match_brute_force_definition(normal_images, image_score, coreset, rerank, upsampling):
     detector = Detector(**SMALL, k=3, image_score=image_score, image_k=3, coreset=coreset,
-                        rerank=rerank)
+                        rerank=rerank, upsampling=upsampling)
     detector.fit(normal_images)
     if coreset:
         assert len(detector.index_) == (150 if isinstance(coreset, int) else 6 * 64 // 2)
@@ -97,7 +98,8 @@ def test_defect_is_hotter_on_synthetic_images(fitted):
 
 def test_save_load_round_trip(normal_images, tmp_path):
     for image_score in ("max", "spade"):
-        detector = Detector(**SMALL, k=2, image_score=image_score, image_k=4, coreset=0.5, rerank=1)
+        detector = Detector(**SMALL, k=2, image_score=image_score, image_k=4, coreset=0.5, rerank=1,
+                            upsampling="nearest")
         detector.fit(normal_images).calibrate(textured_images(4, seed=3), quantile=0.9)
         tests = textured_images(2, seed=4) + [with_defect(normal_images[0])]
         before = detector.predict(tests)
@@ -111,7 +113,7 @@ def test_save_load_round_trip(normal_images, tmp_path):
         np.testing.assert_array_equal(after.masks, before.masks)
         assert loaded.image_threshold_ == detector.image_threshold_
         assert loaded.get_params()["k"] == 2 and loaded.image_score == image_score
-        assert loaded.rerank == 1 and loaded.index_.rerank == 1
+        assert loaded.rerank == 1 and loaded.index_.rerank == 1 and loaded.upsampling == "nearest"
         assert loaded.train_paths_ == detector.train_paths_
 
 
@@ -190,7 +192,7 @@ def test_bad_inputs(tmp_path, fitted):
     for kwargs, match in [({"k": 0}, "k must"), ({"image_score": "mean"}, "image_score"),
                           ({"coreset": 1.5}, "coreset"), ({"coreset": 0}, "coreset"),
                           ({"on_error": "ignore"}, "on_error"), ({"sigma": -1}, "sigma"),
-                          ({"rerank": -1}, "rerank"),
+                          ({"rerank": -1}, "rerank"), ({"upsampling": "cubic"}, "upsampling"),
                           ({"crop_size": 300}, "crop_size")]:
         with pytest.raises(ValueError, match=match):
             Detector(**{**SMALL, **kwargs})
