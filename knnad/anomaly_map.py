@@ -18,17 +18,23 @@ def gaussian_kernel_size(sigma: float) -> int:
     return 2 * int(4.0 * sigma + 0.5) + 1
 
 
+def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: Union[str, torch.device] = "cpu"
+                     ) -> torch.Tensor:
+    """Normalised 1-D Gaussian weights ``[size]`` over ±4σ (see :func:`gaussian_kernel_size`)."""
+    half = gaussian_kernel_size(sigma) // 2
+    offsets = torch.arange(-half, half + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of ``maps`` ``[B, 1, H, W]`` with reflect padding, as torchvision's
     ``gaussian_blur`` computes it, but as two 1-D passes."""
-    size = gaussian_kernel_size(sigma)
-    half = size // 2
-    offsets = torch.linspace(-half, half, size, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel /= kernel.sum()
+    kernel = _gaussian_kernel(sigma, maps.dtype, maps.device)
+    half = len(kernel) // 2
     padded = F.pad(maps, (half, half, half, half), mode="reflect")
-    blurred = F.conv2d(padded, kernel.view(1, 1, 1, size))
-    return F.conv2d(blurred, kernel.view(1, 1, size, 1))
+    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(blurred, kernel.view(1, 1, -1, 1))
 
 
 def check_upsampling(upsampling: str) -> str:
@@ -42,19 +48,16 @@ def check_upsampling(upsampling: str) -> str:
 def _upsample_blur_matrix(patches: int, pixels: int, sigma: float, upsampling: str) -> torch.Tensor:
     """``[pixels, patches]`` matrix of 1-D upsampling followed by the Gaussian blur: both are
     linear and separable, so a map is ``A_h @ scores @ A_w.T``. Built by sending the unit
-    vectors through :func:`F.interpolate` and :func:`gaussian_blur` themselves."""
+    vectors through :func:`F.interpolate` and the blur's 1-D pass, in float64."""
     basis = torch.eye(patches, dtype=torch.float64).reshape(patches, 1, patches, 1)
     corners = {"align_corners": False} if upsampling == "bilinear" else {}
     columns = F.interpolate(basis, size=(pixels, 1), mode=upsampling, **corners)
     if sigma > 0:
-        size = gaussian_kernel_size(sigma)
-        half = size // 2
+        kernel = _gaussian_kernel(sigma, torch.float64)
+        half = len(kernel) // 2
         if half >= pixels:
             raise ValueError(f"sigma={sigma} needs maps larger than {half} pixels, got {pixels}")
-        offsets = torch.linspace(-half, half, size, dtype=torch.float64)
-        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-        columns = F.conv2d(F.pad(columns, (0, 0, half, half), mode="reflect"),
-                           (kernel / kernel.sum()).view(1, 1, size, 1))
+        columns = F.conv2d(F.pad(columns, (0, 0, half, half), mode="reflect"), kernel.view(1, 1, -1, 1))
     return columns.reshape(patches, pixels).T.float().contiguous()
 
 
