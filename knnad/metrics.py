@@ -12,6 +12,8 @@ from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 from sklearn.metrics import roc_curve as _sklearn_roc_curve
 
+from ._checks import check_int
+
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
 
 
@@ -137,8 +139,7 @@ def pixel_auroc_bootstrap(masks, *maps, rounds: int = 2000, seed: int = 0) -> np
         raise ValueError("pixel_auroc_bootstrap needs at least one set of maps")
     if masks.ndim != 3:
         raise ValueError(f"masks must be [N, H, W], got shape {masks.shape}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    check_int(rounds, "rounds", hint=" (bootstrap resamples)")
     pair_counts = []
     for position, image_maps in enumerate(maps):
         image_maps = np.asarray(image_maps)

@@ -55,8 +55,8 @@ def coreset(features: ArrayLike, ratio: Optional[float] = None, n: Optional[int]
     if total == 0:
         raise ValueError("features is empty: nothing to subsample")
     count = coreset_size(total, ratio, n)
-    if projection_dim is not None and (isinstance(projection_dim, bool) or projection_dim < 0):
-        raise ValueError(f"projection_dim must be a positive int or None, got {projection_dim!r}")
+    if projection_dim is not None:
+        check_int(projection_dim, "projection_dim", 0, hint=" or None (0 or None: no projection)")
     generator = torch.Generator().manual_seed(int(seed))
     target = resolve_device(device, "device")
     points = points.to(target)
