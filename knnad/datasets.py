@@ -127,9 +127,16 @@ def _category_root(root: PathLike, category: str, known: Sequence[str], dataset:
     return folder
 
 
-def _check_split(split: str) -> None:
+def _split_folders(root: Path, category: str, split: str, known: Sequence[str], dataset: str
+                   ) -> Tuple[Path, Path]:
+    """``(category folder, split folder)``, each checked to exist."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; choose one of {SPLITS}")
+    folder = _category_root(root, category, known, dataset)
+    split_folder = folder / split
+    if not split_folder.is_dir():
+        raise ValueError(f"{dataset} category {category!r} has no {split}/ folder at {split_folder}")
+    return folder, split_folder
 
 
 def _find_mask(folder: Path, stems: Sequence[str]) -> Optional[Path]:
@@ -162,12 +169,8 @@ class MVTecAD(ImageDataset):
 
     def __init__(self, root: PathLike, category: str, split: str = "train",
                  allow_missing_masks: bool = False):
-        _check_split(split)
-        folder = _category_root(root, category, MVTEC_CATEGORIES, "MVTec AD")
+        folder, split_folder = _split_folders(root, category, split, MVTEC_CATEGORIES, "MVTec AD")
         self.root, self.category, self.split = Path(root), category, split
-        split_folder = folder / split
-        if not split_folder.is_dir():
-            raise ValueError(f"MVTec AD category {category!r} has no {split}/ folder at {split_folder}")
         samples: List[Sample] = []
         not_images: List[Path] = []
         for defect_folder in sorted(p for p in split_folder.iterdir() if p.is_dir()):
@@ -187,15 +190,11 @@ class BTAD(ImageDataset):
 
     def __init__(self, root: PathLike, category: str, split: str = "train",
                  allow_missing_masks: bool = False):
-        _check_split(split)
         root = Path(root)
         if (root / BTAD_ARCHIVE_FOLDER).is_dir() and not (root / category).is_dir():
             root = root / BTAD_ARCHIVE_FOLDER
-        folder = _category_root(root, category, BTAD_CATEGORIES, "BTAD")
+        folder, split_folder = _split_folders(root, category, split, BTAD_CATEGORIES, "BTAD")
         self.root, self.category, self.split = root, category, split
-        split_folder = folder / split
-        if not split_folder.is_dir():
-            raise ValueError(f"BTAD category {category!r} has no {split}/ folder at {split_folder}")
         samples: List[Sample] = []
         not_images: List[Path] = []
         if (split_folder / "ok").is_dir():
