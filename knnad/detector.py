@@ -28,7 +28,7 @@ from .anomaly_map import anomaly_maps, check_upsampling
 from .backbones import FeatureExtractor
 from .embedding import PatchEmbedder
 from .index import FlatL2Index
-from .preprocessing import ImageLoadError, Preprocessor, list_images
+from .preprocessing import ImageLoadError, Preprocessor, image_files
 from .sampling import coreset as greedy_coreset
 
 logger = logging.getLogger(__name__)
@@ -170,12 +170,10 @@ class Detector:
                                  f"normalised images, got {data.dtype} {tuple(data.shape)}")
             return data
         if isinstance(data, (str, os.PathLike)):
-            path = Path(data)
-            if path.is_dir():
-                return list_images(path)
-            if path.is_file():
-                return [path]
-            raise FileNotFoundError(f"{argument}: {path} is neither an image file nor a folder")
+            try:
+                return image_files(data)
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{argument}: {error}") from None
         if isinstance(data, Image.Image):
             return [data]
         if isinstance(data, (list, tuple)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import List, Union
 
 import numpy as np
 import torch
@@ -115,6 +115,17 @@ class Preprocessor:
         binary = Image.fromarray((np.asarray(open_image(mask).convert("L")) > 0).astype(np.uint8))
         resized = torch.from_numpy(np.array(_resize_shorter_side(binary, self.image_size, Image.NEAREST)))
         return TF.center_crop(resized[None], [self.crop_size, self.crop_size])[0].bool()
+
+
+def image_files(path: Union[str, os.PathLike]) -> List[Path]:
+    """``[path]`` for an image file, the sorted images of a folder (:func:`list_images`); a
+    FileNotFoundError naming ``path`` when it is neither."""
+    path = Path(path)
+    if path.is_dir():
+        return list_images(path)
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"{path} is neither an image file nor a folder")
 
 
 def list_images(folder: Union[str, os.PathLike]) -> list:
