@@ -16,8 +16,7 @@ from .anomaly_map import UPSAMPLING
 from .backbones import PRESET_LAYERS
 from .datasets import ImageFolder
 from .detector import IMAGE_SCORES, Detector
-from .preprocessing import IMAGE_SUFFIXES, list_images
-from .report import dataset_pairs, evaluate_and_report
+from .preprocessing import IMAGE_SUFFIXES, image_files
 from .runtime import backend_info
 
 logger = logging.getLogger("knnad.cli")
@@ -70,15 +69,7 @@ def _detector_params(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _images(arguments: List[str]) -> List[Path]:
     """Image files named on the command line, folders expanded."""
-    found: List[Path] = []
-    for argument in arguments:
-        path = Path(argument)
-        if path.is_dir():
-            found += list_images(path)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"{path} is neither an image file nor a folder")
+    found = [path for argument in arguments for path in image_files(argument)]
     if not found:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {arguments}")
     return found
@@ -120,12 +111,14 @@ def command_predict(args: argparse.Namespace) -> None:
           + (f"; skipped {prediction.skipped}" if prediction.skipped else ""))
 
 
-def _print_rows(rows: List[Dict[str, Any]], out: Path) -> None:
+def _print_report(out: Path) -> None:
     print((out / "results.md").read_text())
     print(f"report written to {out}/ (results.md, results.csv, results.json, ROC plots, heatmaps)")
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
+    from .report import dataset_pairs, evaluate_and_report  # scikit-learn, matplotlib: only here
+
     params = _detector_params(args)
     if args.dataset == "folder":
         if not (args.train and args.test_normal and args.test_abnormal):
@@ -138,8 +131,8 @@ def command_evaluate(args: argparse.Namespace) -> None:
             raise ValueError(f"--dataset {args.dataset} needs --root")
         pairs = dataset_pairs(args.dataset, Path(args.root), args.category)
     out = Path(args.out)
-    rows = evaluate_and_report(pairs, params, out, title=f"knnad {args.dataset}")
-    _print_rows(rows, out)
+    evaluate_and_report(pairs, params, out, title=f"knnad {args.dataset}")
+    _print_report(out)
 
 
 def demo_root() -> Path:
@@ -148,12 +141,13 @@ def demo_root() -> Path:
 
 
 def command_demo(args: argparse.Namespace) -> None:
+    from .report import dataset_pairs, evaluate_and_report
+
     params = {**DEMO_PARAMS, "device": args.device, "progress": not args.no_progress}
     out = Path(args.out)
-    rows = evaluate_and_report(dataset_pairs("mvtec", demo_root(), ["bottle"]), params, out,
-                               title="knnad demo, MVTec bottle sample",
-                               save_models=True)
-    _print_rows(rows, out)
+    evaluate_and_report(dataset_pairs("mvtec", demo_root(), ["bottle"]), params, out,
+                        title="knnad demo, MVTec bottle sample", save_models=True)
+    _print_report(out)
 
 
 def command_info(args: argparse.Namespace) -> None:
