@@ -142,8 +142,9 @@ def build_backbone(backbone: Union[str, nn.Module], weights: WeightsSpec = "DEFA
     if not isinstance(backbone, str):
         raise TypeError(f"backbone must be a torchvision model name or an nn.Module, got "
                         f"{type(backbone).__name__}")
-    if backbone not in available_backbones():
-        close = difflib.get_close_matches(backbone, available_backbones(), n=3)
+    known = available_backbones()
+    if backbone not in known:
+        close = difflib.get_close_matches(backbone, known, n=3)
         raise ValueError(f"unknown backbone {backbone!r}" + (f"; did you mean {close}?" if close else "")
                          + " See knnad.backbones.available_backbones() for all names.")
     if weights is None:

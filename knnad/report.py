@@ -50,9 +50,9 @@ def dataset_pairs(kind: str, root: Path, categories: Optional[Sequence[str]] = N
 def _heatmaps(name: str, test: ImageDataset, prediction, masks, detector: Detector, out: Path,
               count: int) -> Optional[Path]:
     """A grid of the highest-scoring defect images and the highest-scoring good image."""
-    labels = test.labels
-    defect_rows = [int(i) for i in np.argsort(-prediction.image_scores) if labels[i] == 1][: max(0, count - 1)]
-    good_rows = [int(i) for i in np.argsort(-prediction.image_scores) if labels[i] == 0][:1]
+    labels, ranked = test.labels, np.argsort(-prediction.image_scores)
+    defect_rows = [int(i) for i in ranked if labels[i] == 1][: max(0, count - 1)]
+    good_rows = [int(i) for i in ranked if labels[i] == 0][:1]
     rows = defect_rows + good_rows
     if not rows:
         return None
