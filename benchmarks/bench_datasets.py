@@ -21,11 +21,10 @@ import torch
 from knnad import metrics
 from knnad.anomaly_map import anomaly_maps
 from knnad.backbones import FeatureExtractor
-from knnad.datasets import BTAD, MVTecAD
 from knnad.evaluation import load_masks
 from knnad.index import FlatL2Index
 from knnad.preprocessing import Preprocessor
-from knnad.report import discover_categories
+from knnad.report import dataset_pairs, discover_categories
 from knnad.sampling import coreset
 
 from _common import PeakMemory, best_time, patch_embeddings, search_backends, write_results
@@ -121,14 +120,14 @@ def main() -> None:
     extractor = FeatureExtractor(args.backbone, weights=args.weights)
     peak = matmul_gflops()
     rows = []
-    for kind, root, loader in (("mvtec", args.mvtec_root, MVTecAD), ("btad", args.btad_root, BTAD)):
+    for kind, root in (("mvtec", args.mvtec_root), ("btad", args.btad_root)):
         if root is None:
             continue
-        for category in discover_categories(kind, root):
-            if args.categories and category not in args.categories:
-                continue
-            rows += category_rows(f"{kind}-{category}", loader(root, category, "train"),
-                                  loader(root, category, "test"), extractor,
+        wanted = [c for c in discover_categories(kind, root) if not args.categories or c in args.categories]
+        if not wanted:
+            continue
+        for category, train, test in dataset_pairs(kind, root, wanted):
+            rows += category_rows(f"{kind}-{category}", train, test, extractor,
                                   args.cache / args.backbone, args.coreset, peak, args.reranks)
     summary = {"matmul GFLOP/s": peak}
     for row in rows:
