@@ -59,15 +59,14 @@ def main() -> None:
     rows = []
     for backbone in args.backbones:
         for backend in args.backends:
-            weights = "IMAGENET1K_V1"
-            try:
+            for weights in ("IMAGENET1K_V1", None):
                 detector = Detector(backbone, weights=weights, backend=backend, coreset=args.coreset,
                                     progress=False)
-                detector.extractor
-            except WeightsUnavailableError:
-                weights = None
-                detector = Detector(backbone, weights=None, backend=backend, coreset=args.coreset,
-                                    progress=False)
+                try:
+                    detector.extractor  # builds the backbone: fails where the ImageNet file is missing
+                    break
+                except WeightsUnavailableError:
+                    continue
             _, fit_seconds = timed(lambda: detector.fit(train))
             prediction, predict_seconds = timed(lambda: detector.predict(test))
             row = {"backbone": backbone, "weights": weights or "random", "backend": detector.index_.backend,
