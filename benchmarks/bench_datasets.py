@@ -24,7 +24,7 @@ from knnad.backbones import FeatureExtractor
 from knnad.evaluation import load_masks
 from knnad.index import FlatL2Index
 from knnad.preprocessing import Preprocessor
-from knnad.report import dataset_pairs, discover_categories
+from knnad.datasets import dataset_pairs, discover_categories
 from knnad.sampling import coreset
 
 from _common import PeakMemory, best_time, patch_embeddings, search_backends, write_results

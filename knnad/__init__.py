@@ -7,33 +7,36 @@ its K nearest normal patches.
 import importlib
 import logging
 
-__version__ = "0.1.0"
-
-from . import (anomaly_map, backbones, datasets, embedding, index, preprocessing,  # noqa: E402
-               runtime, sampling)
-from .backbones import FeatureExtractor  # noqa: E402
-from .detector import Detector, Prediction  # noqa: E402
-from .index import FlatL2Index  # noqa: E402
-from .preprocessing import ImageLoadError, Preprocessor  # noqa: E402
-from .runtime import backend_info  # noqa: E402
-from .sampling import coreset, covering_radius  # noqa: E402
-from ._io import ModelFileError  # noqa: E402
+from . import (anomaly_map, archive, backbones, datasets, embedding, index, options, persistence,
+               preprocessing, runtime, sampling, scoring, sources, thresholds)
+from ._version import __version__
+from .archive import ModelFileError
+from .backbones import FeatureExtractor
+from .detector import Detector, Prediction
+from .index import FlatL2Index
+from .preprocessing import ImageLoadError, Preprocessor
+from .runtime import backend_info
+from .sampling import coreset, covering_radius
+from .thresholds import Thresholds
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+#: Modules loaded on first use: they pull in scikit-learn and matplotlib, which fitting and
+#: predicting do not need.
+_LAZY_MODULES = ("metrics", "plots", "evaluation", "report")
+
 
 def __getattr__(name: str):
-    """``knnad.metrics``, ``knnad.plots``, ``knnad.evaluation`` and ``knnad.evaluate`` on first
-    use: they pull in scikit-learn and matplotlib (0.8 s of ``import knnad``'s 2.8 s here),
-    which fitting and predicting do not need."""
-    if name in ("metrics", "plots", "evaluation"):
+    if name in _LAZY_MODULES:
         return importlib.import_module(f".{name}", __name__)
     if name == "evaluate":
         return importlib.import_module(".evaluation", __name__).evaluate
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["anomaly_map", "backbones", "datasets", "embedding", "evaluation", "index", "metrics",
-           "plots", "preprocessing", "runtime", "sampling", "evaluate", "Detector", "FeatureExtractor",
-           "FlatL2Index", "ImageLoadError", "ModelFileError", "Prediction", "Preprocessor",
-           "backend_info", "coreset", "covering_radius", "__version__"]
+__all__ = ["anomaly_map", "archive", "backbones", "datasets", "embedding", "evaluation", "index",
+           "metrics", "options", "persistence", "plots", "preprocessing", "report", "runtime",
+           "sampling", "scoring", "sources", "thresholds", "evaluate", "Detector",
+           "FeatureExtractor", "FlatL2Index", "ImageLoadError", "ModelFileError", "Prediction",
+           "Preprocessor", "Thresholds", "backend_info", "coreset", "covering_radius",
+           "__version__"]

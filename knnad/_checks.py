@@ -1,7 +1,8 @@
 """Argument checks shared by the modules: one wording for every integer parameter."""
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -15,3 +16,19 @@ def check_int(value: Any, name: str, minimum: int = 1, maximum: Optional[int] = 
         return int(value)
     allowed = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
     raise ValueError(f"{name} must be an int {allowed}{hint}, got {value!r}")
+
+
+def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices``, else a ValueError naming ``name`` and the choices."""
+    if isinstance(value, str) and value in choices:
+        return value
+    raise ValueError(f"{name}={value!r}; choose one of {tuple(choices)}")
+
+
+def check_number(value: Any, name: str, minimum: float = 0.0, unit: str = "") -> float:
+    """``value`` as a float if it is a finite real number >= ``minimum`` (bools excluded), else
+    a ValueError naming ``name``."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+            and math.isfinite(value) and value >= minimum:
+        return float(value)
+    raise ValueError(f"{name} must be a number{unit} >= {minimum:g}, got {value!r}")

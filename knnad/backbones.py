@@ -30,9 +30,8 @@ PRESET_LAYERS: Dict[str, Tuple[str, ...]] = {
     "mobilenet_v2": ("features.6", "features.13"),
 }
 
-#: Images per forward pass on the CPU. With channels-last tensors, small passes stay in cache:
-#: measured on a 2-core Xeon, mobilenet_v2 takes 5.1 ms/image in passes of 4 against 8.5 in
-#: passes of 16 (18 without channels-last); wide_resnet50_2 66 against 70 (87).
+#: Images per forward pass on the CPU: with channels-last tensors, small passes stay in cache
+#: (measured in benchmarks/bench_truncation.py).
 CPU_MICRO_BATCH = 4
 
 #: Seed of the random initialisation for ``weights=None``, so that a saved model built on a
@@ -232,6 +231,13 @@ class FeatureExtractor:
         return (f"FeatureExtractor(backbone={self.backbone_name!r}, layers={list(self.layers)}, "
                 f"weights={self.weights_id!r}, device='{self.device}')")
 
+    def close(self) -> None:
+        """Remove the forward hooks from the model (a user's module can then be hooked again
+        or used on its own); the extractor cannot be called afterwards."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
     def _make_hook(self, name: str):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             if self._outputs is None:  # another extractor sharing this module is running
@@ -242,6 +248,8 @@ class FeatureExtractor:
         return hook
 
     def __call__(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if not self._hooks:
+            raise RuntimeError("this FeatureExtractor was closed; build a new one")
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
         if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:

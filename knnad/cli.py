@@ -9,62 +9,59 @@ import logging
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from . import __version__
-from .anomaly_map import UPSAMPLING
-from .backbones import PRESET_LAYERS
-from .datasets import ImageFolder
-from .detector import IMAGE_SCORES, Detector
-from .preprocessing import IMAGE_SUFFIXES, image_files
+from ._version import __version__
+from .datasets import ImageFolder, dataset_pairs
+from .detector import Detector
+from .options import OPTIONS, Option, defaults
+from .preprocessing import IMAGE_SUFFIXES, denormalise, image_files
 from .runtime import backend_info
 
 logger = logging.getLogger("knnad.cli")
 
 #: Settings of ``knnad demo``: MobileNetV2 with torchvision's IMAGENET1K_V1 weights (14 MB).
 DEMO_PARAMS = {"backbone": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
+#: What ``knnad predict`` may override in a saved model: placement and predict-time options.
+PREDICT_OPTIONS = ("backend", "device") + tuple(name for name, option in OPTIONS.items() if not option.refit)
 
 
-def _coreset(value: str) -> Optional[float]:
-    if value.lower() == "none":
-        return None
-    number = float(value)
-    return int(number) if number > 1 else number
+def _reader(name: str, option: Option) -> Callable[[str], Any]:
+    """argparse ``type=`` for ``option``: the option's own parsing and check, its message
+    shown as is."""
+    def read(text: str) -> Any:
+        try:
+            value = option.parse(text)
+            return value if option.nargs else option.check(value, name)
+        except (ValueError, TypeError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return read
 
 
-def _add_detector_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("detector")
-    group.add_argument("--backbone", default="wide_resnet50_2",
-                       help=f"torchvision model name; presets: {', '.join(PRESET_LAYERS)} "
-                            f"(default: %(default)s)")
-    group.add_argument("--weights", default="DEFAULT",
-                       help="'DEFAULT', a weight name such as IMAGENET1K_V1, 'none' (random), or "
-                            "a .pth path (default: %(default)s)")
-    group.add_argument("--layers", nargs="+", help="layer names to hook (default: the preset)")
-    group.add_argument("--k", type=int, default=1, help="nearest normal patches per score (default: 1)")
-    group.add_argument("--image-score", choices=IMAGE_SCORES, default="max",
-                       help="image score: map maximum or SPADE global kNN (default: max)")
-    group.add_argument("--coreset", type=_coreset, default=0.1,
-                       help="share (0-1] or count of patches to keep, or 'none' (default: 0.1)")
-    group.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or cuda:all")
-    group.add_argument("--rerank", type=int, default=0,
-                       help="extra candidates checked with exact distances (default: 0)")
-    group.add_argument("--upsampling", choices=UPSAMPLING, default="bilinear",
-                       help="patch scores to pixels (nearest: as anomalib; default: bilinear)")
-    group.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
-    group.add_argument("--image-size", type=int, default=256, help="shorter side after resize")
-    group.add_argument("--crop-size", type=int, default=224, help="centre crop side")
-    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+def add_detector_options(parser: argparse.ArgumentParser, names: Sequence[str] = tuple(OPTIONS),
+                         as_saved: bool = False) -> None:
+    """A flag for each Detector parameter in ``names`` (``--image-size`` for ``image_size``),
+    with the help and checks of :data:`knnad.options.OPTIONS` and the defaults of
+    ``Detector``'s signature; with ``as_saved`` the default is None (keep the saved value)."""
+    group = parser.add_argument_group("detector options (knnad.options)")
+    for name, default in defaults(Detector).items():
+        if name not in names:
+            continue
+        option, flag = OPTIONS[name], "--" + name.replace("_", "-")
+        shown = "as saved" if as_saved else "none" if default is None else default
+        default = None if as_saved else default
+        if option.check is OPTIONS["progress"].check:  # a bool: --progress / --no-progress
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{option.help} (default: {shown})")
+        else:
+            group.add_argument(flag, type=_reader(name, option), nargs=option.nargs,
+                               default=default, metavar=name.upper(),
+                               help=f"{option.help} (default: {shown})")
 
 
-def _detector_params(args: argparse.Namespace) -> Dict[str, Any]:
-    return {"backbone": args.backbone, "weights": None if args.weights.lower() == "none" else args.weights,
-            "layers": args.layers, "k": args.k, "image_score": args.image_score,
-            "coreset": args.coreset, "backend": args.backend, "device": args.device,
-            "rerank": args.rerank, "upsampling": args.upsampling,
-            "batch_size": args.batch_size, "image_size": args.image_size,
-            "crop_size": args.crop_size, "progress": not args.no_progress}
+def detector_params(args: argparse.Namespace, names: Sequence[str] = tuple(OPTIONS)) -> Dict[str, Any]:
+    """The Detector parameters among parsed ``args`` (those added by :func:`add_detector_options`)."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
 def _images(arguments: List[str]) -> List[Path]:
@@ -76,19 +73,22 @@ def _images(arguments: List[str]) -> List[Path]:
 
 
 def command_fit(args: argparse.Namespace) -> None:
-    detector = Detector(**_detector_params(args)).fit(_images(args.images))
+    detector = Detector(**detector_params(args)).fit(_images(args.images))
     if args.calibrate:
         detector.calibrate(_images(args.calibrate), quantile=args.quantile)
     path = detector.save(args.model)
     print(f"saved {path}: {len(detector.train_paths_)} images, memory bank "
           f"{len(detector.index_)} x {detector.index_.dim}"
-          + (f", image threshold {detector.image_threshold_:.4f}" if args.calibrate else ""))
+          + (f", image threshold {detector.thresholds_.image:.4f}" if args.calibrate else ""))
 
 
 def command_predict(args: argparse.Namespace) -> None:
-    from . import plots
+    from .plots import heatmap_grid  # matplotlib: only here
 
-    detector = Detector.load(args.model, device=args.device, progress=not args.no_progress)
+    overrides = {name: value for name, value in detector_params(args, PREDICT_OPTIONS).items()
+                 if value is not None}
+    placement = {name: overrides.pop(name, None) for name in ("backend", "device", "progress")}
+    detector = Detector.load(args.model, **placement).set_params(**overrides)
     paths = _images(args.images)
     prediction = detector.predict(paths)
     out = Path(args.out)
@@ -102,10 +102,10 @@ def command_predict(args: argparse.Namespace) -> None:
     if not args.no_heatmaps:
         top = float(prediction.anomaly_maps.max())
         for row, path in enumerate(prediction.paths):
-            image = plots.denormalise(detector.preprocessor(path).numpy())
-            plots.heatmap_grid([image], prediction.anomaly_maps[row:row + 1],
+            image = denormalise(detector.preprocessor_(path).numpy())
+            heatmap_grid([image], prediction.anomaly_maps[row:row + 1],
                                out / f"{row:04d}_{Path(path).stem}.png",
-                               threshold=detector.pixel_threshold_,
+                               threshold=detector.thresholds_.pixel if detector.thresholds_ else None,
                                titles=[f"{prediction.image_scores[row]:.3f}"], vmax=top)
     print(f"scored {len(prediction)} images -> {out / 'scores.csv'}"
           + (f"; skipped {prediction.skipped}" if prediction.skipped else ""))
@@ -117,9 +117,9 @@ def _print_report(out: Path) -> None:
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
-    from .report import dataset_pairs, evaluate_and_report  # scikit-learn, matplotlib: only here
+    from .report import evaluate_and_report  # scikit-learn, matplotlib: only here
 
-    params = _detector_params(args)
+    params = detector_params(args)
     if args.dataset == "folder":
         if not (args.train and args.test_normal and args.test_abnormal):
             raise ValueError("--dataset folder needs --train, --test-normal and --test-abnormal "
@@ -141,9 +141,9 @@ def demo_root() -> Path:
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    from .report import dataset_pairs, evaluate_and_report
+    from .report import evaluate_and_report
 
-    params = {**DEMO_PARAMS, "device": args.device, "progress": not args.no_progress}
+    params = {**DEMO_PARAMS, **detector_params(args)}
     out = Path(args.out)
     evaluate_and_report(dataset_pairs("mvtec", demo_root(), ["bottle"]), params, out,
                         title="knnad demo, MVTec bottle sample", save_models=True)
@@ -171,16 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--model", required=True, help="output model file (.npz)")
     fit.add_argument("--calibrate", nargs="+", help="held-out normal images to set thresholds")
     fit.add_argument("--quantile", type=float, default=0.99, help="threshold quantile (default: 0.99)")
-    _add_detector_options(fit)
+    add_detector_options(fit)
     fit.set_defaults(run=command_fit)
 
     predict = commands.add_parser("predict", help="score images with a saved model")
     predict.add_argument("model", help="model file written by 'knnad fit'")
     predict.add_argument("images", nargs="+", help="image files or folders")
     predict.add_argument("--out", required=True, help="folder for scores.csv and heatmaps")
-    predict.add_argument("--device", help="override the saved device")
     predict.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
-    predict.add_argument("--no-progress", action="store_true")
+    add_detector_options(predict, PREDICT_OPTIONS, as_saved=True)
     predict.set_defaults(run=command_predict)
 
     evaluate = commands.add_parser("evaluate", help="fit and evaluate on a labelled dataset")
@@ -192,13 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-abnormal", help="folder: defect test images")
     evaluate.add_argument("--masks", help="folder: masks of the defect test images")
     evaluate.add_argument("--out", default="knnad-evaluation", help="report folder (default: %(default)s)")
-    _add_detector_options(evaluate)
+    add_detector_options(evaluate)
     evaluate.set_defaults(run=command_evaluate)
 
     demo = commands.add_parser("demo", help="fit, predict and report on the bundled MVTec bottle sample")
     demo.add_argument("--out", default="knnad-demo", help="report folder (default: %(default)s)")
-    demo.add_argument("--device", default="auto")
-    demo.add_argument("--no-progress", action="store_true")
+    add_detector_options(demo, ("device", "progress"))
     demo.set_defaults(run=command_demo)
 
     info = commands.add_parser("info", help="which faiss and GPUs knnad finds")

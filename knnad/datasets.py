@@ -8,19 +8,17 @@ warning that lists them. Detectors accept these datasets directly.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .preprocessing import IMAGE_SUFFIXES
+from ._types import PathLike
+from .preprocessing import IMAGE_SUFFIXES, Preprocessor
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
                     "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
@@ -230,3 +228,43 @@ class ImageFolder(ImageDataset):
                                            lambda stem: [stem, f"{stem}_mask"], allow_missing_masks,
                                            not_images)
         self._finish(samples, not_images, Path(normal_dir))
+
+
+DatasetPair = Tuple[str, ImageDataset, ImageDataset]  # (name, train, test)
+
+
+def discover_categories(kind: str, root: PathLike) -> List[str]:
+    """Category folders under ``root`` (those holding ``train/`` and ``test/``), sorted."""
+    root = Path(root)
+    if kind == "btad" and (root / BTAD_ARCHIVE_FOLDER).is_dir():
+        root = root / BTAD_ARCHIVE_FOLDER
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} does not exist")
+    found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
+    if not found:
+        raise ValueError(f"no category folders (with train/ and test/) under {root}")
+    return found
+
+
+def dataset_pairs(kind: str, root: PathLike, categories: Optional[Sequence[str]] = None
+                  ) -> List[DatasetPair]:
+    """``(name, train, test)`` for each category of an MVTec AD (``kind="mvtec"``) or BTAD
+    (``"btad"``) root; all categories found when ``categories`` is None."""
+    loaders = {"mvtec": MVTecAD, "btad": BTAD}
+    if kind not in loaders:
+        raise ValueError(f"dataset kind {kind!r}; choose one of {sorted(loaders)}")
+    names = list(categories) if categories else discover_categories(kind, root)
+    return [(name, loaders[kind](root, name, "train"), loaders[kind](root, name, "test")) for name in names]
+
+
+def load_masks(dataset: ImageDataset, preprocessor: Preprocessor) -> Optional[np.ndarray]:
+    """Ground-truth masks ``[N, crop, crop]`` (bool) with the detector's geometry: all False
+    for good images. None when a defect image has no mask (pixel metrics are then undefined)."""
+    if any(s.label == 1 and s.mask_path is None for s in dataset.samples):
+        return None
+    crop = preprocessor.crop_size
+    masks = np.zeros((len(dataset), crop, crop), dtype=bool)
+    for row, sample in enumerate(dataset.samples):
+        if sample.mask_path is not None:
+            masks[row] = preprocessor.mask(sample.mask_path).numpy()
+    return masks

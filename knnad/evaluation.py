@@ -7,25 +7,12 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from . import metrics
-from .datasets import ImageDataset
-from .detector import Detector, Prediction
-from .preprocessing import Preprocessor
+from .metrics import aupro, f1_max, image_auroc, pixel_auroc
+from .datasets import ImageDataset, load_masks
+from .detector import Detector
+from .scoring import Prediction
 
 logger = logging.getLogger(__name__)
-
-
-def load_masks(dataset: ImageDataset, preprocessor: Preprocessor) -> Optional[np.ndarray]:
-    """Ground-truth masks ``[N, crop, crop]`` (bool) with the detector's geometry: all False
-    for good images. None when a defect image has no mask (pixel metrics are then undefined)."""
-    if any(s.label == 1 and s.mask_path is None for s in dataset.samples):
-        return None
-    crop = preprocessor.crop_size
-    masks = np.zeros((len(dataset), crop, crop), dtype=bool)
-    for row, sample in enumerate(dataset.samples):
-        if sample.mask_path is not None:
-            masks[row] = preprocessor.mask(sample.mask_path).numpy()
-    return masks
 
 
 def score_prediction(prediction: Prediction, labels: np.ndarray, defects, masks: Optional[np.ndarray],
@@ -35,12 +22,12 @@ def score_prediction(prediction: Prediction, labels: np.ndarray, defects, masks:
     images together with each defect type's images."""
     def block(rows: np.ndarray) -> Dict[str, Optional[float]]:
         result = {"images": int(len(rows)),
-                  "image_auroc": metrics.image_auroc(labels[rows], prediction.image_scores[rows]),
-                  "image_f1_max": metrics.f1_max(labels[rows], prediction.image_scores[rows]),
+                  "image_auroc": image_auroc(labels[rows], prediction.image_scores[rows]),
+                  "image_f1_max": f1_max(labels[rows], prediction.image_scores[rows]),
                   "pixel_auroc": None, "aupro": None}
         if masks is not None and masks[rows].any():
-            result["pixel_auroc"] = metrics.pixel_auroc(masks[rows], prediction.anomaly_maps[rows])
-            result["aupro"] = metrics.aupro(masks[rows], prediction.anomaly_maps[rows], fpr_limit)
+            result["pixel_auroc"] = pixel_auroc(masks[rows], prediction.anomaly_maps[rows])
+            result["aupro"] = aupro(masks[rows], prediction.anomaly_maps[rows], fpr_limit)
         return result
 
     defects = np.asarray(defects)
@@ -69,7 +56,7 @@ def evaluate(detector: Detector, test_dataset: ImageDataset, *, fpr_limit: float
     if prediction.skipped:
         raise ValueError(f"evaluate: {len(prediction.skipped)} test images could not be read: "
                          f"{prediction.skipped[:5]}; fix or remove them")
-    masks = load_masks(test_dataset, detector.preprocessor)
+    masks = load_masks(test_dataset, detector.preprocessor_)
     results = score_prediction(prediction, test_dataset.labels, test_dataset.defects, masks, fpr_limit)
     results.update(predict_seconds=seconds, images_per_second=len(prediction) / seconds)
     return (results, prediction, masks) if return_prediction else results

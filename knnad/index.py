@@ -2,100 +2,102 @@
 
 :class:`FlatL2Index` keeps the vectors in a FAISS ``IndexFlatL2`` (CPU, one GPU, or sharded over
 all GPUs) or, as the reference, in a torch tensor searched with ``torch.cdist`` + ``topk``. Both
-return Euclidean distances, each row ascending: candidates are ranked by FAISS's (or cdist's)
-matrix-product distances and the winners' distances recomputed by differences, |q − x|. Queries
-are searched in chunks so that the distance block never exceeds a memory budget.
+return Euclidean distances (not faiss's squared ones), each row ascending: candidates are ranked
+by FAISS's (or cdist's) matrix-product distances and the winners' distances recomputed by
+differences, |q − x|. Queries are converted and searched in chunks so that a search's working
+memory stays within a budget whatever the number of queries.
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ._checks import check_int
-from ._io import PathLike, read_archive, write_archive
-from .runtime import faiss_gpu_count, import_faiss, resolve_device
+from ._types import ArrayLike, PathLike
+from .archive import read_archive, write_archive
+from .runtime import ALL_GPUS, import_faiss, resolve_backend
 
 logger = logging.getLogger(__name__)
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
-BACKENDS = ("auto", "faiss", "torch")
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 #: Bytes alive per query/bank pair while a torch block is searched: the float32 distance block
 #: and topk's working copy with its indices.
 _TORCH_BYTES_PER_PAIR = 16
-#: Queries per FAISS call. FAISS tiles the distance computation itself (4096 queries × 1024
-#: vectors), so its memory is bounded anyway; chunks only drive the progress bar.
-_FAISS_QUERY_CHUNK = 16384
+#: At most this many queries per FAISS call (FAISS tiles its distance computation itself).
+_FAISS_MAX_QUERY_CHUNK = 16384
 _FAISS_GPU_MAX_K = 2048
+#: Rows checked for NaN/inf at a time, so that checking a large array needs no full-size mask.
+_CHECK_ROWS = 65536
 _FORMAT_VERSION = 1
 
 
-def as_float32_matrix(values: ArrayLike, argument: str, dim: Optional[int] = None) -> torch.Tensor:
-    """``values`` as a float32 tensor ``[n, dim]`` on its own device (no copy when possible).
+def _nonfinite_rows(block: ArrayLike) -> int:
+    if isinstance(block, np.ndarray):
+        if not np.issubdtype(block.dtype, np.floating):
+            return 0
+        return int((~np.isfinite(block)).any(axis=1).sum())
+    if not block.is_floating_point():
+        return 0
+    return int((~torch.isfinite(block)).any(dim=1).sum())
 
-    Raises TypeError for a non-array or non-numeric input and ValueError for a wrong rank, a
-    dimension other than ``dim``, or NaN/inf entries (saying how many rows hold them).
+
+def check_matrix(values: ArrayLike, argument: str, dim: Optional[int] = None) -> ArrayLike:
+    """``values`` unchanged once checked to be a real numeric matrix ``[n, d]`` (numpy array or
+    torch tensor on any device), of dimension ``dim`` when given, without NaN or inf.
+
+    Raises TypeError for a non-array or non-real input and ValueError for a wrong rank or
+    dimension, or NaN/inf entries (saying how many rows hold them). Makes no full copy.
     """
     if isinstance(values, np.ndarray):
-        if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_):
-            raise TypeError(f"{argument} must hold numbers, got dtype {values.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_) \
+                or np.iscomplexobj(values):
+            raise TypeError(f"{argument} must hold real numbers, got dtype {values.dtype}")
     elif isinstance(values, torch.Tensor):
         if values.is_complex():
             raise TypeError(f"{argument} must be real, got dtype {values.dtype}")
-        tensor = values.detach().to(torch.float32).contiguous()
     else:
         raise TypeError(f"{argument} must be a numpy array or torch tensor [n, d], got "
                         f"{type(values).__name__}")
-    if tensor.ndim != 2:
-        raise ValueError(f"{argument} must have rank 2 [n, d], got shape {tuple(tensor.shape)}")
-    if dim is not None and tensor.shape[1] != dim:
-        raise ValueError(f"{argument} has dimension {tensor.shape[1]}, the index has dimension {dim}")
-    bad_rows = int((~torch.isfinite(tensor)).any(dim=1).sum())
+    if values.ndim != 2:
+        raise ValueError(f"{argument} must have rank 2 [n, d], got shape {tuple(values.shape)}")
+    if dim is not None and values.shape[1] != dim:
+        raise ValueError(f"{argument} has dimension {values.shape[1]}, the index has dimension {dim}")
+    bad_rows = sum(_nonfinite_rows(values[start:start + _CHECK_ROWS])
+                   for start in range(0, values.shape[0], _CHECK_ROWS))
     if bad_rows:
-        raise ValueError(f"{argument} has NaN or inf in {bad_rows} of {tensor.shape[0]} rows; "
+        raise ValueError(f"{argument} has NaN or inf in {bad_rows} of {values.shape[0]} rows; "
                          f"remove or repair those rows first")
-    return tensor
+    return values
 
 
-def _resolve_backend(backend: str, device: Union[str, torch.device]) -> Tuple[str, str]:
-    """Pick ``(backend, device)``; ``device`` is ``"cpu"``, ``"cuda:N"`` or ``"cuda:all"``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
-    faiss = import_faiss() if backend != "torch" else None
-    faiss_gpus = faiss_gpu_count() if faiss is not None else 0
-    if backend == "faiss" and faiss is None:
-        raise ValueError("backend='faiss' but faiss cannot be imported; `pip install faiss-cpu` "
-                         "or use backend='torch'")
-    if str(device) == "cuda:all":
-        if faiss_gpus == 0:
-            raise ValueError("device='cuda:all' shards the index over all GPUs with faiss, but "
-                             "faiss sees no GPU here (faiss-cpu installed, or no GPU); use "
-                             "device='cpu', or install faiss-gpu-cu12 (README: GPU install)")
-        if backend == "torch":
-            raise ValueError("device='cuda:all' needs backend='faiss'")
-        return "faiss", "cuda:all"
-    if str(device) == "auto" and faiss is not None:
-        resolved = torch.device("cuda:0") if faiss_gpus else resolve_device("auto", "device")
-    else:
-        resolved = resolve_device(device, "device")
-    if backend == "torch" or faiss is None:
-        if backend == "auto":
-            logger.info("faiss is not importable: using the torch backend on %s", resolved)
-        return "torch", str(resolved)
-    if resolved.type == "cuda" and resolved.index >= faiss_gpus:
-        if backend == "faiss":
-            raise ValueError(f"backend='faiss' on device={str(device)!r}, but faiss sees "
-                             f"{faiss_gpus} GPU(s) (faiss-cpu installed?); install "
-                             f"faiss-gpu-cu12 (README: GPU install) or use backend='torch'")
-        logger.info("faiss sees no GPU %s (faiss-cpu installed?): using torch.cdist on %s "
-                    "instead; install faiss-gpu-cu12 for faiss on GPU", resolved, resolved)
-        return "torch", str(resolved)
-    return "faiss", str(resolved)
+def float32_rows(values: ArrayLike, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a matrix as a contiguous float32 tensor on its own device (no copy
+    when they already are)."""
+    block = values[start:stop]
+    if isinstance(block, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+    return block.detach().to(torch.float32).contiguous()
+
+
+def as_float32_matrix(values: ArrayLike, argument: str, dim: Optional[int] = None) -> torch.Tensor:
+    """:func:`check_matrix`, then all of ``values`` as a float32 tensor ``[n, d]``."""
+    checked = check_matrix(values, argument, dim)
+    return float32_rows(checked, 0, checked.shape[0])
+
+
+def _shard_over_gpus(vectors: np.ndarray):
+    """A faiss index holding ``vectors`` [n, d] sharded over every GPU faiss sees (an
+    ``IndexShards`` of ``GpuIndexFlatL2``; it can be searched but not read back nor added to)."""
+    faiss = import_faiss()
+    cpu_index = faiss.IndexFlatL2(vectors.shape[1])
+    cpu_index.add(vectors)
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    return faiss.index_cpu_to_all_gpus(cpu_index, co=options)
 
 
 class FlatL2Index:
@@ -109,13 +111,14 @@ class FlatL2Index:
         one; torch with a logged reason when faiss cannot serve the device).
     device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"cuda:all"`` (faiss, sharded
         over every GPU).
-    memory_budget: bytes the distance block of one search chunk may use (default 512 MiB);
-        peak memory of :meth:`search` does not grow with the number of queries beyond its
-        ``[m, k]`` outputs.
+    memory_budget: bytes that one search may use for its working memory (query chunk, distance
+        block, candidates; default 512 MiB; faiss's own fixed 16 MiB distance tile comes on
+        top): peak memory of :meth:`search` does not grow with the number of queries beyond
+        its ``[m, k]`` outputs.
     rerank: extra candidates per query whose exact distances are computed before the ``k``
         best are kept. The matrix-product form ranks candidates with a float32 error that
-        grows with |x|², so two neighbours closer than that can swap; ``rerank=4`` removed
-        every such swap on MVTec bottle features (0 is fastest and swaps ~1 in 10⁴ lists there).
+        grows with |x|², so two neighbours closer than that can swap; a few extra candidates
+        repair such swaps (measured in ``benchmarks/bench_datasets.py``); 0 is fastest.
     """
 
     def __init__(self, dim: int, backend: str = "auto", device: Union[str, torch.device] = "auto",
@@ -123,22 +126,30 @@ class FlatL2Index:
         self.rerank = check_int(rerank, "rerank", 0, hint=" (extra candidates)")
         self._dim = check_int(dim, "dim")
         self.memory_budget = check_int(memory_budget, "memory_budget", 2**20, hint=" (bytes, 1 MiB)")
-        self._backend, self._device = _resolve_backend(backend, device)
+        self._backend, self._device = resolve_backend(backend, device)
         self._count = 0
-        if self._backend == "faiss":
-            self._faiss_index = self._new_faiss_index()
-        else:
+        if self._backend == "torch":
             self._vectors = torch.empty(0, self._dim, device=self._device)
+        elif self._device == ALL_GPUS:
+            # faiss's IndexShards can neither reconstruct vectors (refinement, vectors()) nor
+            # take a second add(): a host copy serves the reads and rebuilds the shards.
+            self._host = np.empty((0, self._dim), np.float32)
+            self._faiss_index = None
+        else:
+            self._faiss_index = self._new_faiss_index()
+
+    @classmethod
+    def of(cls, vectors: ArrayLike, **options: Any) -> "FlatL2Index":
+        """A new index of ``vectors`` ``[n, d]``; ``options`` as for the constructor."""
+        index = cls(check_matrix(vectors, "vectors").shape[1], **options)
+        index.add(vectors)
+        return index
 
     def _new_faiss_index(self):
         faiss = import_faiss()
         cpu_index = faiss.IndexFlatL2(self._dim)
         if self._device == "cpu":
             return cpu_index
-        if self._device == "cuda:all":
-            options = faiss.GpuMultipleClonerOptions()
-            options.shard = True
-            return faiss.index_cpu_to_all_gpus(cpu_index, co=options)
         self._gpu_resources = faiss.StandardGpuResources()
         return faiss.index_cpu_to_gpu(self._gpu_resources, torch.device(self._device).index, cpu_index)
 
@@ -166,33 +177,72 @@ class FlatL2Index:
     def add(self, vectors: ArrayLike) -> None:
         """Append ``vectors`` ``[n, dim]`` (numpy or torch, any device; converted to float32)."""
         tensor = as_float32_matrix(vectors, "vectors", self._dim)
-        if self._backend == "faiss":
-            self._faiss_index.add(tensor.cpu().numpy())
-        else:
+        if self._backend == "torch":
             self._vectors = torch.cat([self._vectors, tensor.to(self._device)])
+        elif self._device == ALL_GPUS:
+            self._host = np.concatenate([self._host, tensor.cpu().numpy()])
+            self._faiss_index = _shard_over_gpus(self._host)
+        else:
+            self._faiss_index.add(tensor.cpu().numpy())
         self._count += tensor.shape[0]
+
+    def _view(self) -> Optional[torch.Tensor]:
+        """All stored vectors ``[len, dim]`` without a copy, or None where faiss holds them on
+        one GPU only. The view is valid until the next :meth:`add`."""
+        if self._backend == "torch":
+            return self._vectors
+        if self._device == ALL_GPUS:
+            return torch.from_numpy(self._host)
+        if self._device == "cpu":
+            if not self._count:
+                return torch.empty(0, self._dim)
+            stored = import_faiss().rev_swig_ptr(self._faiss_index.get_xb(), self._count * self._dim)
+            return torch.from_numpy(stored.reshape(self._count, self._dim))
+        return None
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Stored vectors ``start:stop`` as float32 ``[stop - start, dim]``: on the index's
+        device for the torch backend, on the CPU for faiss. A read-only view where the storage
+        allows one (valid until the next :meth:`add`), else a copy."""
+        view = self._view()
+        if view is not None:
+            return view[start:stop]
+        return torch.from_numpy(self._faiss_index.reconstruct_n(start, stop - start))
 
     def vectors(self) -> np.ndarray:
         """A copy of the stored vectors, float32 ``[len(self), dim]``, in insertion order."""
-        if self._backend == "faiss":
-            return self._faiss_index.reconstruct_n(0, self._count) if self._count else \
-                np.empty((0, self._dim), np.float32)
-        return self._vectors.cpu().numpy().copy()
+        return self.rows(0, self._count).cpu().numpy().copy()
 
-    def _torch_chunks(self) -> Tuple[int, int]:
-        """``(queries, bank rows)`` per torch block. torch.cdist copies its bank block (with two
-        extra columns), so that copy gets a quarter of the budget and the distance block the
-        rest."""
-        bank_rows = min(self._count, max(1, self.memory_budget // 4 // (4 * (self._dim + 2))))
-        queries = max(1, (self.memory_budget * 3 // 4) // (_TORCH_BYTES_PER_PAIR * bank_rows))
-        return queries, bank_rows
+    def _stored(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stored vectors at ``rows`` (int64, any shape), float32 ``[*rows.shape, dim]``."""
+        view = self._view()
+        if view is not None:
+            return view[rows.to(view.device)]
+        flat = rows.reshape(-1).numpy()
+        return torch.from_numpy(self._faiss_index.reconstruct_batch(flat)).reshape(*rows.shape, self._dim)
+
+    def _query_chunk(self, candidates: int, bank_rows: int) -> int:
+        """Queries per step such that the step's working memory stays within the budget: for
+        faiss its outputs (12 bytes per candidate) and the float32 queries; for torch the
+        distance block against ``bank_rows`` vectors."""
+        per_query = 4 * self._dim + (12 * candidates if self._backend == "faiss"
+                                     else _TORCH_BYTES_PER_PAIR * bank_rows)
+        queries = max(1, (self.memory_budget * 3 // 4) // per_query)
+        return min(queries, _FAISS_MAX_QUERY_CHUNK) if self._backend == "faiss" else queries
+
+    def _bank_chunk(self) -> int:
+        """Bank rows per torch.cdist call: cdist copies its bank block (with two extra columns),
+        so that copy gets a quarter of the budget."""
+        return min(self._count, max(1, self.memory_budget // 4 // (4 * (self._dim + 2))))
 
     def search(self, queries: ArrayLike, k: int, progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest stored vectors of each query.
 
-        Returns ``(distances, indices)``: float32 ``[m, k]`` Euclidean distances, each row
-        ascending, and int64 ``[m, k]`` row numbers into the added vectors. ``progress`` shows
-        a tqdm bar over query chunks.
+        ``queries``: ``[m, dim]``, numpy or torch, any real dtype; converted to float32 chunk by
+        chunk, so a float64 array is never copied whole. Returns ``(distances, indices)``:
+        float32 ``[m, k]`` Euclidean distances (the square root, not faiss's squared L2), each
+        row ascending, equal distances by ascending index; int64 ``[m, k]`` row numbers into the
+        added vectors. ``progress`` shows a tqdm bar over query chunks.
         """
         if self._count == 0:
             raise ValueError("search on an empty index: add() normal vectors first")
@@ -201,77 +251,45 @@ class FlatL2Index:
         if self._backend == "faiss" and self._device != "cpu" and candidates > _FAISS_GPU_MAX_K:
             raise ValueError(f"k + rerank = {candidates} exceeds faiss's GPU limit of "
                              f"{_FAISS_GPU_MAX_K}; use a smaller k or device='cpu'")
-        tensor = as_float32_matrix(queries, "queries", self._dim)
-        m = tensor.shape[0]
-        distances = np.empty((m, k), np.float32)
-        indices = np.empty((m, k), np.int64)
-        chunk = _FAISS_QUERY_CHUNK if self._backend == "faiss" else self._torch_chunks()[0]
-        starts = range(0, m, chunk)
-        for start in tqdm(starts, desc="kNN search", unit="chunk", disable=not progress or len(starts) < 2):
-            block = tensor[start:start + chunk]
-            if self._backend == "faiss":
-                _, found = self._faiss_index.search(block.cpu().numpy(), candidates)
-                found = torch.from_numpy(found)
-            else:
-                found = self._torch_search(block.to(self._device), candidates)
-            block_d, block_i = self._refine(block, found)
-            distances[start:start + chunk] = block_d[:, :k].cpu().numpy()
-            indices[start:start + chunk] = block_i[:, :k].cpu().numpy()
-        return distances, indices
+        checked = check_matrix(queries, "queries", self._dim)
+        if self._backend == "faiss":
+            def find(block: torch.Tensor) -> torch.Tensor:
+                return torch.from_numpy(self._faiss_index.search(block.cpu().numpy(), candidates)[1])
+        else:
+            def find(block: torch.Tensor) -> torch.Tensor:
+                return _torch_candidates(block.to(self._device), self._vectors, candidates,
+                                         self._bank_chunk())
+        chunk = self._query_chunk(candidates, self._bank_chunk())
+        return _search_in_chunks(checked, k, chunk, find, self._stored, self.memory_budget, progress)
 
-    def _stored(self, rows: torch.Tensor) -> torch.Tensor:
-        """Stored vectors at ``rows`` (any shape of int64), as float32 ``[*rows.shape, dim]``."""
-        if self._backend == "torch":
-            return self._vectors[rows.to(self._device)]
-        if self._device == "cpu":
+    def search_among(self, queries: ArrayLike, k: int, ranges: Sequence[Tuple[int, int]]
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` restricted to the stored rows in ``ranges``: half-open
+        ``(start, stop)`` row ranges, ascending and disjoint (faiss's range selector, for
+        several ranges). Same outputs and tie order as a search of an index holding only those
+        rows, with indices into this index. Copies those rows once, never the whole bank."""
+        gallery = torch.cat([self.rows(start, stop) for start, stop in ranges])
+        if len(gallery) == 0:
+            raise ValueError("search_among: the ranges hold no stored vectors")
+        k = check_int(k, "k", 1, len(gallery), " (the rows in the ranges)")
+        candidates = min(k + self.rerank, len(gallery))
+        checked = check_matrix(queries, "queries", self._dim)
+        if self._backend == "faiss":
             faiss = import_faiss()
-            stored = faiss.rev_swig_ptr(self._faiss_index.get_xb(), self._count * self._dim)
-            return torch.from_numpy(stored.reshape(self._count, self._dim))[rows]
-        flat = rows.reshape(-1).numpy()
-        return torch.from_numpy(self._faiss_index.reconstruct_batch(flat)).reshape(*rows.shape, self._dim)
 
-    def _refine(self, block: torch.Tensor, found: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Exact distances of the found neighbours, each row re-sorted ascending.
-
-        Both backends rank by |q|² + |x|² − 2q·x, whose rounding error grows with |x|² and can
-        swamp small distances; recomputing |q − x| for the k (+ rerank) candidates costs
-        m·k·d, not m·n·d, and makes the distances of both backends identical where their
-        neighbours are. Equal distances are ordered by index, whatever order the backend found
-        them in."""
-        sub = max(1, (self.memory_budget // 4) // (4 * found.shape[1] * self._dim))
-        out_d, out_i = [], []
-        for start in range(0, found.shape[0], sub):
-            rows = found[start:start + sub]
-            rows, _ = torch.sort(rows, dim=1)  # exact ties then go to the lowest index
-            neighbours = self._stored(rows)
-            queries = block[start:start + sub].to(neighbours.device)
-            exact = torch.linalg.vector_norm(neighbours - queries[:, None, :], dim=2)
-            order = torch.argsort(exact, dim=1, stable=True)
-            out_d.append(torch.gather(exact, 1, order))
-            out_i.append(torch.gather(rows.to(order.device), 1, order))
-        return torch.cat(out_d), torch.cat(out_i)
-
-    def _torch_search(self, block: torch.Tensor, k: int) -> torch.Tensor:
-        """Neighbour rows ``[m, k]`` of one query block by torch.cdist + topk, merging the
-        top-k over bank chunks when the bank is larger than one budget-sized block."""
-        best_d: Optional[torch.Tensor] = None
-        best_i: Optional[torch.Tensor] = None
-        bank_chunk = self._torch_chunks()[1]
-        for offset in range(0, self._count, bank_chunk):
-            bank = self._vectors[offset:offset + bank_chunk]
-            d = torch.cdist(block, bank)
-            top = min(k, bank.shape[0])
-            chunk_d, chunk_i = torch.topk(d, top, dim=1, largest=False, sorted=True)
-            del d
-            chunk_i += offset
-            if best_d is None:
-                best_d, best_i = chunk_d, chunk_i
-            else:
-                merged_d = torch.cat([best_d, chunk_d], dim=1)
-                merged_i = torch.cat([best_i, chunk_i], dim=1)
-                best_d, order = torch.topk(merged_d, k, dim=1, largest=False, sorted=True)
-                best_i = torch.gather(merged_i, 1, order)
-        return best_i
+            def find(block: torch.Tensor) -> torch.Tensor:
+                return torch.from_numpy(faiss.knn(block.cpu().numpy(), gallery.numpy(), candidates)[1])
+        else:
+            def find(block: torch.Tensor) -> torch.Tensor:
+                return _torch_candidates(block.to(gallery.device), gallery, candidates, len(gallery))
+        chunk = self._query_chunk(candidates, len(gallery))
+        distances, local = _search_in_chunks(checked, k, chunk, find,
+                                             lambda rows: gallery[rows.to(gallery.device)],
+                                             self.memory_budget, False)
+        starts = np.array([start for start, _ in ranges], np.int64)
+        first_local = np.cumsum([0] + [stop - start for start, stop in ranges])[:-1]
+        which = np.searchsorted(first_local, local, side="right") - 1
+        return distances, local - first_local[which] + starts[which]
 
     def save(self, path: PathLike) -> None:
         """Write the vectors and dimension to one ``.npz`` file, atomically."""
@@ -288,3 +306,65 @@ class FlatL2Index:
         if len(arrays["vectors"]):
             index.add(arrays["vectors"])
         return index
+
+
+def _search_in_chunks(queries: ArrayLike, k: int, chunk: int,
+                      find: Callable[[torch.Tensor], torch.Tensor],
+                      stored: Callable[[torch.Tensor], torch.Tensor], memory_budget: int,
+                      progress: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Shared loop of the searches: each chunk of ``queries`` is converted to float32, its
+    candidate rows found by ``find`` and refined against ``stored`` vectors."""
+    m = queries.shape[0]
+    distances = np.empty((m, k), np.float32)
+    indices = np.empty((m, k), np.int64)
+    starts = range(0, m, chunk)
+    for start in tqdm(starts, desc="kNN search", unit="chunk", disable=not progress or len(starts) < 2):
+        block = float32_rows(queries, start, start + chunk)
+        block_d, block_i = _refine(block, find(block), stored, memory_budget)
+        distances[start:start + chunk] = block_d[:, :k].cpu().numpy()
+        indices[start:start + chunk] = block_i[:, :k].cpu().numpy()
+    return distances, indices
+
+
+def _refine(block: torch.Tensor, found: torch.Tensor, stored: Callable[[torch.Tensor], torch.Tensor],
+            memory_budget: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact distances of the found neighbours, each row re-sorted ascending.
+
+    Both backends rank by |q|² + |x|² − 2q·x, whose rounding error grows with |x|² and can
+    swamp small distances; recomputing |q − x| for the k (+ rerank) candidates costs m·k·d, not
+    m·n·d, and makes the distances of both backends identical where their neighbours are.
+    Equal distances are ordered by index, whatever order the backend found them in."""
+    dim = block.shape[1]
+    sub = max(1, (memory_budget // 4) // (4 * found.shape[1] * dim))
+    out_d, out_i = [], []
+    for start in range(0, found.shape[0], sub):
+        rows, _ = torch.sort(found[start:start + sub], dim=1)  # exact ties then go to the lowest index
+        neighbours = stored(rows)
+        queries = block[start:start + sub].to(neighbours.device)
+        exact = torch.linalg.vector_norm(neighbours - queries[:, None, :], dim=2)
+        order = torch.argsort(exact, dim=1, stable=True)
+        out_d.append(torch.gather(exact, 1, order))
+        out_i.append(torch.gather(rows.to(order.device), 1, order))
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+def _torch_candidates(block: torch.Tensor, vectors: torch.Tensor, count: int, bank_chunk: int
+                      ) -> torch.Tensor:
+    """Rows ``[m, count]`` of the ``count`` nearest ``vectors`` of each query of ``block`` by
+    torch.cdist + topk, merging the top lists over bank chunks of ``bank_chunk`` rows."""
+    best_d: Optional[torch.Tensor] = None
+    best_i: Optional[torch.Tensor] = None
+    for offset in range(0, vectors.shape[0], bank_chunk):
+        bank = vectors[offset:offset + bank_chunk]
+        d = torch.cdist(block, bank)
+        chunk_d, chunk_i = torch.topk(d, min(count, bank.shape[0]), dim=1, largest=False, sorted=True)
+        del d
+        chunk_i += offset
+        if best_d is None:
+            best_d, best_i = chunk_d, chunk_i
+        else:
+            merged_d = torch.cat([best_d, chunk_d], dim=1)
+            merged_i = torch.cat([best_i, chunk_i], dim=1)
+            best_d, order = torch.topk(merged_d, count, dim=1, largest=False, sorted=True)
+            best_i = torch.gather(merged_i, 1, order)
+    return best_i

@@ -5,18 +5,16 @@ needs a display.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from . import metrics
-from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from .metrics import aupro, image_auroc, pixel_auroc, pro_curve, roc_curve
+from ._types import PathLike
 
-PathLike = Union[str, os.PathLike]
 Curves = Mapping[str, Tuple[np.ndarray, np.ndarray]]
 
 
@@ -37,8 +35,8 @@ def roc_plot(curves: Curves, path: PathLike, title: str = "ROC") -> Path:
     figure = Figure(figsize=(6, 6), dpi=100)
     axes = figure.add_subplot()
     for label, (truth, scores) in curves.items():
-        fpr, tpr, _ = metrics.roc_curve(truth, scores)
-        auroc = metrics.pixel_auroc(truth, scores) if np.ndim(truth) > 1 else metrics.image_auroc(truth, scores)
+        fpr, tpr, _ = roc_curve(truth, scores)
+        auroc = pixel_auroc(truth, scores) if np.ndim(truth) > 1 else image_auroc(truth, scores)
         axes.plot(fpr, tpr, label=f"{label} (AUROC {auroc:.3f})")
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="false positive rate", ylabel="true positive rate", title=title,
@@ -56,20 +54,14 @@ def pro_plot(curves: Curves, path: PathLike, fpr_limit: float = 0.3, title: str 
     figure = Figure(figsize=(6, 6), dpi=100)
     axes = figure.add_subplot()
     for label, (masks, maps) in curves.items():
-        fpr, pro = metrics.pro_curve(masks, maps)
-        axes.plot(fpr, pro, label=f"{label} (AUPRO@{fpr_limit:g} {metrics.aupro(masks, maps, fpr_limit):.3f})")
+        fpr, pro = pro_curve(masks, maps)
+        axes.plot(fpr, pro, label=f"{label} (AUPRO@{fpr_limit:g} {aupro(masks, maps, fpr_limit):.3f})")
     axes.axvline(fpr_limit, color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="false positive rate", ylabel="per-region overlap", title=title,
              xlim=(0, 1), ylim=(0, 1.01))
     axes.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
     return _save(figure, path)
-
-
-def denormalise(image: np.ndarray) -> np.ndarray:
-    """A preprocessed image ``[3, H, W]`` (ImageNet-normalised) back to RGB ``[H, W, 3]`` in [0, 1]."""
-    rgb = image.transpose(1, 2, 0) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
-    return np.clip(rgb, 0, 1)
 
 
 def heatmap_grid(images: Sequence[np.ndarray], maps: np.ndarray, path: PathLike,

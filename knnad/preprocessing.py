@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Union
+from typing import Any, List, Union
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
 from ._checks import check_int
+from ._types import PathLike
 
 #: ImageNet channel statistics used by every torchvision classification model.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,7 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: File suffixes treated as images when a folder is scanned.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-ImageInput = Union[str, os.PathLike, Image.Image]
+ImageInput = Union[PathLike, Image.Image]
 
 
 class ImageLoadError(ValueError):
@@ -84,6 +85,23 @@ def resized_rgb_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return TF.pil_to_tensor(_resize_shorter_side(image, size)).float().div_(255.0)
 
 
+def check_geometry(image_size: Any, crop_size: Any) -> None:
+    """ValueError naming the argument unless both are ints >= 1 and ``crop_size <= image_size``."""
+    check_int(image_size, "image_size")
+    check_int(crop_size, "crop_size")
+    if crop_size > image_size:
+        raise ValueError(f"crop_size={crop_size} is larger than image_size={image_size}; "
+                         f"the crop is taken from the resized image, so choose "
+                         f"crop_size <= image_size")
+
+
+def denormalise(image: np.ndarray) -> np.ndarray:
+    """A normalised ``[3, H, W]`` image (as :class:`Preprocessor` gives) back to RGB
+    ``[H, W, 3]`` in [0, 1], for display."""
+    rgb = image.transpose(1, 2, 0) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
+    return np.clip(rgb, 0.0, 1.0)
+
+
 class Preprocessor:
     """Resize the shorter side to ``image_size`` pixels, centre crop ``crop_size`` × ``crop_size``.
 
@@ -93,12 +111,7 @@ class Preprocessor:
     """
 
     def __init__(self, image_size: int = 256, crop_size: int = 224):
-        check_int(image_size, "image_size")
-        check_int(crop_size, "crop_size")
-        if crop_size > image_size:
-            raise ValueError(f"crop_size={crop_size} is larger than image_size={image_size}; "
-                             f"the crop is taken from the resized image, so choose "
-                             f"crop_size <= image_size")
+        check_geometry(image_size, crop_size)
         self.image_size = image_size
         self.crop_size = crop_size
 
@@ -117,7 +130,7 @@ class Preprocessor:
         return TF.center_crop(resized[None], [self.crop_size, self.crop_size])[0].bool()
 
 
-def image_files(path: Union[str, os.PathLike]) -> List[Path]:
+def image_files(path: PathLike) -> List[Path]:
     """``[path]`` for an image file, the sorted images of a folder (:func:`list_images`); a
     FileNotFoundError naming ``path`` when it is neither."""
     path = Path(path)
@@ -128,7 +141,7 @@ def image_files(path: Union[str, os.PathLike]) -> List[Path]:
     raise FileNotFoundError(f"{path} is neither an image file nor a folder")
 
 
-def list_images(folder: Union[str, os.PathLike]) -> list:
+def list_images(folder: PathLike) -> List[Path]:
     """Sorted paths of the image files (by suffix, see IMAGE_SUFFIXES) directly in ``folder``."""
     folder = Path(folder)
     if not folder.is_dir():

@@ -8,43 +8,20 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import plots
-from .datasets import BTAD, BTAD_ARCHIVE_FOLDER, ImageDataset, MVTecAD
+from .plots import heatmap_grid, pro_plot, roc_plot
+from .datasets import DatasetPair, ImageDataset
 from .detector import Detector
 from .evaluation import evaluate
+from .preprocessing import denormalise
 
 logger = logging.getLogger(__name__)
 
-DatasetPair = Tuple[str, ImageDataset, ImageDataset]  # (name, train, test)
 COLUMNS = ("category", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "train_images",
            "test_images", "memory_bank", "fit_seconds", "images_per_second")
-
-
-def discover_categories(kind: str, root: Path) -> List[str]:
-    """Category folders under ``root`` (those holding ``train/`` and ``test/``), sorted."""
-    root = Path(root)
-    if kind == "btad" and (root / BTAD_ARCHIVE_FOLDER).is_dir():
-        root = root / BTAD_ARCHIVE_FOLDER
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset root {root} does not exist")
-    found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
-    if not found:
-        raise ValueError(f"no category folders (with train/ and test/) under {root}")
-    return found
-
-
-def dataset_pairs(kind: str, root: Path, categories: Optional[Sequence[str]] = None) -> List[DatasetPair]:
-    """``(name, train, test)`` for each category of an MVTec AD (``kind="mvtec"``) or BTAD
-    (``"btad"``) root; all categories found when ``categories`` is None."""
-    loaders = {"mvtec": MVTecAD, "btad": BTAD}
-    if kind not in loaders:
-        raise ValueError(f"dataset kind {kind!r}; choose one of {sorted(loaders)}")
-    names = list(categories) if categories else discover_categories(kind, root)
-    return [(name, loaders[kind](root, name, "train"), loaders[kind](root, name, "test")) for name in names]
 
 
 def _heatmaps(name: str, test: ImageDataset, prediction, masks, detector: Detector, out: Path,
@@ -56,11 +33,11 @@ def _heatmaps(name: str, test: ImageDataset, prediction, masks, detector: Detect
     rows = defect_rows + good_rows
     if not rows:
         return None
-    images = [plots.denormalise(detector.preprocessor(test.samples[i].path).numpy()) for i in rows]
+    images = [denormalise(detector.preprocessor_(test.samples[i].path).numpy()) for i in rows]
     titles = [f"{test.samples[i].defect} {prediction.image_scores[i]:.2f}" for i in rows]
-    return plots.heatmap_grid(images, prediction.anomaly_maps[rows], out / f"heatmaps_{name}.png",
+    return heatmap_grid(images, prediction.anomaly_maps[rows], out / f"heatmaps_{name}.png",
                               masks=None if masks is None else masks[rows],
-                              threshold=detector.pixel_threshold_, titles=titles)
+                              threshold=detector.thresholds_.pixel if detector.thresholds_ else None, titles=titles)
 
 
 def evaluate_and_report(pairs: Sequence[DatasetPair], detector_params: Dict[str, Any], out: Path,
@@ -99,10 +76,10 @@ def evaluate_and_report(pairs: Sequence[DatasetPair], detector_params: Dict[str,
             values = [row[column] for row in rows if row[column] is not None]
             mean[column] = float(np.mean(values)) if values else None
         rows.append(mean)
-    plots.roc_plot(image_curves, out / "roc_image.png", title=f"{title}: image ROC")
+    roc_plot(image_curves, out / "roc_image.png", title=f"{title}: image ROC")
     if pixel_curves:
-        plots.roc_plot(pixel_curves, out / "roc_pixel.png", title=f"{title}: pixel ROC")
-        plots.pro_plot(pixel_curves, out / "pro.png", title=f"{title}: PRO")
+        roc_plot(pixel_curves, out / "roc_pixel.png", title=f"{title}: pixel ROC")
+        pro_plot(pixel_curves, out / "pro.png", title=f"{title}: PRO")
     _write_tables(rows, details, detector_params, out, title)
     return rows
 

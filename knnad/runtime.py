@@ -1,4 +1,5 @@
-"""What this process can compute with: which faiss package is installed and which GPUs it sees.
+"""Where knnad computes: which faiss package is installed, which GPUs it sees, and the placement
+of the backbone and the search (device and backend) that follows from them.
 
 faiss-cpu and faiss-gpu ship the same importable ``faiss`` module, so two of them installed
 side by side overwrite each other's files. :func:`backend_info` names the distribution that is
@@ -9,11 +10,17 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 from functools import lru_cache
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+#: Search backends: ``"faiss"`` (IndexFlatL2), ``"torch"`` (torch.cdist + topk, the reference)
+#: and ``"auto"`` (faiss where it can serve the device, else torch).
+BACKENDS = ("auto", "faiss", "torch")
+#: The device string that shards the faiss index over every GPU.
+ALL_GPUS = "cuda:all"
 
 #: PyPI distributions that provide the ``faiss`` module.
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12", "faiss-gpu-cu13")
@@ -108,3 +115,62 @@ def resolve_device(device: Any, argument: str = "device") -> torch.device:
     if resolved.type != "cpu":
         raise ValueError(f"{argument}={device!r}: only 'cpu' and CUDA devices are supported")
     return resolved
+
+
+def check_device(device: Any, argument: str = "device") -> str:
+    """``device`` as a string if it names a device kind knnad knows (``"auto"``, ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"``, ``"cuda:all"`` or a :class:`torch.device`), without asking
+    whether it exists here; else a ValueError naming ``argument``."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if isinstance(device, str) and (device in ("auto", ALL_GPUS) or device == "cpu"
+                                    or device == "cuda" or (device.startswith("cuda:")
+                                                            and device[5:].isdigit())):
+        return device
+    raise ValueError(f"{argument}={device!r} is not a device; use 'auto', 'cpu', 'cuda', "
+                     f"'cuda:N' or '{ALL_GPUS}'")
+
+
+def backbone_device(device: Any) -> torch.device:
+    """The device the backbone runs on for a detector ``device``: the first GPU for
+    ``"cuda:all"`` (only the index is sharded), else :func:`resolve_device`."""
+    return resolve_device("cuda:0" if str(device) == ALL_GPUS else device)
+
+
+def resolve_backend(backend: str, device: Union[str, torch.device]) -> Tuple[str, str]:
+    """``(backend, device)`` for a search index: ``"faiss"`` or ``"torch"``, and ``"cpu"``,
+    ``"cuda:N"`` or ``"cuda:all"``. ``backend="auto"`` takes faiss where faiss can serve the
+    device, else torch with a logged reason. Raises ValueError naming what is missing."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+    faiss = import_faiss() if backend != "torch" else None
+    faiss_gpus = faiss_gpu_count() if faiss is not None else 0
+    if backend == "faiss" and faiss is None:
+        raise ValueError("backend='faiss' but faiss cannot be imported; `pip install faiss-cpu` "
+                         "or use backend='torch'")
+    if str(device) == ALL_GPUS:
+        if backend == "torch":
+            raise ValueError(f"device='{ALL_GPUS}' shards a faiss index; use backend='faiss' or "
+                             f"'auto', or device='cuda:N' with backend='torch'")
+        if faiss_gpus == 0:
+            raise ValueError(f"device='{ALL_GPUS}' shards the index over all GPUs with faiss, but "
+                             f"faiss sees no GPU here (faiss-cpu installed, or no GPU); use "
+                             f"device='cpu', or install faiss-gpu-cu12 (README: GPU install)")
+        return "faiss", ALL_GPUS
+    if str(device) == "auto" and faiss is not None:
+        resolved = torch.device("cuda:0") if faiss_gpus else resolve_device("auto", "device")
+    else:
+        resolved = resolve_device(device, "device")
+    if backend == "torch" or faiss is None:
+        if backend == "auto":
+            logger.info("faiss is not importable: using the torch backend on %s", resolved)
+        return "torch", str(resolved)
+    if resolved.type == "cuda" and resolved.index >= faiss_gpus:
+        if backend == "faiss":
+            raise ValueError(f"backend='faiss' on device={str(device)!r}, but faiss sees "
+                             f"{faiss_gpus} GPU(s) (faiss-cpu installed?); install "
+                             f"faiss-gpu-cu12 (README: GPU install) or use backend='torch'")
+        logger.info("faiss sees no GPU %s (faiss-cpu installed?): using torch.cdist on %s "
+                    "instead; install faiss-gpu-cu12 for faiss on GPU", resolved, resolved)
+        return "torch", str(resolved)
+    return "faiss", str(resolved)

@@ -8,14 +8,17 @@ Johnson–Lindenstrauss projection to speed it up; the picks are points of the o
 from __future__ import annotations
 
 import logging
-from typing import Optional, Union
+import math
+import re
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ._checks import check_int
-from .index import ArrayLike, FlatL2Index, as_float32_matrix
+from ._types import ArrayLike
+from .index import FlatL2Index, as_float32_matrix
 from .runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -23,6 +26,37 @@ logger = logging.getLogger(__name__)
 #: Above this share of candidate points, one dense pass over all points is cheaper than
 #: gathering the candidates (measured on MVTec features and on Gaussian noise).
 _DENSE_FRACTION = 0.25
+
+
+CoresetSpec = Union[None, float, int]
+
+
+def parse_coreset(value: Any, argument: str = "coreset") -> CoresetSpec:
+    """The one reading of a coreset setting, for the API and every front end.
+
+    ``None`` (or the text ``"none"``) keeps every patch; a float in (0, 1] is the share of
+    patches kept (``1.0`` keeps them all); an int >= 1 is a count of patches. Text is read as
+    an int when it has no decimal point or exponent (``"10000"``), else as a float (``"0.1"``).
+    Anything else (``1.5``, ``0``, ``-1``, ``inf``, ``"abc"``, ``True``) raises a ValueError
+    naming ``argument``.
+    """
+    original = value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "none":
+            return None
+        try:
+            value = int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+        except ValueError:
+            value = original
+    if value is None:
+        return None
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and 0 < value <= 1:
+        return float(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise ValueError(f"{argument} must be none, a share of patches in (0, 1] such as 0.1, or a "
+                     f"count of patches >= 1 such as 10000; got {original!r}")
 
 
 def coreset_size(total: int, ratio: Optional[float] = None, n: Optional[int] = None) -> int:
@@ -111,6 +145,17 @@ def _greedy_k_center(points: torch.Tensor, count: int, first: int, progress: boo
             owner[moved] = step
         pick = torch.argmax(nearest)
     return picks
+
+
+def subsample(bank: ArrayLike, spec: CoresetSpec, seed: int = 0,
+              device: Union[str, torch.device] = "cpu", progress: bool = False) -> np.ndarray:
+    """Rows of ``bank`` to keep for a coreset setting (see :func:`parse_coreset`; a count above
+    the bank's size keeps every row), as int64 ``[count]`` in ascending order."""
+    spec = parse_coreset(spec)
+    if spec is None:
+        return np.arange(len(bank), dtype=np.int64)
+    size = {"ratio": spec} if isinstance(spec, float) else {"n": min(spec, len(bank))}
+    return np.sort(coreset(bank, **size, seed=seed, device=device, progress=progress))
 
 
 def covering_radius(features: ArrayLike, selected: ArrayLike, backend: str = "auto") -> float:

@@ -13,6 +13,16 @@ MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip on machines where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(no_gpu)
+
+
 def need_shared(relative: str) -> Path:
     """Path under ../shared, or skip (fail when KNNAD_REQUIRE_SHARED=1) when it is missing."""
     path = SHARED / relative

@@ -1,14 +1,17 @@
 import csv
+import inspect
 import json
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from knnad import Detector
-from knnad.cli import build_parser, demo_root, main
+from knnad import Detector, evaluate, runtime
+from knnad.cli import demo_root, main
+from knnad.datasets import MVTecAD
 
-FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--no-progress", "--device", "cpu"]
+FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -23,27 +26,36 @@ def test_help_lists_commands(capsys):
     for command in ("fit", "predict", "evaluate", "demo", "info"):
         assert command in text
     assert "knnad demo" in text  # examples in the epilog
-    fit_help = build_parser()._subparsers._group_actions[0].choices["fit"].format_help()
-    assert "--coreset" in fit_help and "--calibrate" in fit_help
+    for command in ("fit", "evaluate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        for name in inspect.signature(Detector).parameters:  # every parameter is reachable
+            assert f"--{name.replace('_', '-')}" in text, (command, name)
+    assert "(default: 0.1)" in text and "share in (0, 1]" in text  # Detector's default and help
 
 
 def test_fit_then_predict(tmp_path, sample, capsys):
     model = tmp_path / "model.npz"
     test_good = sorted((sample / "test" / "good").iterdir())
-    assert main(["fit", str(sample / "train" / "good"), "--model", str(model), "--coreset", "0.5",
+    assert main(["fit", str(sample / "train" / "good"), "--model", str(model), "--coreset", "300",
+                 "--k", "2", "--sigma", "2", "--image-size", "128", "--crop-size", "112",
                  "--calibrate", *map(str, test_good[:2]), *FAST]) == 0
     assert "saved" in capsys.readouterr().out
     detector = Detector.load(model)
-    assert len(detector.train_paths_) == 16 and len(detector.index_) == 16 * 28 * 28 // 2
-    assert detector.image_threshold_ is not None
+    assert len(detector.train_paths_) == 16 and len(detector.index_) == 300
+    assert (detector.k, detector.sigma, detector.crop_size, detector.coreset) == (2, 2.0, 112, 300)
+    assert detector.thresholds_ is not None
     out = tmp_path / "scores"
     broken = sample / "test" / "broken_large"
     assert main(["predict", str(model), str(broken), str(test_good[2]), "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--k", "1", "--upsampling", "nearest"]) == 0
     with open(out / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 and rows[-1]["path"] == str(test_good[2])
-    assert all(float(row["score"]) > 0 and row["anomalous"] in ("0", "1") for row in rows)
+    expected = detector.set_params(k=1, upsampling="nearest").predict([row["path"] for row in rows])
+    np.testing.assert_allclose([float(row["score"]) for row in rows], expected.image_scores, atol=1e-6)
+    assert [row["anomalous"] for row in rows] == [str(int(label)) for label in expected.labels]
     heatmaps = sorted(out.glob("*.png"))
     assert len(heatmaps) == 4 and heatmaps[0].name.startswith("0000_")
     with Image.open(heatmaps[0]) as image:
@@ -57,7 +69,11 @@ def test_evaluate_mvtec_and_folder(tmp_path, sample, capsys):
     results = json.loads((out / "results.json").read_text())
     row = results["rows"][0]
     assert row["category"] == "bottle" and row["test_images"] == 12 and row["memory_bank"] == 16 * 784
-    assert 0.5 < row["pixel_auroc"] <= 1 and 0 <= row["aupro"] <= 1
+    direct = Detector("mobilenet_v2", weights=None, coreset=None, progress=False).fit(
+        MVTecAD(sample.parent, "bottle", "train"))
+    figures = evaluate(direct, MVTecAD(sample.parent, "bottle", "test"))
+    for name in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
+        assert row[name] == pytest.approx(figures[name], abs=1e-9), name
     assert set(results["details"]["bottle"]["per_defect"]) == {"broken_large", "broken_small", "contamination"}
     for name in ("results.md", "results.csv", "roc_image.png", "roc_pixel.png", "pro.png",
                  "heatmaps_bottle.png"):
@@ -87,20 +103,28 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert "needs --root" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "absent.npz"), str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "absent.npz" in capsys.readouterr().err
+    for flag, value, message in [("--coreset", "1.5", "coreset must be none, a share"),
+                                 ("--coreset", "abc", "got 'abc'"), ("--coreset", "0", "got '0'"),
+                                 ("--k", "0", "k must be an int >= 1"),
+                                 ("--upsampling", "cubic", "choose one of ('bilinear', 'nearest')")]:
+        with pytest.raises(SystemExit) as exit_info:  # refused while parsing: before any work
+            main(["fit", str(tmp_path), "--model", str(tmp_path / "m.npz"), flag, value])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, (flag, value)
 
 
 def test_info(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["faiss_distribution"] == "faiss-cpu" and "torch_cuda_gpus" in info
+    assert info["faiss_distribution"] == runtime.installed_faiss_distributions()[0]
+    assert info["torch_cuda_gpus"] == runtime.backend_info()["torch_cuda_gpus"]
 
 
 def test_demo_with_genuine_weights(seeded_torch_home, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--no-progress", "--device", "cpu"]) == 0
+    assert main(["demo", "--no-progress"]) == 0
     out = tmp_path / "knnad-demo"
     row = json.loads((out / "results.json").read_text())["rows"][0]
     assert row["image_auroc"] == 1.0 and row["pixel_auroc"] > 0.97
     detector = Detector.load(out / "model_bottle.npz")
-    assert detector.extractor.weights_id == "MobileNet_V2_Weights.IMAGENET1K_V1"
+    assert detector.extractor_.weights_id == "MobileNet_V2_Weights.IMAGENET1K_V1"
     assert "bottle" in capsys.readouterr().out

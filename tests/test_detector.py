@@ -1,3 +1,4 @@
+import inspect
 import logging
 
 import numpy as np
@@ -5,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from knnad import Detector, ImageLoadError, ModelFileError, _io
+from knnad import Detector, ImageLoadError, ModelFileError, archive
 from knnad.anomaly_map import anomaly_maps
 from knnad.preprocessing import Preprocessor
 
 SMALL = dict(backbone="mobilenet_v2", weights=None, image_size=72, crop_size=64, progress=False,
-             device="cpu")
+             coreset=None)
 
 
 def textured_images(count: int, seed: int, size: int = 96):
@@ -43,9 +44,9 @@ def fitted(normal_images):
 
 def reference_scores(detector, images, bank_ids=None):
     """Brute force with torch.cdist in float64 of the documented definitions."""
-    batch = torch.stack([detector.preprocessor(image) for image in images])
-    features = detector.extractor(batch)
-    embedding = detector.embedder(features).double()
+    batch = torch.stack([detector.preprocessor_(image) for image in images])
+    features = detector.extractor_(batch)
+    embedding = detector.embedder_(features).double()
     bank = torch.from_numpy(detector.index_.vectors()).double()
     n, h, w, d = embedding.shape
     if detector.image_score == "max":
@@ -53,7 +54,7 @@ def reference_scores(detector, images, bank_ids=None):
         patch = dist.topk(detector.k, largest=False).values.mean(1).reshape(n, h, w)
         maps = anomaly_maps(patch.float(), 64, detector.sigma, detector.upsampling)
         return maps.amax(dim=(1, 2)).numpy(), maps.numpy()
-    pooled = detector.extractor.global_features(features).double()
+    pooled = detector.extractor_.global_features(features).double()
     train = torch.from_numpy(detector.global_features_).double()
     global_dist = torch.cdist(pooled, train)
     k_images = min(detector.image_k, len(train))
@@ -72,7 +73,7 @@ def reference_scores(detector, images, bank_ids=None):
     ("max", None, 0, "bilinear"), ("max", 0.5, 4, "nearest"), ("spade", None, 0, "bilinear"),
     ("spade", 150, 2, "nearest")])
 def test_scores_match_brute_force_definition(normal_images, image_score, coreset, rerank, upsampling):
-    detector = Detector(**SMALL, k=3, image_score=image_score, image_k=3, coreset=coreset,
+    detector = Detector(**{**SMALL, "coreset": coreset}, k=3, image_score=image_score, image_k=3,
                         rerank=rerank, upsampling=upsampling)
     detector.fit(normal_images)
     if coreset:
@@ -98,8 +99,8 @@ def test_defect_is_hotter_on_synthetic_images(fitted):
 
 def test_save_load_round_trip(normal_images, tmp_path):
     for image_score in ("max", "spade"):
-        detector = Detector(**SMALL, k=2, image_score=image_score, image_k=4, coreset=0.5, rerank=1,
-                            upsampling="nearest")
+        detector = Detector(**{**SMALL, "coreset": 0.5}, k=2, image_score=image_score, image_k=4,
+                            rerank=1, upsampling="nearest")
         detector.fit(normal_images).calibrate(textured_images(4, seed=3), quantile=0.9)
         tests = textured_images(2, seed=4) + [with_defect(normal_images[0])]
         before = detector.predict(tests)
@@ -111,7 +112,7 @@ def test_save_load_round_trip(normal_images, tmp_path):
         np.testing.assert_array_equal(after.anomaly_maps, before.anomaly_maps)
         np.testing.assert_array_equal(after.labels, before.labels)
         np.testing.assert_array_equal(after.masks, before.masks)
-        assert loaded.image_threshold_ == detector.image_threshold_
+        assert loaded.thresholds_ == detector.thresholds_
         assert loaded.get_params()["k"] == 2 and loaded.image_score == image_score
         assert loaded.rerank == 1 and loaded.index_.rerank == 1 and loaded.upsampling == "nearest"
         assert loaded.train_paths_ == detector.train_paths_
@@ -120,7 +121,7 @@ def test_save_load_round_trip(normal_images, tmp_path):
 def test_calibrate_sets_thresholds(fitted, caplog, tmp_path):
     held_out = textured_images(5, seed=11)
     fitted.calibrate(held_out, quantile=1.0)
-    assert fitted.image_threshold_ == pytest.approx(float(fitted.predict(held_out).image_scores.max()))
+    assert fitted.thresholds_.image == pytest.approx(float(fitted.predict(held_out).image_scores.max()))
     prediction = fitted.predict(held_out + [with_defect(held_out[0])])
     assert prediction.labels.dtype == bool and list(prediction.labels) == [False] * 5 + [True]
     assert prediction.masks.shape == (6, 64, 64) and not prediction.masks[:5].any()
@@ -149,7 +150,7 @@ def test_inputs_of_every_kind(tmp_path, normal_images):
         converted.save(folder / f"{i}.png")
     from_folder = Detector(**SMALL).fit(folder)
     assert len(from_folder.train_paths_) == 6
-    tensor = torch.stack([from_folder.preprocessor(p) for p in sorted(folder.iterdir())])
+    tensor = torch.stack([from_folder.preprocessor_(p) for p in sorted(folder.iterdir())])
     from_tensor = Detector(**SMALL).fit(tensor)
     np.testing.assert_allclose(from_tensor.index_.vectors(), from_folder.index_.vectors(), rtol=1e-5, atol=1e-5)
     prediction = from_folder.predict(folder / "1.png")
@@ -163,7 +164,7 @@ def test_undecodable_images(tmp_path, normal_images, caplog):
     (tmp_path / "3.png").write_bytes(b"garbage")
     with pytest.raises(ImageLoadError, match="3.png"):
         Detector(**SMALL).fit(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="knnad.detector"):
+    with caplog.at_level(logging.WARNING, logger="knnad.sources"):
         detector = Detector(**SMALL, on_error="skip").fit(tmp_path)
     assert "3.png" in caplog.text
     assert detector.skipped_ == [str(tmp_path / "3.png")] and len(detector.train_paths_) == 3
@@ -189,15 +190,27 @@ def test_bad_inputs(tmp_path, fitted):
         fitted.predict([1, 2])
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         fitted.predict(torch.zeros(2, 64, 64))
-    for kwargs, match in [({"k": 0}, "k must"), ({"image_score": "mean"}, "image_score"),
-                          ({"coreset": 1.5}, "coreset"), ({"coreset": 0}, "coreset"),
-                          ({"on_error": "ignore"}, "on_error"), ({"sigma": -1}, "sigma"),
-                          ({"rerank": -1}, "rerank"), ({"upsampling": "cubic"}, "upsampling"),
-                          ({"crop_size": 300}, "crop_size")]:
-        with pytest.raises(ValueError, match=match):
-            Detector(**{**SMALL, **kwargs})
-    with pytest.raises(ValueError, match="k=5000 exceeds"):
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 64\] \(the 64 patches in the memory bank"):
         Detector(**SMALL, k=5000).fit(textured_images(1, seed=0))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"k": 0}, "k must"), ({"image_score": "mean"}, "image_score"), ({"coreset": 1.5}, "coreset"),
+    ({"coreset": 0}, "coreset"), ({"coreset": -1}, "coreset"), ({"coreset": "abc"}, "coreset"),
+    ({"coreset": float("inf")}, "coreset"), ({"coreset": True}, "coreset"),
+    ({"on_error": "ignore"}, "on_error"), ({"sigma": -1}, "sigma"), ({"sigma": float("nan")}, "sigma"),
+    ({"rerank": -1}, "rerank"), ({"upsampling": "cubic"}, "upsampling"),
+    ({"crop_size": 300}, "crop_size=300 is larger than image_size=72"),
+    ({"aggregation_size": 2}, "aggregation_size must be odd"), ({"reduce_dim": 0}, "reduce_dim"),
+    ({"device": "tpu"}, "device='tpu'"), ({"backend": "annoy"}, "backend"),
+    ({"layers": []}, "layers"), ({"progress": "yes"}, "progress"), ({"seed": -1}, "seed")])
+def test_bad_parameters_are_refused_by_fit_and_set_params_before_any_work(kwargs, match, tmp_path):
+    detector = Detector(**{**SMALL, **kwargs})  # __init__ only stores
+    assert all(getattr(detector, name) is value for name, value in kwargs.items())
+    with pytest.raises(ValueError, match=match):  # before the missing folder is looked at
+        detector.fit(tmp_path / "does-not-exist")
+    with pytest.raises(ValueError, match=match):
+        Detector(**SMALL).set_params(**kwargs)
 
 
 def test_model_files_refused(fitted, tmp_path):
@@ -210,7 +223,7 @@ def test_model_files_refused(fitted, tmp_path):
     for name in ("cut.npz", "flipped.npz"):
         with pytest.raises(ModelFileError, match=name):
             Detector.load(tmp_path / name)
-    _io.write_archive(tmp_path / "future.npz", "Detector", 99, {}, {})
+    archive.write_archive(tmp_path / "future.npz", "Detector", 99, {}, {})
     with pytest.raises(ModelFileError, match="format version 99"):
         Detector.load(tmp_path / "future.npz")
     with pytest.raises(ModelFileError, match="FlatL2Index"):
@@ -241,7 +254,7 @@ def test_custom_backbone_and_weight_file(tmp_path, normal_images):
     path = detector.save(tmp_path / "file_weights.npz")
     with pytest.raises(ValueError, match="weights=PATH"):
         Detector.load(path)
-    assert Detector.load(path, weights=weights).extractor.weights_id == detector.extractor.weights_id
+    assert Detector.load(path, weights=weights).extractor_.weights_id == detector.extractor_.weights_id
 
 
 def test_genuine_bottle_defects_score_higher(seeded_torch_home, bottle_root):
@@ -250,12 +263,60 @@ def test_genuine_bottle_defects_score_higher(seeded_torch_home, bottle_root):
     test = MVTecAD(bottle_root, "bottle", "test")
     good = [s for s in test.samples if s.label == 0][:4]
     defects = [s for s in test.samples if s.label == 1][::12][:5]
-    detector = Detector("mobilenet_v2", weights="IMAGENET1K_V1", progress=False, device="cpu")
+    detector = Detector("mobilenet_v2", weights="IMAGENET1K_V1", progress=False, coreset=None)
     detector.fit([s.path for s in train.samples[::10]])
     prediction = detector.predict([s.path for s in good + defects])
     scores = prediction.image_scores
     assert scores[4:].min() > scores[:4].max()
     for row, sample in enumerate(defects, start=4):
-        mask = detector.preprocessor.mask(sample.mask_path).numpy()
+        mask = detector.preprocessor_.mask(sample.mask_path).numpy()
         heat = prediction.anomaly_maps[row]
         assert heat[mask].mean() > 1.5 * heat[~mask].mean(), sample.path
+
+
+def test_scikit_learn_parameter_protocol(normal_images):
+    sklearn_base = pytest.importorskip("sklearn.base")
+    detector = Detector(**SMALL, k=2)
+    copy = sklearn_base.clone(detector)
+    assert copy is not detector and copy.get_params() == detector.get_params()
+    assert list(Detector().get_params(deep=True)) == list(inspect.signature(Detector).parameters)
+    assert repr(detector) == ("Detector(backbone='mobilenet_v2', weights=None, k=2, coreset=None, "
+                              "image_size=72, crop_size=64, progress=False)")
+    assert detector.set_params(k=3, sigma=2.0) is detector and (detector.k, detector.sigma) == (3, 2.0)
+    with pytest.raises(ValueError, match="no parameter.*'kk'"):
+        detector.set_params(kk=1)
+    with pytest.raises(ValueError, match="k must"):
+        detector.set_params(sigma=1.0, k=0)
+    assert detector.sigma == 2.0  # nothing set when one value is refused
+    fitted = clone_fitted = sklearn_base.clone(detector).fit(normal_images[:2])
+    assert not hasattr(sklearn_base.clone(clone_fitted), "index_")  # clone copies no fitted state
+    assert fitted.config_["k"] == 3 and fitted.is_fitted
+
+
+def test_changed_parameters_never_give_a_saved_model_unlike_the_live_one(normal_images, tmp_path):
+    detector = Detector(**SMALL, k=1).fit(normal_images)
+    tests = textured_images(2, seed=21)
+    detector.crop_size = 48  # shapes the memory bank: refused until the next fit
+    for action in (lambda: detector.predict(tests), lambda: detector.save(tmp_path / "m.npz"),
+                   lambda: detector.calibrate(tests)):
+        with pytest.raises(RuntimeError, match="crop_size from 64 to 48 since fit.*call fit"):
+            action()
+    assert not (tmp_path / "m.npz").exists()
+    detector.set_params(crop_size=64, k=3, sigma=2.0, upsampling="nearest")  # predict-time options
+    live = detector.predict(tests)
+    loaded = Detector.load(detector.save(tmp_path / "m.npz"))
+    assert (loaded.k, loaded.sigma, loaded.upsampling) == (3, 2.0, "nearest")
+    np.testing.assert_array_equal(loaded.predict(tests).anomaly_maps, live.anomaly_maps)
+    assert not np.array_equal(live.anomaly_maps, Detector(**SMALL).fit(normal_images).predict(tests).anomaly_maps)
+    detector.set_params(crop_size=48).fit(normal_images)  # a new fit takes the new value
+    assert detector.predict(tests).anomaly_maps.shape == (2, 48, 48)
+
+
+def test_refit_removes_the_previous_hooks_of_a_custom_backbone(normal_images):
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=8, padding=1), torch.nn.ReLU())
+    detector = Detector(**{**SMALL, "backbone": module, "layers": ["0"]})
+    for _ in range(3):
+        detector.fit(normal_images[:2])
+        assert len(module[0]._forward_hooks) == 1
+    detector.extractor_.close()
+    assert not module[0]._forward_hooks

@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+from knnad import index as index_module
 from knnad import runtime
-from knnad._io import ModelFileError
-from knnad.index import FlatL2Index, _resolve_backend
+from knnad.archive import ModelFileError
+from knnad.index import FlatL2Index
+from knnad.runtime import resolve_backend
 
 BACKENDS = ["faiss", "torch"]
 
@@ -83,10 +85,13 @@ def test_small_memory_budget_chunks_give_the_same_answer(backend):
     tight = FlatL2Index(40, backend=backend, device="cpu", memory_budget=2**20)
     for index in (wide, tight):
         index.add(bank)
+    bank_rows = tight._bank_chunk()
+    queries_per_step = tight._query_chunk(4, bank_rows)
     if backend == "torch":
-        queries_per_block, bank_rows = tight._torch_chunks()
         assert bank_rows < len(bank)  # the bank itself is split and the top-k merged
-        assert queries_per_block * bank_rows * 16 <= 2**20
+        assert queries_per_step * (bank_rows * 16 + 40 * 4) <= 2**20
+    else:
+        assert queries_per_step * (4 * 12 + 40 * 4) <= 2**20
     expected = wide.search(queries, 4)
     got = tight.search(queries, 4, progress=True)
     np.testing.assert_array_equal(got[1], expected[1])
@@ -153,7 +158,7 @@ def test_bad_inputs(backend):
         index.search(np.zeros((1, 2)), 1)
 
 
-def test_bad_construction(monkeypatch):
+def test_bad_construction():
     for dim in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="dim must be"):
             FlatL2Index(dim)
@@ -161,34 +166,55 @@ def test_bad_construction(monkeypatch):
         FlatL2Index(3, backend="annoy")
     with pytest.raises(ValueError, match="memory_budget"):
         FlatL2Index(3, memory_budget=10)
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="GPU"):
-            FlatL2Index(3, backend="torch", device="cuda")
-        with pytest.raises(ValueError, match="faiss sees no GPU"):
-            FlatL2Index(3, backend="faiss", device="cuda:all")
+    with pytest.raises(ValueError, match="GPU but torch sees"):
+        FlatL2Index(3, backend="torch", device=f"cuda:{torch.cuda.device_count()}")
+    with pytest.raises(ValueError, match="cuda:all.*backend='faiss'"):
+        FlatL2Index(3, backend="torch", device="cuda:all")
 
 
-def test_auto_picks_faiss_and_falls_back(monkeypatch, caplog):
-    assert FlatL2Index(3).backend == "faiss"
+def test_placement_on_a_machine_without_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "faiss_gpu_count", lambda: 0)
+    assert resolve_backend("auto", "auto") == ("faiss", "cpu")
+    with pytest.raises(ValueError, match="asks for a GPU but torch sees 0"):
+        resolve_backend("torch", "cuda")
+    with pytest.raises(ValueError, match="faiss sees no GPU"):
+        resolve_backend("faiss", "cuda:all")
+
+
+def test_auto_falls_back_to_torch_where_faiss_cannot_serve_the_gpu(monkeypatch, caplog):
     # faiss sees no GPU while torch does: "auto" falls back to torch with a logged reason and
     # an explicit faiss backend on the GPU is refused.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr("knnad.index.faiss_gpu_count", lambda: 0)
-    with caplog.at_level("INFO", logger="knnad.index"):
-        assert _resolve_backend("auto", "cuda:0") == ("torch", "cuda:0")
+    monkeypatch.setattr(runtime, "faiss_gpu_count", lambda: 0)
+    with caplog.at_level("INFO", logger="knnad.runtime"):
+        assert resolve_backend("auto", "cuda:0") == ("torch", "cuda:0")
+        assert resolve_backend("auto", "auto") == ("torch", "cuda:0")
     assert "faiss sees no GPU" in caplog.text
     with pytest.raises(ValueError, match="faiss-gpu-cu12"):
-        _resolve_backend("faiss", "cuda")
-    monkeypatch.setattr("knnad.index.import_faiss", lambda: None)
-    assert _resolve_backend("auto", "cpu") == ("torch", "cpu")
+        resolve_backend("faiss", "cuda")
+    monkeypatch.setattr(runtime, "import_faiss", lambda: None)
+    assert resolve_backend("auto", "cpu") == ("torch", "cpu")
 
 
-def test_backend_info_reports_faiss():
+def test_auto_takes_what_this_machine_has():
+    faiss_gpus = runtime.faiss_gpu_count()
+    expected = ("faiss", "cuda:0") if faiss_gpus else \
+        ("torch", "cuda:0") if torch.cuda.is_available() else ("faiss", "cpu")
+    index = FlatL2Index(3)
+    assert (index.backend, index.device) == expected
+
+
+def test_backend_info_names_the_one_faiss_installed():
     info = runtime.backend_info()
-    assert info["faiss_distribution"] == "faiss-cpu"
-    assert info["faiss_gpus"] == 0 and info["faiss_problem"] is None
-    assert isinstance(info["faiss_version"], str)
+    installed = runtime.installed_faiss_distributions()
+    assert len(installed) == 1, f"exactly one faiss distribution expected, found {installed}"
+    assert info["faiss_distribution"] == installed[0] and info["faiss_problem"] is None
+    assert info["faiss_gpu_build"] == (installed[0] != "faiss-cpu")
+    assert info["faiss_gpus"] == (0 if installed[0] == "faiss-cpu" else runtime.faiss_gpu_count())
+    import faiss
+    assert info["faiss_version"] == faiss.__version__
 
 
 def test_two_faiss_packages_are_reported(monkeypatch):
@@ -216,3 +242,93 @@ def test_rerank_recovers_neighbours_lost_to_float32_cancellation(backend):
     assert np.all(plain_d >= distances - 1e-6)  # reranking never returns a farther neighbour
     with pytest.raises(ValueError, match="rerank"):
         FlatL2Index(64, rerank=-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_among_row_ranges_equals_an_index_of_those_rows(backend):
+    rng = np.random.default_rng(8)
+    bank = rng.integers(-2, 3, (600, 12)).astype(np.float32)  # many exact ties
+    queries = rng.integers(-2, 3, (70, 12)).astype(np.float32)
+    ranges = [(0, 40), (100, 103), (250, 400), (599, 600)]
+    rows = np.concatenate([np.arange(start, stop) for start, stop in ranges])
+    index = FlatL2Index.of(bank, backend=backend, device="cpu", rerank=2)
+    alone = FlatL2Index.of(bank[rows], backend=backend, device="cpu", rerank=2)
+    distances, indices = index.search_among(queries, 5, ranges)
+    expected_d, expected_local = alone.search(queries, 5)
+    np.testing.assert_array_equal(distances, expected_d)
+    np.testing.assert_array_equal(indices, rows[expected_local])  # same tie order
+    assert_matches_reference(bank[rows], queries, 5, distances, np.searchsorted(rows, indices))
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 4\]"):
+        index.search_among(queries, 5, [(0, 3), (599, 600)])
+    with pytest.raises(ValueError, match="no stored vectors"):
+        index.search_among(queries, 1, [(5, 5)])
+
+
+def test_queries_are_converted_chunk_by_chunk(monkeypatch):
+    rng = np.random.default_rng(9)
+    bank = rng.standard_normal((3000, 32)).astype(np.float32)
+    queries = rng.standard_normal((20000, 32))  # float64: never copied whole to float32
+    index = FlatL2Index.of(bank, backend="faiss", device="cpu", memory_budget=2**20)
+    converted = []
+    original = index_module.float32_rows
+
+    def spy(values, start, stop):
+        block = original(values, start, stop)
+        converted.append(len(block))
+        return block
+
+    monkeypatch.setattr(index_module, "float32_rows", spy)
+    distances, indices = index.search(queries, 3)
+    assert sum(converted) == len(queries) and max(converted) == index._query_chunk(3, 0) < 5000
+    monkeypatch.undo()
+    whole = FlatL2Index.of(bank, backend="faiss", device="cpu").search(queries.astype(np.float32), 3)
+    np.testing.assert_array_equal(distances, whole[0])
+    np.testing.assert_array_equal(indices, whole[1])
+
+
+def test_all_gpus_logic_with_faiss_cpu_shards(monkeypatch):
+    """device='cuda:all' as it runs on several GPUs, with faiss's own IndexShards of CPU flat
+    indexes standing in for the GPU shards (the same class, without reconstruct or a second
+    add): searches, a second add, vectors() and save/load must all work."""
+    import faiss
+
+    def cpu_shards(vectors):
+        shards = faiss.IndexShards(vectors.shape[1], False, True)  # threaded, successive_ids
+        for _ in range(3):
+            shards.add_shard(faiss.IndexFlatL2(vectors.shape[1]))
+        shards.add(vectors)
+        return shards
+
+    monkeypatch.setattr(runtime, "faiss_gpu_count", lambda: 3)
+    monkeypatch.setattr(index_module, "_shard_over_gpus", cpu_shards)
+    rng = np.random.default_rng(10)
+    bank = rng.standard_normal((900, 24)).astype(np.float32)
+    queries = rng.standard_normal((80, 24)).astype(np.float32)
+    sharded = FlatL2Index(24, device="cuda:all", rerank=3)
+    assert (sharded.backend, sharded.device) == ("faiss", "cuda:all")
+    sharded.add(bank[:500])
+    sharded.add(bank[500:])  # IndexShards alone refuses this
+    plain = FlatL2Index.of(bank, backend="faiss", device="cpu", rerank=3)
+    for got, expected in zip(sharded.search(queries, 6), plain.search(queries, 6)):
+        np.testing.assert_array_equal(got, expected)
+    for got, expected in zip(sharded.search_among(queries, 2, [(10, 80), (700, 900)]),
+                             plain.search_among(queries, 2, [(10, 80), (700, 900)])):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(sharded.vectors(), bank)
+    assert sharded._faiss_index.count() == 3 and sharded._faiss_index.ntotal == 900
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_gpu_search_matches_the_cpu(backend):
+    if backend == "faiss" and runtime.faiss_gpu_count() == 0:
+        pytest.skip("faiss-gpu not installed")
+    rng = np.random.default_rng(11)
+    bank = rng.standard_normal((5000, 64)).astype(np.float32)
+    queries = rng.standard_normal((300, 64)).astype(np.float32)
+    gpu = FlatL2Index.of(bank, backend=backend, device="cuda:0", rerank=4)
+    cpu = FlatL2Index.of(bank, backend=backend, device="cpu", rerank=4)
+    got, expected = gpu.search(queries, 5), cpu.search(queries, 5)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
+    np.testing.assert_array_equal(gpu.vectors(), bank)

@@ -38,11 +38,3 @@ def test_heatmap_grid(tmp_path):
     assert png_size(plots.heatmap_grid(images[:1], maps[:1], tmp_path / "one.png")) == (500, 250)
     with pytest.raises(ValueError, match="as many maps"):
         plots.heatmap_grid(images, maps[:2], tmp_path / "bad.png")
-
-
-def test_denormalise_inverts_preprocessing():
-    from knnad.preprocessing import Preprocessor
-    rgb = np.zeros((64, 64, 3), np.uint8)
-    rgb[..., 0] = 200
-    tensor = Preprocessor(64, 64)(Image.fromarray(rgb)).numpy()
-    np.testing.assert_allclose(plots.denormalise(tensor)[..., 0], 200 / 255, atol=1e-5)

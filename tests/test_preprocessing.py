@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from knnad.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, Preprocessor,
+from knnad.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, Preprocessor, denormalise,
                                  list_images)
 
 
@@ -85,3 +85,12 @@ def test_list_images(tmp_path):
     assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "d.bmp"]
     with pytest.raises(FileNotFoundError, match="nothere"):
         list_images(tmp_path / "nothere")
+
+
+def test_denormalise_inverts_preprocessing():
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[:32, :, 2] = 200, 17, 255
+    tensor = Preprocessor(64, 64)(Image.fromarray(rgb)).numpy()
+    restored = denormalise(tensor)
+    assert restored.shape == (64, 64, 3)
+    np.testing.assert_allclose(restored, rgb / 255.0, atol=1e-5)

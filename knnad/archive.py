@@ -8,11 +8,12 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
-PathLike = Union[str, os.PathLike]
+from ._types import PathLike
+
 _META_KEY = "__knnad_meta__"
 
 

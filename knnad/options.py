@@ -1,0 +1,216 @@
+"""The detector's options, described once.
+
+:data:`OPTIONS` holds, for every parameter of :class:`knnad.Detector`, its help text, its check
+and its reading from command-line text, and whether changing it needs a new fit. The defaults
+are the ones in ``Detector.__init__``'s signature. From these two sources come the detector's
+validation (:func:`validate`), its docstring's parameter list (:func:`describe`) and every
+front end's options (``knnad fit/evaluate``, the example scripts).
+
+:class:`Parameters` gives a class whose ``__init__`` only stores its keyword arguments
+scikit-learn's parameter protocol: ``get_params``, ``set_params`` (validated) and
+``sklearn.base.clone``.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from torch import nn
+
+from ._checks import check_choice, check_int, check_number
+from .anomaly_map import UPSAMPLING
+from .backbones import PRESET_LAYERS
+from .embedding import check_aggregation_size
+from .preprocessing import check_geometry
+from .runtime import BACKENDS, check_device
+from .sampling import parse_coreset
+from .scoring import IMAGE_SCORES
+from .sources import ON_ERROR
+
+Check = Callable[[Any, str], Any]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One detector parameter: ``help`` (one line), ``check`` (value, name) -> normalised value
+    or a ValueError/TypeError naming the parameter, ``parse`` (command-line text -> value),
+    ``refit`` (True: it shapes the memory bank, so a change needs a new fit) and ``nargs``
+    (argparse's, for list options)."""
+
+    help: str
+    check: Check
+    parse: Callable[[str], Any] = str
+    refit: bool = True
+    nargs: Optional[str] = None
+
+
+def _choice(choices) -> Check:
+    return lambda value, name: check_choice(value, name, choices)
+
+
+def _int(minimum: int) -> Check:
+    return lambda value, name: check_int(value, name, minimum)
+
+
+def _optional(check: Check) -> Check:
+    return lambda value, name: None if value is None else check(value, name)
+
+
+def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A command-line reader where the word ``none`` means None."""
+    return lambda text: None if text.strip().lower() == "none" else parse(text)
+
+
+def _backbone(value: Any, name: str) -> Any:
+    if isinstance(value, (str, nn.Module)):
+        return value
+    raise TypeError(f"{name} must be a torchvision model name or an nn.Module, got {type(value).__name__}")
+
+
+def _layers(value: Any, name: str) -> Optional[tuple]:
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if not names or not all(isinstance(item, str) for item in names):
+        raise ValueError(f"{name} must be None or a non-empty list of module names, got {value!r}")
+    return names
+
+
+def _weights(value: Any, name: str) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+OPTIONS: Dict[str, Option] = {
+    "backbone": Option(f"torchvision model name (presets: {', '.join(PRESET_LAYERS)}) or your "
+                       f"own nn.Module", _backbone),
+    "layers": Option("module names to hook, e.g. layer2 layer3 (none: the backbone's preset)",
+                     _layers, nargs="+"),
+    "weights": Option("'DEFAULT', a torchvision weight name such as IMAGENET1K_V1, none "
+                      "(seeded random initialisation) or a .pth state-dict path", _weights,
+                      parse=_none_or(str)),
+    "k": Option("nearest normal patches whose mean Euclidean distance is a patch's score",
+                _int(1), parse=int, refit=False),
+    "image_score": Option("'max': the maximum of the anomaly map; 'spade': the mean distance of "
+                          "the image's global feature to its image_k nearest training images, "
+                          "with its patches searched among those images' patches only",
+                          _choice(IMAGE_SCORES), refit=False),
+    "image_k": Option("nearest training images in 'spade' mode (capped at their number)",
+                      _int(1), parse=int, refit=False),
+    "coreset": Option("patches kept by greedy k-center selection: none (all), a share in (0, 1] "
+                      "such as 0.1, or a count >= 1 such as 10000", parse_coreset,
+                      parse=parse_coreset),
+    "backend": Option("search backend: 'faiss', 'torch' (torch.cdist + topk, the reference) or "
+                      "'auto' (faiss where it can serve the device)", _choice(BACKENDS)),
+    "device": Option("'auto' (the first GPU if any), 'cpu', 'cuda', 'cuda:N', or 'cuda:all' "
+                     "(faiss index sharded over every GPU)", check_device),
+    "rerank": Option("extra candidates per patch whose exact distances are checked (0: fastest)",
+                     _int(0), parse=int),
+    "image_size": Option("side the shorter image side is resized to, pixels", _int(1), parse=int),
+    "crop_size": Option("side of the centre crop, pixels (at most image_size)", _int(1), parse=int),
+    "aggregation_size": Option("side of the window patch features are averaged over (odd)",
+                               check_aggregation_size, parse=int),
+    "reduce_dim": Option("reduce patch features to this many channels by adaptive average "
+                         "pooling (none: keep them all)", _optional(_int(1)), parse=_none_or(int)),
+    "sigma": Option("standard deviation of the Gaussian smoothing of the maps, pixels (0: none)",
+                    lambda value, name: check_number(value, name, 0.0, " of pixels"), parse=float,
+                    refit=False),
+    "upsampling": Option("patch scores to pixels: 'bilinear', or 'nearest' (anomalib's maps)",
+                         _choice(UPSAMPLING), refit=False),
+    "batch_size": Option("images per backbone call", _int(1), parse=int, refit=False),
+    "progress": Option("show tqdm progress bars", _bool, refit=False),
+    "on_error": Option("an image that cannot be decoded: 'raise' stops with its name, 'skip' "
+                       "skips it with a warning and lists it", _choice(ON_ERROR), refit=False),
+    "seed": Option("seed of the coreset's first pick and random projection", _int(0), parse=int),
+}
+
+#: The parameters that shape the memory bank: changing one after fit needs a new fit.
+REFIT = tuple(name for name, option in OPTIONS.items() if option.refit)
+
+
+def check(name: str, value: Any) -> Any:
+    """``value`` of parameter ``name``, normalised (e.g. a list of layers as a tuple), or a
+    ValueError/TypeError naming it."""
+    return OPTIONS[name].check(value, name)
+
+
+def validate(params: Mapping[str, Any]) -> Dict[str, Any]:
+    """Every parameter checked and normalised, and the checks between parameters
+    (``crop_size <= image_size``); raises ValueError or TypeError naming the parameter."""
+    checked = {name: check(name, value) for name, value in params.items()}
+    check_geometry(checked["image_size"], checked["crop_size"])
+    return checked
+
+
+def check_unchanged(settings: Dict[str, Any], fitted: Mapping[str, Any], action: str
+                    ) -> Dict[str, Any]:
+    """``settings`` if every :data:`REFIT` parameter equals its ``fitted`` value (the same
+    object for an ``nn.Module``); else a RuntimeError for ``action`` naming the changes."""
+    def same(value: Any, before: Any) -> bool:
+        return value is before or (not isinstance(value, nn.Module) and value == before)
+
+    changed = [f"{name} from {fitted[name]!r} to {settings[name]!r}" for name in REFIT
+               if not same(settings[name], fitted[name])]
+    if changed:
+        raise RuntimeError(f"{action}: {', '.join(changed)} since fit, but the memory bank was "
+                           f"built with the old values; call fit() again or set them back")
+    return settings
+
+
+def describe(cls: type) -> str:
+    """The parameter list of ``cls`` for its docstring: name, default and help of each."""
+    lines = ["", "    Parameters (marked * need a new fit when changed)", "    ----------"]
+    for name, default in defaults(cls).items():
+        mark = "*" if OPTIONS[name].refit else ""
+        lines.append(f"    {name}{mark} = {default!r}: {OPTIONS[name].help}.")
+    return "\n".join(lines) + "\n"
+
+
+def defaults(cls: type) -> Dict[str, Any]:
+    """``{name: default}`` of the keyword arguments of ``cls.__init__``, in signature order."""
+    return {name: parameter.default for name, parameter in
+            inspect.signature(cls.__init__).parameters.items() if name != "self"}
+
+
+def _shown(value: Any) -> str:
+    return type(value).__name__ if isinstance(value, nn.Module) else repr(value)
+
+
+class Parameters:
+    """scikit-learn's parameter protocol for a class whose ``__init__`` stores each keyword
+    argument under its own name and does nothing else."""
+
+    @classmethod
+    def _get_param_names(cls) -> List[str]:
+        return list(defaults(cls))
+
+    def get_params(self, deep: bool = True) -> Dict[str, Any]:
+        """The constructor arguments as stored (``deep`` is accepted for scikit-learn; no
+        parameter is itself an estimator)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params: Any) -> "Parameters":
+        """Set parameters by name, checked first together with the others (``crop_size <=
+        image_size``): an unknown name or a bad value raises before any is changed. Returns
+        ``self``."""
+        names = self._get_param_names()
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no parameter(s) {unknown}; valid: {names}")
+        validate({**self.get_params(), **params})
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        changed = [f"{name}={_shown(value)}" for (name, value), default in
+                   zip(self.get_params().items(), defaults(type(self)).values())
+                   if value is not default and not (type(value) is type(default) and value == default)]
+        return f"{type(self).__name__}({', '.join(changed)})"

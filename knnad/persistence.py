@@ -1,0 +1,92 @@
+"""A fitted detector in one file: its settings, fitted arrays, thresholds and the backbone's
+identity (not its weights), in an archive of :mod:`knnad.archive`; and the checks that a loaded
+backbone is the one its memory bank was built with.
+
+Only torchvision weights can be rebuilt from a name. A model fit with a local weight file or a
+user's ``nn.Module`` is loaded with ``weights=PATH`` or ``backbone=module``; either is checked
+against the saved fingerprint, so a different backbone is refused instead of scoring wrongly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+from torch import nn
+
+from ._types import PathLike
+from ._version import __version__
+from .archive import read_archive, write_archive
+from .backbones import FeatureExtractor
+from .thresholds import Thresholds
+
+KIND = "Detector"
+FORMAT_VERSION = 1
+
+
+def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtractor,
+                   arrays: Dict[str, np.ndarray], train_paths: list, skipped: list,
+                   thresholds: Optional[Thresholds]) -> Path:
+    """Write a fitted detector atomically; returns the path. ``settings``: its validated
+    parameters; ``arrays``: ``memory_bank``, ``patch_image_ids``, ``global_features``."""
+    params = dict(settings)
+    params["backbone"] = extractor.backbone_name
+    # Only torchvision weight names can be rebuilt without help; see read_detector().
+    weights_id = extractor.weights_id
+    params["weights"] = None if weights_id.startswith(("random:", "sha256:", "module:")) else weights_id
+    params["layers"] = list(extractor.layers)
+    meta = {"knnad_version": __version__, "params": params,
+            "custom_backbone": isinstance(settings["backbone"], nn.Module),
+            "layers": list(extractor.layers), "weights_id": weights_id,
+            "train_paths": train_paths, "skipped": skipped,
+            "image_threshold": thresholds.image if thresholds else None,
+            "pixel_threshold": thresholds.pixel if thresholds else None,
+            "calibration_quantile": thresholds.quantile if thresholds else None}
+    return write_archive(path, KIND, FORMAT_VERSION, meta, arrays)
+
+
+def read_detector(path: PathLike, backbone: Any = None, weights: Any = None, **overrides: Any
+                  ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, Any]]:
+    """``(params, arrays, meta)`` of a file written by :func:`write_detector`.
+
+    ``params`` are the detector's constructor arguments: the saved ones, the backbone rebuilt
+    from its identity (``backbone``/``weights`` where a name cannot rebuild it), and the
+    ``overrides`` that are not None. Raises ModelFileError for a damaged or foreign file and
+    ValueError when the backbone cannot be rebuilt or is not the saved one.
+    """
+    meta, arrays, _ = read_archive(path, KIND, FORMAT_VERSION)
+    params = dict(meta["params"])
+    saved_name, weights_id = params["backbone"], meta["weights_id"]
+    if meta["custom_backbone"]:
+        if not isinstance(backbone, nn.Module):
+            raise ValueError(f"{path} was fit with a custom backbone ({saved_name}); pass "
+                             f"backbone=<that nn.Module> to Detector.load")
+        params["backbone"] = backbone
+    elif backbone is not None and backbone != saved_name:
+        shown = backbone if isinstance(backbone, str) else type(backbone).__name__
+        raise ValueError(f"{path} was fit with backbone {saved_name!r}, not {shown!r}; load "
+                         f"it without backbone= or fit a new detector")
+    if weights is not None:
+        params["weights"] = weights
+    elif weights_id.startswith("random:"):
+        params["weights"] = None
+    elif weights_id.startswith("sha256:"):
+        raise ValueError(f"{path} was fit with weights from a local file ({weights_id}); pass "
+                         f"weights=PATH to that file")
+    params["layers"] = meta["layers"]
+    params.update({name: value for name, value in overrides.items() if value is not None})
+    return params, arrays, meta
+
+
+def check_identity(path: PathLike, extractor: FeatureExtractor, meta: Dict[str, Any]) -> None:
+    """ValueError unless ``extractor`` has the weights the saved bank was built with."""
+    if extractor.weights_id != meta["weights_id"]:
+        raise ValueError(f"{path} was fit with backbone weights {meta['weights_id']}, but the "
+                         f"given backbone/weights are {extractor.weights_id}; scores would be wrong")
+
+
+def saved_thresholds(meta: Dict[str, Any]) -> Optional[Thresholds]:
+    """The thresholds stored by :func:`write_detector`, or None if it was not calibrated."""
+    if meta["image_threshold"] is None:
+        return None
+    return Thresholds(meta["image_threshold"], meta["pixel_threshold"], meta["calibration_quantile"])

@@ -1,0 +1,51 @@
+"""Deployment thresholds, set from defect-free images only, and the labels and masks they give."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ._checks import check_number
+
+
+def check_quantile(quantile: Any) -> float:
+    """``quantile`` as a float in (0, 1], else a ValueError naming it."""
+    value = check_number(quantile, "quantile", 0.0)
+    if not 0 < value <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """``image``: image scores above it are anomalous; ``pixel``: map values above it are;
+    ``quantile``: the quantile of normal images' scores they were set at."""
+
+    image: float
+    pixel: float
+    quantile: float
+
+    @classmethod
+    def from_normal(cls, image_scores: np.ndarray, anomaly_maps: np.ndarray, quantile: float
+                    ) -> "Thresholds":
+        """The ``quantile`` of normal images' scores ``[N]`` and of their maps' maxima
+        (``anomaly_maps`` ``[N, H, W]``), so that a normal image at that quantile has no
+        flagged pixel."""
+        quantile = check_quantile(quantile)
+        maxima = anomaly_maps.reshape(len(anomaly_maps), -1).max(axis=1)
+        return cls(float(np.quantile(image_scores, quantile)), float(np.quantile(maxima, quantile)),
+                   quantile)
+
+    def apply(self, prediction: Any) -> Any:
+        """A copy of a :class:`~knnad.scoring.Prediction` with its ``labels`` and ``masks``."""
+        return replace(prediction, labels=self.labels(prediction.image_scores),
+                       masks=self.masks(prediction.anomaly_maps))
+
+    def labels(self, image_scores: np.ndarray) -> np.ndarray:
+        """bool ``[N]``: True for anomalous images."""
+        return image_scores > self.image
+
+    def masks(self, anomaly_maps: np.ndarray) -> np.ndarray:
+        """bool ``[N, H, W]``: True for anomalous pixels."""
+        return anomaly_maps > self.pixel
