@@ -33,6 +33,15 @@ def machine_description() -> Dict[str, object]:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+#: How result tables name each search backend: the reference is torch.cdist + topk.
+METHODS = {"faiss": "faiss IndexFlatL2", "torch": "torch.cdist + topk"}
+
+
+def method(backend: str, device: str = "cpu") -> str:
+    """Table label of a search backend on a device, e.g. ``torch.cdist + topk (cpu)``."""
+    return f"{METHODS[backend]} ({device})"
+
+
 def search_backends() -> List[Tuple[str, str]]:
     """``(backend, device)`` pairs to measure here: faiss and torch on the CPU, and on the first
     GPU torch and, when faiss-gpu is installed, faiss."""
@@ -77,6 +86,12 @@ def best_time(function: Callable[[], object], repeats: int = 3, warmup: int = 1)
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def interval(values: np.ndarray, digits: int = 4) -> str:
+    """Central 95 % of bootstrap ``values``, as text."""
+    low, high = np.nanpercentile(values, [2.5, 97.5])
+    return f"{low:.{digits}f} to {high:.{digits}f}"
 
 
 def markdown_table(rows: List[Dict[str, object]]) -> str:

@@ -27,7 +27,7 @@ from knnad.preprocessing import Preprocessor
 from knnad.datasets import dataset_pairs, discover_categories
 from knnad.sampling import coreset
 
-from _common import PeakMemory, best_time, patch_embeddings, search_backends, write_results
+from _common import PeakMemory, best_time, method, patch_embeddings, search_backends, write_results
 from bench_index import matmul_gflops
 
 K = 1  # the detector's default
@@ -92,7 +92,7 @@ def category_rows(name, train, test, extractor, cache, ratio, peak_gflops, reran
             same, error = exactness(distances, indices, ref_d, ref_i, bank, queries)
             maps = anomaly_maps(torch.from_numpy(distances.mean(1)).reshape(n, h, w), 224, 4.0).numpy()
             gflops = 2 * len(queries) * len(bank) * dim / seconds / 1e9
-            rows.append({"category": name, "coreset": label, "bank": len(bank), "backend": f"{backend} {device}",
+            rows.append({"category": name, "coreset": label, "bank": len(bank), "backend": method(backend, device),
                          "rerank": rerank,
                          "build s": build + coreset_seconds, "search s": seconds,
                          "queries/s": len(queries) / seconds, "GFLOP/s": gflops,
@@ -131,12 +131,12 @@ def main() -> None:
                                   args.cache / args.backbone, args.coreset, peak, args.reranks)
     summary = {"matmul GFLOP/s": peak}
     for row in rows:
-        if row["backend"] == "faiss cpu":
+        if row["backend"] == method("faiss"):
             torch_row = next(r for r in rows if r["category"] == row["category"] and r["rerank"] == row["rerank"]
-                             and r["coreset"] == row["coreset"] and r["backend"] == "torch cpu")
+                             and r["coreset"] == row["coreset"] and r["backend"] == method("torch"))
             key = f"{row['category']} coreset={row['coreset']} rerank={row['rerank']}"
-            summary[f"faiss/torch speedup {key}"] = torch_row["search s"] / row["search s"]
-            summary[f"AUROC difference faiss - torch {key}"] = max(
+            summary[f"faiss/(torch.cdist + topk) speedup {key}"] = torch_row["search s"] / row["search s"]
+            summary[f"AUROC difference faiss - (torch.cdist + topk) {key}"] = max(
                 abs(row[name] - torch_row[name]) for name in ("image AUROC", "pixel AUROC")
                 if row[name] is not None)
     write_results("datasets", {f"{args.backbone} {args.weights}, k={K}": rows}, summary)

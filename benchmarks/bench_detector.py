@@ -25,7 +25,7 @@ from knnad import Detector, evaluate
 from knnad.datasets import MVTecAD
 from knnad.metrics import pixel_auroc, pixel_auroc_bootstrap
 
-from _common import write_results
+from _common import interval, write_results
 
 PEER_PATTERN = re.compile(r"image AUROC=(?P<image>[\d.]+) pixel AUROC=(?P<pixel>[\d.]+).*?"
                           r"fit (?P<fit>[\d.]+)s predict (?P<predict>[\d.]+)s \((?P<rate>[\d.]+) img/s\)",
@@ -77,12 +77,6 @@ def peer_row(args):
             "memory bank": int(bank.group(1)) if bank else "?", "image AUROC": float(found["image"]),
             "pixel AUROC": float(found["pixel"]), "AUPRO": None, "fit s": float(found["fit"]),
             "predict img/s": float(found["rate"])}, paths, maps
-
-
-def interval(values: np.ndarray, digits: int = 4) -> str:
-    """Central 95 % of bootstrap ``values``, as text."""
-    low, high = np.nanpercentile(values, [2.5, 97.5])
-    return f"{low:.{digits}f} to {high:.{digits}f}"
 
 
 def main() -> None:

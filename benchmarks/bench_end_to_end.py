@@ -18,10 +18,10 @@ import torch
 
 from knnad import Detector
 from knnad.anomaly_map import anomaly_maps
-from knnad.backbones import WeightsUnavailableError
+from knnad.backbones import FeatureExtractor, WeightsUnavailableError
 from knnad.datasets import MVTecAD
 
-from _common import write_results
+from _common import method, write_results
 
 
 def timed(function):
@@ -32,10 +32,10 @@ def timed(function):
 
 def stage_costs(detector: Detector, paths, backend_index) -> dict:
     """Milliseconds per image of each stage, run one after the other on one batch size."""
-    images, decode = timed(lambda: [detector.preprocessor(p) for p in paths])
+    images, decode = timed(lambda: [detector.preprocessor_(p) for p in paths])
     batches = [torch.stack(images[i:i + detector.batch_size]) for i in range(0, len(images), detector.batch_size)]
-    features, backbone = timed(lambda: [detector.extractor(b) for b in batches])
-    embedded, embed = timed(lambda: [detector.embedder(f) for f in features])
+    features, backbone = timed(lambda: [detector.extractor_(b) for b in batches])
+    embedded, embed = timed(lambda: [detector.embedder_(f) for f in features])
     queries = [e.reshape(-1, e.shape[-1]) for e in embedded]
     distances, search = timed(lambda: [backend_index.search(q, detector.k)[0] for q in queries])
     _, maps = timed(lambda: [anomaly_maps(torch.from_numpy(d.mean(1)).reshape(e.shape[:3]), 224, detector.sigma)
@@ -59,17 +59,16 @@ def main() -> None:
     rows = []
     for backbone in args.backbones:
         for backend in args.backends:
-            for weights in ("IMAGENET1K_V1", None):
-                detector = Detector(backbone, weights=weights, backend=backend, coreset=args.coreset,
-                                    progress=False)
-                try:
-                    detector.extractor  # builds the backbone: fails where the ImageNet file is missing
-                    break
-                except WeightsUnavailableError:
-                    continue
+            try:
+                weights = "IMAGENET1K_V1"
+                FeatureExtractor(backbone, weights=weights).close()
+            except WeightsUnavailableError:  # the ImageNet file is not here
+                weights = None
+            detector = Detector(backbone, weights=weights, backend=backend, coreset=args.coreset,
+                                progress=False)
             _, fit_seconds = timed(lambda: detector.fit(train))
             prediction, predict_seconds = timed(lambda: detector.predict(test))
-            row = {"backbone": backbone, "weights": weights or "random", "backend": detector.index_.backend,
+            row = {"backbone": backbone, "weights": weights or "random", "search": method(detector.index_.backend, detector.index_.device),
                    "bank": f"{len(detector.index_)}x{detector.index_.dim}",
                    "fit img/s": len(train) / fit_seconds, "predict img/s": len(test) / predict_seconds}
             row.update(stage_costs(detector, test_paths, detector.index_))

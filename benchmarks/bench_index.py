@@ -27,7 +27,7 @@ from knnad.index import FlatL2Index
 from knnad.preprocessing import list_images
 from knnad.sampling import coreset, covering_radius
 
-from _common import best_time, patch_embeddings, write_results
+from _common import best_time, method, patch_embeddings, write_results
 
 PEER_CODE = """
 import sys, time, numpy as np, torch
@@ -73,7 +73,7 @@ def search_rows(queries: int, bank: int, dim: int, ks, rounds: int, peak: float)
     rows = [{"task": f"product only {queries}x{bank}x{dim}", "method": "torch.mm",
              "seconds": floor_seconds, "queries/s": queries / floor_seconds,
              "GFLOP/s": flops / floor_seconds / 1e9, "% of matmul": 100 * flops / floor_seconds / 1e9 / peak,
-             "% of product": 100.0, "torch/faiss median (range)": ""}]
+             "% of product": 100.0, "reference/faiss median (range)": ""}]
     summary = {"product_only_seconds": floor_seconds}
     for k in ks:
         results, times = {}, {"faiss": [], "torch": []}
@@ -85,11 +85,11 @@ def search_rows(queries: int, bank: int, dim: int, ks, rounds: int, peak: float)
         ratios = np.array(times["torch"]) / np.array(times["faiss"])
         for backend in indexes:
             seconds = min(times[backend])
-            rows.append({"task": f"search {queries}x{bank}x{dim} k={k}", "method": backend,
+            rows.append({"task": f"search {queries}x{bank}x{dim} k={k}", "method": method(backend),
                          "seconds": seconds, "queries/s": queries / seconds,
                          "GFLOP/s": flops / seconds / 1e9, "% of matmul": 100 * flops / seconds / 1e9 / peak,
                          "% of product": 100 * floor_seconds / seconds,
-                         "torch/faiss median (range)": "" if backend == "torch" else
+                         "reference/faiss median (range)": "" if backend == "torch" else
                          f"{np.median(ratios):.2f} ({ratios.min():.2f}-{ratios.max():.2f})"})
         summary[f"search_speedup_faiss_over_torch_k{k}_median"] = float(np.median(ratios))
         summary[f"search_speedup_faiss_over_torch_k{k}_range"] = [float(ratios.min()), float(ratios.max())]

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from knnad.index import DEFAULT_MEMORY_BUDGET, FlatL2Index
 
-from _common import RESULTS, PeakMemory, best_time, machine_tag, search_backends, write_results
+from _common import METHODS, RESULTS, PeakMemory, best_time, machine_tag, search_backends, write_results
 
 
 def plot(rows, path):
@@ -58,7 +58,7 @@ def main() -> None:
                     index.search(queries, args.k)
                 seconds = best_time(lambda: index.search(queries, args.k), repeats=2, warmup=0)
                 outputs = args.queries * args.k * 12  # the [m, k] float32 + int64 results
-                rows.append({"backend": backend, "device": device, "d": dim, "bank": size,
+                rows.append({"backend": METHODS[backend], "device": device, "d": dim, "bank": size,
                              "seconds": seconds, "ns per query-vector": 1e9 * seconds / (size * args.queries),
                              "peak search MiB": peak.bytes / 2**20,
                              "within budget": peak.bytes <= budget + outputs})

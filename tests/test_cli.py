@@ -2,6 +2,9 @@ import csv
 import inspect
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +77,14 @@ def test_evaluate_mvtec_and_folder(tmp_path, sample, capsys):
     figures = evaluate(direct, MVTecAD(sample.parent, "bottle", "test"))
     for name in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
         assert row[name] == pytest.approx(figures[name], abs=1e-9), name
+    # The example script takes the same options and gives the same report.
+    example = Path(__file__).resolve().parents[1] / "examples" / "evaluate_mvtec.py"
+    subprocess.run([sys.executable, str(example), "--root", str(sample.parent), "--category", "bottle",
+                    "--out", str(tmp_path / "example"), "--coreset", "none", *FAST],
+                   check=True, capture_output=True, text=True)
+    example_row = json.loads((tmp_path / "example" / "results.json").read_text())["rows"][0]
+    for name in ("image_auroc", "pixel_auroc", "aupro", "memory_bank"):
+        assert example_row[name] == row[name], name
     assert set(results["details"]["bottle"]["per_defect"]) == {"broken_large", "broken_small", "contamination"}
     for name in ("results.md", "results.csv", "roc_image.png", "roc_pixel.png", "pro.png",
                  "heatmaps_bottle.png"):

@@ -320,3 +320,14 @@ def test_refit_removes_the_previous_hooks_of_a_custom_backbone(normal_images):
         assert len(module[0]._forward_hooks) == 1
     detector.extractor_.close()
     assert not module[0]._forward_hooks
+
+
+@pytest.mark.cuda
+def test_detector_on_the_gpu_scores_like_the_cpu(normal_images):
+    tests = textured_images(2, seed=31) + [with_defect(normal_images[0])]
+    cpu = Detector(**SMALL, device="cpu").fit(normal_images).predict(tests)
+    gpu_detector = Detector(**SMALL, device="cuda").fit(normal_images)
+    assert gpu_detector.extractor_.device.type == "cuda" and gpu_detector.index_.device == "cuda:0"
+    gpu = gpu_detector.predict(tests)
+    np.testing.assert_allclose(gpu.anomaly_maps, cpu.anomaly_maps, rtol=1e-2, atol=1e-2)
+    assert np.argmax(gpu.image_scores) == np.argmax(cpu.image_scores) == 2
