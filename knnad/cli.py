@@ -14,11 +14,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ._version import __version__
 from .datasets import ImageFolder, dataset_pairs
 from .detector import Detector
-from .options import OPTIONS, Option, defaults
+from .options import OPTIONS, Option, check_bool, defaults
 from .preprocessing import IMAGE_SUFFIXES, denormalise, image_files
 from .runtime import backend_info
-
-logger = logging.getLogger("knnad.cli")
 
 #: Settings of ``knnad demo``: MobileNetV2 with torchvision's IMAGENET1K_V1 weights (14 MB).
 DEMO_PARAMS = {"backbone": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
@@ -50,7 +48,7 @@ def add_detector_options(parser: argparse.ArgumentParser, names: Sequence[str] =
         option, flag = OPTIONS[name], "--" + name.replace("_", "-")
         shown = "as saved" if as_saved else "none" if default is None else default
         default = None if as_saved else default
-        if option.check is OPTIONS["progress"].check:  # a bool: --progress / --no-progress
+        if option.check is check_bool:  # --progress / --no-progress
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                help=f"{option.help} (default: {shown})")
         else:

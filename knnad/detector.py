@@ -1,7 +1,5 @@
-"""The anomaly detector, a short composition of knnad's parts. ``fit``: images (``sources``) →
-hooked features (``backbones``) → patch embeddings (``embedding``) → coreset (``sampling``) →
-exact index (``index``). ``predict``: the same features → patch scores (``scoring``) → maps
-(``anomaly_map``) → labels (``thresholds``). Options: ``options``; files: ``persistence``."""
+"""The anomaly detector, a short composition of knnad's parts (README: Code map): ``fit`` builds
+features, coreset and index; ``predict`` scores, maps and labels."""
 from __future__ import annotations
 
 import logging
@@ -17,7 +15,7 @@ from .anomaly_map import anomaly_maps
 from .backbones import FeatureExtractor
 from .embedding import PatchEmbedder, patch_features
 from .index import FlatL2Index
-from .options import Parameters, check_unchanged, describe, validate
+from .options import Parameters, check_unchanged, describe, scoring_settings, validate
 from .persistence import check_identity, read_detector, saved_thresholds, write_detector
 from .preprocessing import Preprocessor
 from .runtime import backbone_device
@@ -32,13 +30,11 @@ logger = logging.getLogger(__name__)
 class Detector(Parameters):
     """Anomaly detector by exact k-nearest-neighbour search on pretrained patch features.
 
-    scikit-learn's conventions: ``__init__`` only stores its arguments; ``fit`` checks them and
+    scikit-learn's conventions: ``__init__`` only stores; ``fit`` checks every parameter and
     builds the parts as fitted attributes (``preprocessor_``, ``extractor_``, ``embedder_``,
-    ``index_``, ``global_index_``, ``config_`` ...); ``get_params``/``set_params`` and
-    ``sklearn.base.clone`` work. A parameter marked * shapes the memory bank: changed after
-    fit, it makes predict, calibrate and save refuse until the next fit. The others (k, maps,
-    image score, batching) may change between predicts; ``save`` stores them as set then.
-    """
+    ``index_``, ``config_`` ...); ``get_params``, ``set_params`` and ``sklearn.base.clone`` work.
+    A parameter marked * builds the fitted parts: changed after fit, predict, calibrate and save
+    refuse until the next fit. The others may change between predicts and are saved as set."""
 
     def __init__(self, backbone="wide_resnet50_2", layers=None, weights="DEFAULT", k=1,
                  image_score="max", image_k=50, coreset=0.1, backend="auto", device="auto",
@@ -48,10 +44,9 @@ class Detector(Parameters):
         self.backbone, self.layers, self.weights, self.k = backbone, layers, weights, k
         self.image_score, self.image_k, self.coreset = image_score, image_k, coreset
         self.backend, self.device, self.rerank = backend, device, rerank
-        self.image_size, self.crop_size = image_size, crop_size
-        self.aggregation_size, self.reduce_dim = aggregation_size, reduce_dim
-        self.sigma, self.upsampling, self.batch_size = sigma, upsampling, batch_size
-        self.progress, self.on_error, self.seed = progress, on_error, seed
+        self.image_size, self.crop_size, self.aggregation_size = image_size, crop_size, aggregation_size
+        self.reduce_dim, self.sigma, self.upsampling = reduce_dim, sigma, upsampling
+        self.batch_size, self.progress, self.on_error, self.seed = batch_size, progress, on_error, seed
 
     @property
     def is_fitted(self) -> bool:
@@ -98,6 +93,10 @@ class Detector(Parameters):
         Euclidean distance of the patch to its ``k`` nearest normal patches, upsampled to the
         crop (``upsampling``) and smoothed (``sigma``); image score per ``image_score``."""
         settings = self._settings("predict")
+        prediction = self._scores(data, settings)
+        return prediction if self.thresholds_ is None else self.thresholds_.apply(prediction, settings)
+
+    def _scores(self, data: Any, settings: Dict[str, Any]) -> Prediction:
         items = image_items(data, "predict data")
         image_scores, maps, paths, skipped = [], [], [], []
         for batch in batches(items, self.preprocessor_, settings["batch_size"],
@@ -115,9 +114,8 @@ class Detector(Parameters):
             paths += batch.paths
         if not maps:
             raise ValueError(f"predict: none of the {len(items)} images could be read (skipped: {skipped})")
-        prediction = Prediction(np.concatenate(image_scores).astype(np.float32),
-                                np.concatenate(maps).astype(np.float32), paths, skipped=skipped)
-        return prediction if self.thresholds_ is None else self.thresholds_.apply(prediction)
+        return Prediction(np.concatenate(image_scores).astype(np.float32),
+                          np.concatenate(maps).astype(np.float32), paths, skipped=skipped)
 
     def calibrate(self, normal_data: Any, quantile: float = 0.99) -> "Detector":
         """Set deployment thresholds (``thresholds_``) from defect-free images only: the
@@ -125,13 +123,14 @@ class Detector(Parameters):
         :class:`~knnad.thresholds.Thresholds`). Use held-out normal images: training images lie
         in the memory bank and score too low. Returns ``self``."""
         check_quantile(quantile)
-        self._settings("calibrate")
-        reference = self.predict(normal_data)
+        settings = self._settings("calibrate")
+        reference = self._scores(normal_data, settings)
         overlap = set(p for p in reference.paths if p) & set(self.train_paths_)
         if overlap:
             logger.warning("calibrate: %d of the images were used in fit; their scores are "
                            "biased low and so is the threshold", len(overlap))
-        self.thresholds_ = Thresholds.from_normal(reference.image_scores, reference.anomaly_maps, quantile)
+        self.thresholds_ = Thresholds.from_normal(reference.image_scores, reference.anomaly_maps,
+                                                  quantile, scoring_settings(settings))
         return self
 
     def save(self, path: PathLike) -> Path:
@@ -163,7 +162,10 @@ class Detector(Parameters):
         return detector
 
     def _build_parts(self, config: Dict[str, Any]) -> None:
-        """The feature parts for ``config``; the previous backbone's hooks are removed."""
+        """The feature parts for ``config``, after removing the previous hooks and index: a
+        failed (re)fit leaves nothing that predict or save would accept."""
+        for stale in ("index_", "global_index_"):
+            self.__dict__.pop(stale, None)
         if hasattr(self, "extractor_"):
             self.extractor_.close()
         self.config_ = config
@@ -171,8 +173,6 @@ class Detector(Parameters):
         self.extractor_ = FeatureExtractor(config["backbone"], config["layers"], config["weights"],
                                            backbone_device(config["device"]))
         self.embedder_ = PatchEmbedder(config["aggregation_size"], config["reduce_dim"])
-        for stale in ("index_", "global_index_"):  # a failed refit leaves no half-fitted model
-            self.__dict__.pop(stale, None)
 
     def _set_bank(self, config: Dict[str, Any], bank: np.ndarray, image_ids: np.ndarray,
                   global_features: np.ndarray) -> None:
@@ -196,4 +196,4 @@ class Detector(Parameters):
         return patch_features(self.extractor_, self.embedder_, images)
 
 
-Detector.__doc__ += describe(Detector)
+Detector.__doc__ = (Detector.__doc__ or "") + describe(Detector)

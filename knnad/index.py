@@ -230,6 +230,16 @@ class FlatL2Index:
         queries = max(1, (self.memory_budget * 3 // 4) // per_query)
         return min(queries, _FAISS_MAX_QUERY_CHUNK) if self._backend == "faiss" else queries
 
+    def _check_ranges(self, ranges: Sequence[Tuple[int, int]]) -> None:
+        previous = 0
+        for pair in ranges:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                    and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair)
+                    and previous <= pair[0] <= pair[1] <= self._count):
+                raise ValueError(f"ranges must be ascending, disjoint (start, stop) int pairs within "
+                                 f"[0, {self._count}]; got {pair!r} after stop {previous}")
+            previous = pair[1]
+
     def _bank_chunk(self) -> int:
         """Bank rows per torch.cdist call: cdist copies its bank block (with two extra columns),
         so that copy gets a quarter of the budget."""
@@ -265,10 +275,12 @@ class FlatL2Index:
     def search_among(self, queries: ArrayLike, k: int, ranges: Sequence[Tuple[int, int]]
                      ) -> Tuple[np.ndarray, np.ndarray]:
         """:meth:`search` restricted to the stored rows in ``ranges``: half-open
-        ``(start, stop)`` row ranges, ascending and disjoint (faiss's range selector, for
-        several ranges). Same outputs and tie order as a search of an index holding only those
-        rows, with indices into this index. Copies those rows once, never the whole bank."""
-        gallery = torch.cat([self.rows(start, stop) for start, stop in ranges])
+        ``(start, stop)`` row ranges, ascending and disjoint. Same outputs and tie order as a
+        search of an index holding only those rows, with indices into this index. Copies those
+        rows once (never the whole bank) and searches them on the CPU with ``faiss.knn`` or on
+        the index's device with the torch kernel."""
+        self._check_ranges(ranges)
+        gallery = torch.cat([self.rows(start, stop) for start, stop in ranges] or [torch.empty(0, self._dim)])
         if len(gallery) == 0:
             raise ValueError("search_among: the ranges hold no stored vectors")
         k = check_int(k, "k", 1, len(gallery), " (the rows in the ranges)")

@@ -4,11 +4,11 @@
 and its reading from command-line text, and whether changing it needs a new fit. The defaults
 are the ones in ``Detector.__init__``'s signature. From these two sources come the detector's
 validation (:func:`validate`), its docstring's parameter list (:func:`describe`) and every
-front end's options (``knnad fit/evaluate``, the example scripts).
+front end's options (``knnad fit/evaluate/predict``, the example scripts).
 
-:class:`Parameters` gives a class whose ``__init__`` only stores its keyword arguments
-scikit-learn's parameter protocol: ``get_params``, ``set_params`` (validated) and
-``sklearn.base.clone``.
+:class:`Parameters` gives scikit-learn's parameter protocol (``get_params``, ``set_params``
+with checks, ``sklearn.base.clone``) to a class whose ``__init__`` only stores its keyword
+arguments.
 """
 from __future__ import annotations
 
@@ -36,14 +36,16 @@ Check = Callable[[Any, str], Any]
 class Option:
     """One detector parameter: ``help`` (one line), ``check`` (value, name) -> normalised value
     or a ValueError/TypeError naming the parameter, ``parse`` (command-line text -> value),
-    ``refit`` (True: it shapes the memory bank, so a change needs a new fit) and ``nargs``
-    (argparse's, for list options)."""
+    ``refit`` (True: the fitted parts are built with it, so a change needs a new fit),
+    ``nargs`` (argparse's, for list options) and ``scoring`` (it changes the scores of a fitted
+    detector, so thresholds calibrated before a change no longer apply)."""
 
     help: str
     check: Check
     parse: Callable[[str], Any] = str
     refit: bool = True
     nargs: Optional[str] = None
+    scoring: bool = False
 
 
 def _choice(choices) -> Check:
@@ -82,7 +84,8 @@ def _weights(value: Any, name: str) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def _bool(value: Any, name: str) -> bool:
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is True or False, else a ValueError naming ``name``."""
     if isinstance(value, bool):
         return value
     raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -91,19 +94,19 @@ def _bool(value: Any, name: str) -> bool:
 OPTIONS: Dict[str, Option] = {
     "backbone": Option(f"torchvision model name (presets: {', '.join(PRESET_LAYERS)}) or your "
                        f"own nn.Module", _backbone),
-    "layers": Option("module names to hook, e.g. layer2 layer3 (none: the backbone's preset)",
+    "layers": Option("module names to hook, e.g. layer2 layer3 (default: the backbone's preset)",
                      _layers, nargs="+"),
     "weights": Option("'DEFAULT', a torchvision weight name such as IMAGENET1K_V1, none "
                       "(seeded random initialisation) or a .pth state-dict path", _weights,
                       parse=_none_or(str)),
     "k": Option("nearest normal patches whose mean Euclidean distance is a patch's score",
-                _int(1), parse=int, refit=False),
+                _int(1), parse=int, refit=False, scoring=True),
     "image_score": Option("'max': the maximum of the anomaly map; 'spade': the mean distance of "
                           "the image's global feature to its image_k nearest training images, "
                           "with its patches searched among those images' patches only",
-                          _choice(IMAGE_SCORES), refit=False),
+                          _choice(IMAGE_SCORES), refit=False, scoring=True),
     "image_k": Option("nearest training images in 'spade' mode (capped at their number)",
-                      _int(1), parse=int, refit=False),
+                      _int(1), parse=int, refit=False, scoring=True),
     "coreset": Option("patches kept by greedy k-center selection: none (all), a share in (0, 1] "
                       "such as 0.1, or a count >= 1 such as 10000", parse_coreset,
                       parse=parse_coreset),
@@ -121,18 +124,20 @@ OPTIONS: Dict[str, Option] = {
                          "pooling (none: keep them all)", _optional(_int(1)), parse=_none_or(int)),
     "sigma": Option("standard deviation of the Gaussian smoothing of the maps, pixels (0: none)",
                     lambda value, name: check_number(value, name, 0.0, " of pixels"), parse=float,
-                    refit=False),
+                    refit=False, scoring=True),
     "upsampling": Option("patch scores to pixels: 'bilinear', or 'nearest' (anomalib's maps)",
-                         _choice(UPSAMPLING), refit=False),
+                         _choice(UPSAMPLING), refit=False, scoring=True),
     "batch_size": Option("images per backbone call", _int(1), parse=int, refit=False),
-    "progress": Option("show tqdm progress bars", _bool, refit=False),
+    "progress": Option("show tqdm progress bars", check_bool, refit=False),
     "on_error": Option("an image that cannot be decoded: 'raise' stops with its name, 'skip' "
                        "skips it with a warning and lists it", _choice(ON_ERROR), refit=False),
     "seed": Option("seed of the coreset's first pick and random projection", _int(0), parse=int),
 }
 
-#: The parameters that shape the memory bank: changing one after fit needs a new fit.
+#: The parameters the fitted parts are built with: changing one after fit needs a new fit.
 REFIT = tuple(name for name, option in OPTIONS.items() if option.refit)
+#: The predict-time parameters that change the scores (and so what thresholds mean).
+SCORING = tuple(name for name, option in OPTIONS.items() if option.scoring)
 
 
 def check(name: str, value: Any) -> Any:
@@ -149,6 +154,11 @@ def validate(params: Mapping[str, Any]) -> Dict[str, Any]:
     return checked
 
 
+def scoring_settings(settings: Mapping[str, Any]) -> Dict[str, Any]:
+    """The :data:`SCORING` entries of ``settings``."""
+    return {name: settings[name] for name in SCORING}
+
+
 def check_unchanged(settings: Dict[str, Any], fitted: Mapping[str, Any], action: str
                     ) -> Dict[str, Any]:
     """``settings`` if every :data:`REFIT` parameter equals its ``fitted`` value (the same
@@ -159,8 +169,9 @@ def check_unchanged(settings: Dict[str, Any], fitted: Mapping[str, Any], action:
     changed = [f"{name} from {fitted[name]!r} to {settings[name]!r}" for name in REFIT
                if not same(settings[name], fitted[name])]
     if changed:
-        raise RuntimeError(f"{action}: {', '.join(changed)} since fit, but the memory bank was "
-                           f"built with the old values; call fit() again or set them back")
+        raise RuntimeError(f"{action} refused: {', '.join(changed)} changed since fit, and the "
+                           f"fitted model was built with the old values; call fit() again or "
+                           f"set them back")
     return settings
 
 

@@ -21,7 +21,9 @@ from .backbones import FeatureExtractor
 from .thresholds import Thresholds
 
 KIND = "Detector"
-FORMAT_VERSION = 1
+#: 2 (knnad 0.2): thresholds carry the scoring settings they were set with; no ``grid``.
+#: Version 1 files (knnad 0.1) are still read.
+FORMAT_VERSION = 2
 
 
 def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtractor,
@@ -41,7 +43,8 @@ def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureE
             "train_paths": train_paths, "skipped": skipped,
             "image_threshold": thresholds.image if thresholds else None,
             "pixel_threshold": thresholds.pixel if thresholds else None,
-            "calibration_quantile": thresholds.quantile if thresholds else None}
+            "calibration_quantile": thresholds.quantile if thresholds else None,
+            "calibration_settings": thresholds.scored_with if thresholds else None}
     return write_archive(path, KIND, FORMAT_VERSION, meta, arrays)
 
 
@@ -89,4 +92,5 @@ def saved_thresholds(meta: Dict[str, Any]) -> Optional[Thresholds]:
     """The thresholds stored by :func:`write_detector`, or None if it was not calibrated."""
     if meta["image_threshold"] is None:
         return None
-    return Thresholds(meta["image_threshold"], meta["pixel_threshold"], meta["calibration_quantile"])
+    return Thresholds(meta["image_threshold"], meta["pixel_threshold"], meta["calibration_quantile"],
+                      meta.get("calibration_settings"))

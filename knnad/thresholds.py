@@ -1,12 +1,15 @@
 """Deployment thresholds, set from defect-free images only, and the labels and masks they give."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
 from ._checks import check_number
+
+logger = logging.getLogger(__name__)
 
 
 def check_quantile(quantile: Any) -> float:
@@ -20,25 +23,40 @@ def check_quantile(quantile: Any) -> float:
 @dataclass(frozen=True)
 class Thresholds:
     """``image``: image scores above it are anomalous; ``pixel``: map values above it are;
-    ``quantile``: the quantile of normal images' scores they were set at."""
+    ``quantile``: the quantile of normal images' scores they were set at; ``scored_with``: the
+    detector settings that shape the scores (k, maps, image score) when they were set, or None
+    where that is unknown (models saved by knnad 0.1)."""
 
     image: float
     pixel: float
     quantile: float
+    scored_with: Optional[Dict[str, Any]] = None
 
     @classmethod
-    def from_normal(cls, image_scores: np.ndarray, anomaly_maps: np.ndarray, quantile: float
-                    ) -> "Thresholds":
+    def from_normal(cls, image_scores: np.ndarray, anomaly_maps: np.ndarray, quantile: float,
+                    scored_with: Optional[Dict[str, Any]] = None) -> "Thresholds":
         """The ``quantile`` of normal images' scores ``[N]`` and of their maps' maxima
         (``anomaly_maps`` ``[N, H, W]``), so that a normal image at that quantile has no
         flagged pixel."""
         quantile = check_quantile(quantile)
         maxima = anomaly_maps.reshape(len(anomaly_maps), -1).max(axis=1)
         return cls(float(np.quantile(image_scores, quantile)), float(np.quantile(maxima, quantile)),
-                   quantile)
+                   quantile, None if scored_with is None else dict(scored_with))
 
-    def apply(self, prediction: Any) -> Any:
-        """A copy of a :class:`~knnad.scoring.Prediction` with its ``labels`` and ``masks``."""
+    def changed(self, settings: Mapping[str, Any]) -> List[str]:
+        """The scoring settings that differ from ``scored_with``, as ``"k=1 (now 3)"``."""
+        return [f"{name}={before!r} (now {settings[name]!r})"
+                for name, before in (self.scored_with or {}).items() if settings[name] != before]
+
+    def apply(self, prediction: Any, settings: Mapping[str, Any]) -> Any:
+        """A copy of a :class:`~knnad.scoring.Prediction` with its ``labels`` and ``masks``;
+        without them, and with a warning, when ``settings`` score differently from those the
+        thresholds were set with (they would compare scores of another scale)."""
+        changed = self.changed(settings)
+        if changed:
+            logger.warning("no labels or masks: the thresholds were calibrated with %s; call "
+                           "calibrate() again", ", ".join(changed))
+            return prediction
         return replace(prediction, labels=self.labels(prediction.image_scores),
                        masks=self.masks(prediction.anomaly_maps))
 

@@ -13,6 +13,7 @@ from PIL import Image
 from knnad import Detector, evaluate, runtime
 from knnad.cli import demo_root, main
 from knnad.datasets import MVTecAD
+from knnad.metrics import image_auroc
 
 FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--no-progress"]
 
@@ -52,13 +53,21 @@ def test_fit_then_predict(tmp_path, sample, capsys):
     out = tmp_path / "scores"
     broken = sample / "test" / "broken_large"
     assert main(["predict", str(model), str(broken), str(test_good[2]), "--out", str(out),
-                 "--no-progress", "--k", "1", "--upsampling", "nearest"]) == 0
+                 "--no-progress", "--batch-size", "3"]) == 0
     with open(out / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 and rows[-1]["path"] == str(test_good[2])
-    expected = detector.set_params(k=1, upsampling="nearest").predict([row["path"] for row in rows])
+    expected = detector.predict([row["path"] for row in rows])
     np.testing.assert_allclose([float(row["score"]) for row in rows], expected.image_scores, atol=1e-6)
     assert [row["anomalous"] for row in rows] == [str(int(label)) for label in expected.labels]
+    # Scoring options differ from the calibration's: scores, but no labels.
+    assert main(["predict", str(model), str(broken), "--out", str(out), "--no-heatmaps",
+                 "--no-progress", "--k", "1", "--upsampling", "nearest"]) == 0
+    with open(out / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = detector.set_params(k=1, upsampling="nearest").predict([row["path"] for row in rows])
+    np.testing.assert_allclose([float(row["score"]) for row in rows], expected.image_scores, atol=1e-6)
+    assert expected.labels is None and {row["anomalous"] for row in rows} == {""}
     heatmaps = sorted(out.glob("*.png"))
     assert len(heatmaps) == 4 and heatmaps[0].name.startswith("0000_")
     with Image.open(heatmaps[0]) as image:
@@ -74,7 +83,8 @@ def test_evaluate_mvtec_and_folder(tmp_path, sample, capsys):
     assert row["category"] == "bottle" and row["test_images"] == 12 and row["memory_bank"] == 16 * 784
     direct = Detector("mobilenet_v2", weights=None, coreset=None, progress=False).fit(
         MVTecAD(sample.parent, "bottle", "train"))
-    figures = evaluate(direct, MVTecAD(sample.parent, "bottle", "test"))
+    mvtec_test = MVTecAD(sample.parent, "bottle", "test")
+    figures, direct_prediction, _ = evaluate(direct, mvtec_test, return_prediction=True)
     for name in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
         assert row[name] == pytest.approx(figures[name], abs=1e-9), name
     # The example script takes the same options and gives the same report.
@@ -104,7 +114,9 @@ def test_evaluate_mvtec_and_folder(tmp_path, sample, capsys):
                  "--coreset", "none", *FAST]) == 0
     folder_rows = json.loads((tmp_path / "folder_report" / "results.json").read_text())["rows"]
     assert folder_rows[0]["pixel_auroc"] is None  # no masks given
-    assert folder_rows[0]["image_auroc"] is not None
+    kept = [i for i, defect in enumerate(mvtec_test.defects) if defect in ("good", "broken_large", "contamination")]
+    assert folder_rows[0]["image_auroc"] == pytest.approx(image_auroc(
+        mvtec_test.labels[kept], direct_prediction.image_scores[kept]), abs=1e-9)
 
 
 def test_errors_are_one_line(tmp_path, capsys):

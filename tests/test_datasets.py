@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from knnad.datasets import BTAD, BTAD_ARCHIVE_FOLDER, MVTEC_CATEGORIES, ImageFolder, MVTecAD, Sample
+from knnad.datasets import (BTAD, BTAD_ARCHIVE_FOLDER, MVTEC_CATEGORIES, ImageFolder, MVTecAD, Sample,
+                            load_masks)
 
 
 def write_image(path, size=(40, 30), value=100, mode="RGB", suffix=None):
@@ -146,7 +147,7 @@ def test_genuine_bottle(bottle_root):
 def test_detector_takes_datasets_and_refuses_defects_in_fit(mvtec_root):
     import knnad
     detector = knnad.Detector("mobilenet_v2", weights=None, image_size=40, crop_size=32,
-                              progress=False, device="cpu")
+                              progress=False)
     detector.fit(MVTecAD(mvtec_root, "bottle", "train"))
     assert len(detector.train_paths_) == 3
     test = MVTecAD(mvtec_root, "bottle", "test")
@@ -154,4 +155,10 @@ def test_detector_takes_datasets_and_refuses_defects_in_fit(mvtec_root):
         detector.fit(test)
     results = knnad.evaluate(detector, test)
     assert results["images"] == 5 and set(results["per_defect"]) == {"broken_large", "contamination"}
-    assert 0 <= results["pixel_auroc"] <= 1 and results["images_per_second"] > 0
+    prediction = detector.predict(test)
+    masks = load_masks(test, detector.preprocessor_)
+    assert masks.shape == (5, 32, 32) and masks[test.labels == 1].any(axis=(1, 2)).all()
+    assert not masks[test.labels == 0].any()
+    assert results["pixel_auroc"] == pytest.approx(knnad.metrics.pixel_auroc(masks, prediction.anomaly_maps))
+    assert results["per_defect"]["contamination"]["images"] == int((test.labels == 0).sum()) + \
+        test.defects.count("contamination")

@@ -299,7 +299,7 @@ def test_changed_parameters_never_give_a_saved_model_unlike_the_live_one(normal_
     detector.crop_size = 48  # shapes the memory bank: refused until the next fit
     for action in (lambda: detector.predict(tests), lambda: detector.save(tmp_path / "m.npz"),
                    lambda: detector.calibrate(tests)):
-        with pytest.raises(RuntimeError, match="crop_size from 64 to 48 since fit.*call fit"):
+        with pytest.raises(RuntimeError, match="refused: crop_size from 64 to 48 changed since fit.*call fit"):
             action()
     assert not (tmp_path / "m.npz").exists()
     detector.set_params(crop_size=64, k=3, sigma=2.0, upsampling="nearest")  # predict-time options
@@ -331,3 +331,48 @@ def test_detector_on_the_gpu_scores_like_the_cpu(normal_images):
     gpu = gpu_detector.predict(tests)
     np.testing.assert_allclose(gpu.anomaly_maps, cpu.anomaly_maps, rtol=1e-2, atol=1e-2)
     assert np.argmax(gpu.image_scores) == np.argmax(cpu.image_scores) == 2
+
+
+def test_a_failed_refit_leaves_no_model_to_save(normal_images, tmp_path):
+    detector = Detector(**SMALL).fit(normal_images)
+    detector.set_params(image_size=96, crop_size=80, layers=["features.66"])
+    with pytest.raises(ValueError, match="unknown layer"):
+        detector.fit(normal_images)
+    for action in (lambda: detector.save(tmp_path / "m.npz"), lambda: detector.predict(normal_images)):
+        with pytest.raises(RuntimeError, match="before fit"):
+            action()
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_thresholds_apply_only_to_the_scores_they_were_set_on(fitted, caplog, tmp_path):
+    held_out = textured_images(4, seed=41)
+    fitted.set_params(k=3).calibrate(held_out, quantile=1.0)
+    assert fitted.thresholds_.scored_with["k"] == 3
+    assert fitted.predict(held_out).labels is not None
+    fitted.set_params(k=1, image_score="spade")
+    with caplog.at_level(logging.WARNING, logger="knnad.thresholds"):
+        prediction = fitted.predict(held_out)
+    assert prediction.labels is None and prediction.masks is None
+    assert "calibrated with k=3 (now 1), image_score='max' (now 'spade')" in caplog.text
+    loaded = Detector.load(fitted.save(tmp_path / "m.npz"))
+    assert loaded.predict(held_out).labels is None
+    loaded.set_params(k=3, image_score="max")
+    assert list(loaded.predict(held_out).labels) == [False] * 4
+    fitted.set_params(k=3, image_score="max")
+
+
+def test_files_of_format_version_1_still_load(fitted, tmp_path):
+    """knnad 0.1 wrote a ``grid`` and thresholds without their scoring settings."""
+    fitted.calibrate(textured_images(3, seed=42))
+    meta, arrays, version = archive.read_archive(fitted.save(tmp_path / "new.npz"), "Detector", 2)
+    assert version == 2
+    meta["grid"] = [8, 8]
+    del meta["calibration_settings"]
+    archive.write_archive(tmp_path / "old.npz", "Detector", 1, meta, arrays)
+    tests = textured_images(2, seed=43)
+    loaded = Detector.load(tmp_path / "old.npz")
+    assert loaded.thresholds_.scored_with is None
+    expected = fitted.predict(tests)
+    got = loaded.predict(tests)
+    np.testing.assert_array_equal(got.anomaly_maps, expected.anomaly_maps)
+    np.testing.assert_array_equal(got.labels, expected.labels)

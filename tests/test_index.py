@@ -260,8 +260,12 @@ def test_search_among_row_ranges_equals_an_index_of_those_rows(backend):
     assert_matches_reference(bank[rows], queries, 5, distances, np.searchsorted(rows, indices))
     with pytest.raises(ValueError, match=r"k must be an int in \[1, 4\]"):
         index.search_among(queries, 5, [(0, 3), (599, 600)])
-    with pytest.raises(ValueError, match="no stored vectors"):
-        index.search_among(queries, 1, [(5, 5)])
+    for ranges in ([(5, 5)], []):
+        with pytest.raises(ValueError, match="no stored vectors"):
+            index.search_among(queries, 1, ranges)
+    for ranges in ([(10, 20), (15, 30)], [(20, 10)], [(-1, 5)], [(590, 601)], [(0.5, 3)], [(1, 2, 3)]):
+        with pytest.raises(ValueError, match="ranges must be ascending, disjoint"):
+            index.search_among(queries, 1, ranges)
 
 
 def test_queries_are_converted_chunk_by_chunk(monkeypatch):

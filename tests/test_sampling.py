@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from knnad.sampling import coreset, coreset_size, covering_radius
+from knnad.sampling import coreset, coreset_size, covering_radius, parse_coreset, subsample
 
 
 def clustered(n_clusters=20, per_cluster=150, dim=16, seed=0):
@@ -90,3 +90,28 @@ def test_bad_features():
     with pytest.raises(ValueError, match="rank 2"):
         coreset(np.zeros(5), ratio=0.5)
     assert coreset_size(10, ratio=0.01) == 1
+
+
+@pytest.mark.parametrize("text, value", [("none", None), ("None", None), ("0.1", 0.1), ("1.0", 1.0),
+                                         ("1e-2", 0.01), ("10000", 10000), ("1", 1)])
+def test_parse_coreset_reads_text_and_values(text, value):
+    assert parse_coreset(text) == value and type(parse_coreset(text)) is type(value)
+    assert parse_coreset(value) == value
+
+
+@pytest.mark.parametrize("value", [1.5, 0, 0.0, -1, -0.1, float("inf"), float("nan"), "abc", "1.5",
+                                   "", True, [0.1]])
+def test_parse_coreset_refuses_anything_else(value):
+    with pytest.raises(ValueError, match="coreset must be none, a share of patches in"):
+        parse_coreset(value)
+
+
+def test_subsample_keeps_rows_in_order_and_skips_the_selection_when_all_are_kept(caplog):
+    points = clustered()
+    picks = subsample(points, 0.1, seed=3)
+    np.testing.assert_array_equal(picks, np.sort(coreset(points, ratio=0.1, seed=3)))
+    for keep_all in (None, 1.0, len(points), 10 * len(points)):
+        np.testing.assert_array_equal(subsample(points, keep_all), np.arange(len(points)))
+    with caplog.at_level("WARNING", logger="knnad.sampling"):
+        assert len(subsample(points, 1)) == 1
+    assert "single patch" in caplog.text
