@@ -13,7 +13,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 
 from knnad import Detector, evaluate
 from knnad.datasets import MVTecAD
