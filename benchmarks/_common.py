@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: timing, machine description, result files."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -86,6 +87,18 @@ def best_time(function: Callable[[], object], repeats: int = 3, warmup: int = 1)
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def category_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments of the detector benchmarks on one MVTec AD category: --mvtec-root, --category,
+    --weights (MobileNetV2's) and --coreset."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mvtec-root", type=Path, required=True)
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--weights", default="IMAGENET1K_V1")
+    parser.add_argument("--coreset", type=float, default=0.1)
+    return parser
 
 
 def interval(values: np.ndarray, digits: int = 4) -> str:

@@ -11,7 +11,6 @@ difference.
       --peer-python /tmp/peer/bin/python --peer-script ../shared/tools/peer_anomalib.py \\
       --peer-weights ../shared/weights/mobilenet_v2-b0353104.pth
 """
-import argparse
 import os
 import re
 import subprocess
@@ -25,7 +24,7 @@ from knnad import Detector, evaluate
 from knnad.datasets import MVTecAD
 from knnad.metrics import pixel_auroc, pixel_auroc_bootstrap
 
-from _common import interval, write_results
+from _common import category_parser, interval, write_results
 
 PEER_PATTERN = re.compile(r"image AUROC=(?P<image>[\d.]+) pixel AUROC=(?P<pixel>[\d.]+).*?"
                           r"fit (?P<fit>[\d.]+)s predict (?P<predict>[\d.]+)s \((?P<rate>[\d.]+) img/s\)",
@@ -80,11 +79,7 @@ def peer_row(args):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mvtec-root", type=Path, required=True)
-    parser.add_argument("--category", default="bottle")
-    parser.add_argument("--weights", default="IMAGENET1K_V1")
-    parser.add_argument("--coreset", type=float, default=0.1)
+    parser = category_parser(__doc__)
     parser.add_argument("--peer-python", help="a Python with anomalib 2.7 installed")
     parser.add_argument("--peer-script", help="path of shared/tools/peer_anomalib.py")
     parser.add_argument("--peer-weights", help="the MobileNetV2 .pth file for the peer")

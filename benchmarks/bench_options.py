@@ -9,16 +9,14 @@ category and choose nothing on their own.
 
   python benchmarks/bench_options.py --mvtec-root ../shared/data/mvtec
 """
-import argparse
 import time
-from pathlib import Path
 
 
 from knnad import Detector, evaluate
 from knnad.datasets import MVTecAD
 from knnad.metrics import pixel_auroc_bootstrap
 
-from _common import interval, write_results
+from _common import category_parser, interval, write_results
 
 DEFAULTS = {"k": 1, "image_score": "max", "upsampling": "bilinear"}
 SETTINGS = [DEFAULTS, {"k": 3}, {"k": 5}, {"k": 9}, {"upsampling": "nearest"},
@@ -27,11 +25,7 @@ BOOTSTRAP_ROUNDS = 2000
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mvtec-root", type=Path, required=True)
-    parser.add_argument("--category", default="bottle")
-    parser.add_argument("--weights", default="IMAGENET1K_V1")
-    parser.add_argument("--coreset", type=float, default=0.1)
+    parser = category_parser(__doc__)
     args = parser.parse_args()
     train = MVTecAD(args.mvtec_root, args.category, "train")
     test = MVTecAD(args.mvtec_root, args.category, "test")
