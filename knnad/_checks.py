@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -16,6 +18,18 @@ def check_int(value: Any, name: str, minimum: int = 1, maximum: Optional[int] = 
         return int(value)
     allowed = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
     raise ValueError(f"{name} must be an int {allowed}{hint}, got {value!r}")
+
+
+def check_output_folder(path: Any, argument: str) -> Path:
+    """``path`` as a Path if it is a folder, or can be created as one, in a writable place;
+    else NotADirectoryError or PermissionError naming ``argument``. Run it before the work."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{argument} {path}: {existing} is a file, not a folder; name a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{argument} {path}: cannot write in {existing}: permission denied")
+    return path
 
 
 def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -25,20 +25,36 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1)).hexdigest()
 
 
+def check_target(path: PathLike) -> Path:
+    """``path`` as a Path if a model file can be written there: it ends in ``.npz``, is not a
+    folder, and its folder exists and is writable; else a ValueError, FileNotFoundError or
+    PermissionError saying what to change. Run it before long work whose result goes there."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"model path {path} must end in .npz")
+    if path.is_dir():
+        raise IsADirectoryError(f"model path {path} is a folder; name a file such as {path / 'model.npz'}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} for the model file does not exist; create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot write the model file {path}: permission denied; choose "
+                              f"another folder or fix its permissions")
+    return path
+
+
 def write_archive(path: PathLike, kind: str, version: int, meta: Dict[str, Any],
                   arrays: Dict[str, np.ndarray]) -> Path:
     """Write ``meta`` (JSON-serialisable) and ``arrays`` to ``path`` atomically: a temporary
     file in the same folder, flushed to disk, then renamed over ``path``. A crash leaves either
-    the old file or the new one, never half of one. Returns the path written."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise ValueError(f"model path {path} must end in .npz")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {path.parent} for the model file does not exist")
+    the old file or the new one, never half of one. The file gets the permissions of any new
+    file (0666 less the umask). Returns the path written."""
+    path = check_target(path)
     header = {"kind": kind, "format_version": version, "meta": meta,
               "sha256": {name: _digest(array) for name, array in arrays.items()}}
     header_bytes = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}.knnad-partial"
+    # O_EXCL with mode 0666: a new file of our own, with the umask applied as for any file.
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as stream:
             np.savez(stream, **{_META_KEY: header_bytes}, **arrays)
@@ -61,6 +77,13 @@ def read_archive(path: PathLike, kind: str, max_version: int
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"cannot read the model file {path}: permission denied")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            zip_start = handle.read(4) == b"PK\x03\x04"
+        raise ModelFileError(f"{path} is truncated or corrupted (an incomplete .npz archive)" if zip_start
+                             else f"{path} is not a knnad model file (not an .npz archive)")
     try:
         with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
             if _META_KEY not in archive.files:

@@ -11,12 +11,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from ._checks import check_output_folder
 from ._version import __version__
+from .archive import check_target
 from .datasets import ImageFolder, dataset_pairs
 from .detector import Detector
 from .options import OPTIONS, Option, check_bool, defaults
 from .preprocessing import IMAGE_SUFFIXES, denormalise, image_files
 from .runtime import backend_info
+from .thresholds import check_quantile
 
 #: Settings of ``knnad demo``: MobileNetV2 with torchvision's IMAGENET1K_V1 weights (14 MB).
 DEMO_PARAMS = {"backbone": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
@@ -24,16 +27,19 @@ DEMO_PARAMS = {"backbone": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
 PREDICT_OPTIONS = ("backend", "device") + tuple(name for name, option in OPTIONS.items() if not option.refit)
 
 
-def _reader(name: str, option: Option) -> Callable[[str], Any]:
-    """argparse ``type=`` for ``option``: the option's own parsing and check, its message
-    shown as is."""
+def _checked(check: Callable[[Any], Any], parse: Callable[[str], Any] = float) -> Callable[[str], Any]:
+    """argparse ``type=``: ``check(parse(text))``, with the check's message shown as is."""
     def read(text: str) -> Any:
         try:
-            value = option.parse(text)
-            return value if option.nargs else option.check(value, name)
+            return check(parse(text))
         except (ValueError, TypeError) as error:
             raise argparse.ArgumentTypeError(str(error)) from None
     return read
+
+
+def _reader(name: str, option: Option) -> Callable[[str], Any]:
+    """argparse ``type=`` for ``option``: the option's own parsing and check."""
+    return _checked(lambda value: value if option.nargs else option.check(value, name), option.parse)
 
 
 def add_detector_options(parser: argparse.ArgumentParser, names: Sequence[str] = tuple(OPTIONS),
@@ -71,6 +77,7 @@ def _images(arguments: List[str]) -> List[Path]:
 
 
 def command_fit(args: argparse.Namespace) -> None:
+    check_target(args.model)  # before a long fit, not after it
     detector = Detector(**detector_params(args)).fit(_images(args.images))
     if args.calibrate:
         detector.calibrate(_images(args.calibrate), quantile=args.quantile)
@@ -86,10 +93,10 @@ def command_predict(args: argparse.Namespace) -> None:
     overrides = {name: value for name, value in detector_params(args, PREDICT_OPTIONS).items()
                  if value is not None}
     placement = {name: overrides.pop(name, None) for name in ("backend", "device", "progress")}
+    out = check_output_folder(args.out, "--out")
     detector = Detector.load(args.model, **placement).set_params(**overrides)
     paths = _images(args.images)
     prediction = detector.predict(paths)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -118,6 +125,7 @@ def command_evaluate(args: argparse.Namespace) -> None:
     from .report import evaluate_and_report  # scikit-learn, matplotlib: only here
 
     params = detector_params(args)
+    out = check_output_folder(args.out, "--out")
     if args.dataset == "folder":
         if not (args.train and args.test_normal and args.test_abnormal):
             raise ValueError("--dataset folder needs --train, --test-normal and --test-abnormal "
@@ -128,7 +136,6 @@ def command_evaluate(args: argparse.Namespace) -> None:
         if not args.root:
             raise ValueError(f"--dataset {args.dataset} needs --root")
         pairs = dataset_pairs(args.dataset, Path(args.root), args.category)
-    out = Path(args.out)
     evaluate_and_report(pairs, params, out, title=f"knnad {args.dataset}")
     _print_report(out)
 
@@ -142,7 +149,7 @@ def command_demo(args: argparse.Namespace) -> None:
     from .report import evaluate_and_report
 
     params = {**DEMO_PARAMS, **detector_params(args)}
-    out = Path(args.out)
+    out = check_output_folder(args.out, "--out")
     evaluate_and_report(dataset_pairs("mvtec", demo_root(), ["bottle"]), params, out,
                         title="knnad demo, MVTec bottle sample", save_models=True)
     _print_report(out)
@@ -168,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("images", nargs="+", help="normal image files or folders")
     fit.add_argument("--model", required=True, help="output model file (.npz)")
     fit.add_argument("--calibrate", nargs="+", help="held-out normal images to set thresholds")
-    fit.add_argument("--quantile", type=float, default=0.99, help="threshold quantile (default: 0.99)")
+    fit.add_argument("--quantile", type=_checked(check_quantile), default=0.99,
+                     help="threshold quantile in (0, 1] (default: 0.99)")
     add_detector_options(fit)
     fit.set_defaults(run=command_fit)
 
@@ -209,7 +217,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports each CPU variant tried
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+    except KeyboardInterrupt:
+        print(f"knnad {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError) as error:  # OSError: file system
         if args.verbose:
             raise
         print(f"knnad {args.command}: error: {error}", file=sys.stderr)

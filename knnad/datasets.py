@@ -128,6 +128,9 @@ def _category_root(root: PathLike, category: str, known: Sequence[str], dataset:
 def _split_folders(root: Path, category: str, split: str, known: Sequence[str], dataset: str
                    ) -> Tuple[Path, Path]:
     """``(category folder, split folder)``, each checked to exist."""
+    if not isinstance(category, str):
+        raise ValueError(f"{dataset} category must be a folder name such as {known[0]!r}, got "
+                         f"{category!r}")
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; choose one of {SPLITS}")
     folder = _category_root(root, category, known, dataset)
@@ -189,7 +192,8 @@ class BTAD(ImageDataset):
     def __init__(self, root: PathLike, category: str, split: str = "train",
                  allow_missing_masks: bool = False):
         root = Path(root)
-        if (root / BTAD_ARCHIVE_FOLDER).is_dir() and not (root / category).is_dir():
+        if isinstance(category, str) and (root / BTAD_ARCHIVE_FOLDER).is_dir() \
+                and not (root / category).is_dir():
             root = root / BTAD_ARCHIVE_FOLDER
         folder, split_folder = _split_folders(root, category, split, BTAD_CATEGORIES, "BTAD")
         self.root, self.category, self.split = root, category, split

@@ -25,6 +25,13 @@ def _binary_and_scores(labels, scores, what: str) -> Tuple[np.ndarray, np.ndarra
                          f"{scores.shape} must match")
     if labels.size == 0:
         raise ValueError(f"{what}: no samples")
+    if labels.dtype != np.bool_ and not (np.issubdtype(labels.dtype, np.number)
+                                         and np.isin(labels, (0, 1)).all()):
+        found = np.unique(labels)[:5].tolist()
+        raise ValueError(f"{what}: labels/masks must be 0/1 or bool (1 = anomalous), got values "
+                         f"such as {found}")
+    if not np.issubdtype(scores.dtype, np.number) or np.iscomplexobj(scores):
+        raise ValueError(f"{what}: scores/maps must be real numbers, got dtype {scores.dtype}")
     if not np.all(np.isfinite(scores)):
         raise ValueError(f"{what}: scores hold {int((~np.isfinite(scores)).sum())} NaN/inf values")
     labels = labels.astype(bool).ravel()

@@ -18,6 +18,10 @@ from ._types import PathLike
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+#: Largest image after resizing, in pixels (2**24: 192 MiB as float32 RGB); a longer strip
+#: (aspect ratio beyond 256:1 at image_size 256) is refused instead of exhausting memory.
+MAX_RESIZED_PIXELS = 2**24
+
 #: File suffixes treated as images when a folder is scanned.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -49,6 +53,8 @@ def open_image(image: ImageInput) -> Image.Image:
         opened = Image.open(path)
         opened.load()  # decodes now, and closes the file Pillow opened itself
         return opened
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(path, f"too many pixels to decode safely ({error})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if opened is not None:
             opened.close()
@@ -119,7 +125,14 @@ class Preprocessor:
         return f"Preprocessor(image_size={self.image_size}, crop_size={self.crop_size})"
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
-        rgb = resized_rgb_tensor(open_image(image), self.image_size)
+        opened = open_image(image)
+        width, height = opened.size
+        if self.image_size ** 2 * max(width, height) / max(1, min(width, height)) > MAX_RESIZED_PIXELS:
+            raise ImageLoadError(image if not isinstance(image, Image.Image) else "an in-memory image",
+                                 f"{width}x{height} pixels is too elongated to resize to a shorter "
+                                 f"side of {self.image_size} (over {MAX_RESIZED_PIXELS} pixels); "
+                                 f"cut it into tiles first")
+        rgb = resized_rgb_tensor(opened, self.image_size)
         rgb = TF.center_crop(rgb, [self.crop_size, self.crop_size])
         return TF.normalize(rgb, IMAGENET_MEAN, IMAGENET_STD)
 

@@ -143,6 +143,7 @@ def _greedy_k_center(points: torch.Tensor, count: int, first: int, progress: boo
             moved = candidates[closer]
             nearest[moved] = near[closer]
             owner[moved] = step
+        nearest[pick] = float("-inf")  # never picked again, even among duplicate rows
         pick = torch.argmax(nearest)
     return picks
 

@@ -135,6 +135,35 @@ def test_errors_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, (flag, value)
 
 
+def test_outputs_and_options_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    missing_images = str(tmp_path / "no-images-here")  # would fail second
+    (tmp_path / "folder.npz").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for argv, message in [
+            (["fit", missing_images, "--model", str(tmp_path / "m.pt")], "must end in .npz"),
+            (["fit", missing_images, "--model", str(tmp_path / "folder.npz")], "is a folder"),
+            (["fit", missing_images, "--model", str(tmp_path / "nowhere" / "m.npz")], "does not exist; create it"),
+            (["predict", str(tmp_path / "m.npz"), missing_images, "--out", str(tmp_path / "a-file")],
+             "a-file is a file, not a folder"),
+            (["evaluate", "--dataset", "mvtec", "--root", missing_images, "--out",
+              str(tmp_path / "a-file" / "report")], "a-file is a file, not a folder")]:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        main(["fit", missing_images, "--model", str(tmp_path / "m.npz"), "--quantile", "2"])
+    assert "quantile must be in (0, 1], got 2.0" in capsys.readouterr().err
+
+
+def test_interrupt_is_one_line_and_exit_130(tmp_path, sample, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Detector, "fit", interrupted)
+    assert main(["fit", str(sample / "train" / "good"), "--model", str(tmp_path / "m.npz"), *FAST]) == 130
+    assert capsys.readouterr().err == "knnad fit: interrupted\n"
+    assert not list(tmp_path.iterdir())
+
+
 def test_info(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)

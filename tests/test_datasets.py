@@ -162,3 +162,10 @@ def test_detector_takes_datasets_and_refuses_defects_in_fit(mvtec_root):
     assert results["pixel_auroc"] == pytest.approx(knnad.metrics.pixel_auroc(masks, prediction.anomaly_maps))
     assert results["per_defect"]["contamination"]["images"] == int((test.labels == 0).sum()) + \
         test.defects.count("contamination")
+
+
+def test_category_must_be_a_name(btad_root, mvtec_root):
+    with pytest.raises(ValueError, match="BTAD category must be a folder name such as '01', got 1"):
+        BTAD(btad_root, 1)
+    with pytest.raises(ValueError, match="category must be a folder name"):
+        MVTecAD(mvtec_root, None)

@@ -1,5 +1,7 @@
 import inspect
 import logging
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -105,7 +107,7 @@ def test_save_load_round_trip(normal_images, tmp_path):
         tests = textured_images(2, seed=4) + [with_defect(normal_images[0])]
         before = detector.predict(tests)
         path = detector.save(tmp_path / f"{image_score}.npz")
-        assert not list(tmp_path.glob("*.tmp"))
+        assert not list(tmp_path.glob(".*.knnad-partial"))
         loaded = Detector.load(path)
         after = loaded.predict(tests)
         np.testing.assert_array_equal(after.image_scores, before.image_scores)
@@ -231,6 +233,21 @@ def test_model_files_refused(fitted, tmp_path):
         Detector.load(tmp_path / "index.npz")
     with pytest.raises(ValueError, match="fit with backbone 'mobilenet_v2', not 'resnet18'"):
         Detector.load(path, backbone="resnet18")
+
+
+def test_model_file_permissions_and_foreign_files(fitted, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        path = fitted.save(tmp_path / "model.npz")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # like any new file, not always 0600
+    Image.new("RGB", (8, 8)).save(tmp_path / "picture.npz", format="PNG")
+    with pytest.raises(ModelFileError, match="picture.npz is not a knnad model file .not an .npz archive.$"):
+        Detector.load(tmp_path / "picture.npz")
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match="cut.npz is truncated or corrupted"):
+        Detector.load(tmp_path / "cut.npz")
 
 
 def test_custom_backbone_and_weight_file(tmp_path, normal_images):

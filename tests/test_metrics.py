@@ -110,3 +110,9 @@ def test_pixel_auroc_bootstrap_errors():
         metrics.pixel_auroc_bootstrap(masks, np.zeros((2, 3, 3)), np.zeros((2, 3, 4)))
     with pytest.raises(ValueError, match="rounds"):
         metrics.pixel_auroc_bootstrap(masks, np.zeros((2, 3, 3)), rounds=0)
+
+
+@pytest.mark.parametrize("labels", [[-1, 1, 1, -1], ["ok", "ng", "ng", "ok"], [0, 2, 1, 0]])
+def test_labels_other_than_0_1_are_refused(labels):
+    with pytest.raises(ValueError, match="must be 0/1 or bool"):
+        metrics.image_auroc(np.array(labels), [0.1, 0.9, 0.8, 0.2])

@@ -94,3 +94,17 @@ def test_denormalise_inverts_preprocessing():
     restored = denormalise(tensor)
     assert restored.shape == (64, 64, 3)
     np.testing.assert_allclose(restored, rgb / 255.0, atol=1e-5)
+
+
+def test_decompression_bombs_and_endless_strips_are_image_load_errors(tmp_path, monkeypatch):
+    Image.new("L", (100, 100)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # PIL refuses above twice this
+    with pytest.raises(ImageLoadError, match="bomb.png.*too many pixels"):
+        Preprocessor(72, 64)(tmp_path / "bomb.png")
+    monkeypatch.undo()
+    Image.new("L", (1, 5000)).save(tmp_path / "strip.png")  # 104 bytes; 256 x 1.28 M resized
+    with pytest.raises(ImageLoadError, match="strip.png.*1x5000 pixels is too elongated"):
+        Preprocessor()(tmp_path / "strip.png")
+    with pytest.raises(ImageLoadError, match="in-memory image"):
+        Preprocessor()(Image.new("RGB", (5000, 1)))
+    assert Preprocessor(72, 64)(Image.new("RGB", (2000, 100))).shape == (3, 64, 64)  # 20:1 is fine

@@ -115,3 +115,10 @@ def test_subsample_keeps_rows_in_order_and_skips_the_selection_when_all_are_kept
     with caplog.at_level("WARNING", logger="knnad.sampling"):
         assert len(subsample(points, 1)) == 1
     assert "single patch" in caplog.text
+
+
+def test_picks_stay_unique_beyond_the_distinct_rows():
+    points = np.concatenate([clustered()[:50]] * 4)  # 50 distinct rows, each 4 times
+    picks = coreset(points, n=120, seed=1)
+    assert len(np.unique(picks)) == 120
+    assert covering_radius(points, picks[:50]) == 0  # the first 50 picks cover every row
