@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import urllib.error
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -89,6 +90,17 @@ def _resolve_named_weights(name: str, weights: Any) -> Any:
                      f"({_weight_names(enum)}) nor an existing .pth file")
 
 
+def _published_weights(name: str, sha256: str) -> Optional[str]:
+    """The torchvision weight name (``"MobileNet_V2_Weights.IMAGENET1K_V1"``) of ``name`` whose
+    published file has this SHA-256, else None: torchvision names its files
+    ``<model>-<leading hex digits of their SHA-256>.pth`` and checks downloads the same way."""
+    for member in _weights_enum(name) or ():
+        published = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(member.url))
+        if published and sha256.startswith(published.group(1)):
+            return str(member)
+    return None
+
+
 def _weight_names(enum: Any) -> str:
     if enum is None:
         return "this model has no pretrained weights; use weights=None or a .pth path"
@@ -108,8 +120,8 @@ def _build_pretrained(name: str, weights: Any) -> nn.Module:
                 if cached.exists() else f"put {file_name} (from {weights.url}) into {cache}/")
         raise WeightsUnavailableError(
             f"cannot load pretrained weights {weights} for {name!r}: {error}. Offline, {hint}, "
-            f"or pass weights=PATH to a local .pth state dict (or weights=None for a random "
-            f"initialisation)") from None
+            f"or pass weights=PATH to a local .pth state dict (--weights PATH on the command "
+            f"line; weights=None for a random initialisation)") from None
 
 
 def _load_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
@@ -159,7 +171,8 @@ def build_backbone(backbone: Union[str, nn.Module], weights: WeightsSpec = "DEFA
         except RuntimeError as error:
             raise ValueError(f"weights file {resolved} does not fit backbone {backbone!r}: "
                              f"{str(error).splitlines()[0]}") from None
-        return model, backbone, "sha256:" + _file_sha256(resolved)
+        sha256 = _file_sha256(resolved)
+        return model, backbone, _published_weights(backbone, sha256) or "sha256:" + sha256
     return _build_pretrained(backbone, resolved), backbone, str(resolved)
 
 

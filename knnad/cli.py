@@ -94,7 +94,7 @@ def command_predict(args: argparse.Namespace) -> None:
                  if value is not None}
     placement = {name: overrides.pop(name, None) for name in ("backend", "device", "progress")}
     out = check_output_folder(args.out, "--out")
-    detector = Detector.load(args.model, **placement).set_params(**overrides)
+    detector = Detector.load(args.model, weights=args.weights, **placement).set_params(**overrides)
     paths = _images(args.images)
     prediction = detector.predict(paths)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files or folders")
     predict.add_argument("--out", required=True, help="folder for scores.csv and heatmaps")
     predict.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
+    predict.add_argument("--weights", help="the .pth file the model was fit with, when it was fit "
+                                            "with a local weight file")
     add_detector_options(predict, PREDICT_OPTIONS, as_saved=True)
     predict.set_defaults(run=command_predict)
 
@@ -202,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="fit, predict and report on the bundled MVTec bottle sample")
     demo.add_argument("--out", default="knnad-demo", help="report folder (default: %(default)s)")
-    add_detector_options(demo, ("device", "progress"))
+    add_detector_options(demo, ("weights", "device", "progress"))
+    demo.set_defaults(weights=DEMO_PARAMS["weights"])
     demo.set_defaults(run=command_demo)
 
     info = commands.add_parser("info", help="which faiss and GPUs knnad finds")

@@ -155,7 +155,8 @@ class Detector(Parameters):
         detector = cls(**params)
         config = validate(detector.get_params())
         detector._build_parts(config)
-        check_identity(path, detector.extractor_, meta)
+        check_identity(path, detector.extractor_, detector.embedder_, config["crop_size"], meta,
+                       arrays)
         detector._set_bank(config, arrays["memory_bank"], arrays["patch_image_ids"], arrays["global_features"])
         detector.train_paths_, detector.skipped_ = meta["train_paths"], meta["skipped"]
         detector.thresholds_ = saved_thresholds(meta)

@@ -12,15 +12,20 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+import torch
 from torch import nn
 
 from ._types import PathLike
 from ._version import __version__
-from .archive import read_archive, write_archive
+from .archive import ModelFileError, read_archive, write_archive
 from .backbones import FeatureExtractor
+from .embedding import PatchEmbedder, patch_features
 from .thresholds import Thresholds
 
 KIND = "Detector"
+_ARRAYS = ("memory_bank", "patch_image_ids", "global_features")
+_META_KEYS = ("params", "custom_backbone", "layers", "weights_id", "train_paths", "skipped",
+              "image_threshold", "pixel_threshold", "calibration_quantile")
 #: 2 (knnad 0.2): thresholds carry the scoring settings they were set with; no ``grid``.
 #: Version 1 files (knnad 0.1) are still read.
 FORMAT_VERSION = 2
@@ -58,6 +63,7 @@ def read_detector(path: PathLike, backbone: Any = None, weights: Any = None, **o
     ValueError when the backbone cannot be rebuilt or is not the saved one.
     """
     meta, arrays, _ = read_archive(path, KIND, FORMAT_VERSION)
+    _check_contents(path, meta, arrays)
     params = dict(meta["params"])
     saved_name, weights_id = params["backbone"], meta["weights_id"]
     if meta["custom_backbone"]:
@@ -75,17 +81,42 @@ def read_detector(path: PathLike, backbone: Any = None, weights: Any = None, **o
         params["weights"] = None
     elif weights_id.startswith("sha256:"):
         raise ValueError(f"{path} was fit with weights from a local file ({weights_id}); pass "
-                         f"weights=PATH to that file")
+                         f"weights=PATH to that file (knnad predict: --weights PATH)")
     params["layers"] = meta["layers"]
     params.update({name: value for name, value in overrides.items() if value is not None})
     return params, arrays, meta
 
 
-def check_identity(path: PathLike, extractor: FeatureExtractor, meta: Dict[str, Any]) -> None:
-    """ValueError unless ``extractor`` has the weights the saved bank was built with."""
+def _check_contents(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
+    """ModelFileError unless the file holds every key and array a detector needs, consistent
+    with each other (a file can carry valid checksums and still be crafted or cut short)."""
+    missing = sorted(set(_META_KEYS) - set(meta)) + sorted(set(_ARRAYS) - set(arrays))
+    if missing:
+        raise ModelFileError(f"{path} is not a complete knnad detector: {missing} missing")
+    bank, ids, pooled = (arrays[name] for name in _ARRAYS)
+    consistent = (bank.ndim == 2 and pooled.ndim == 2 and ids.ndim == 1 and len(ids) == len(bank) > 0
+                   and bank.dtype == np.float32 and np.issubdtype(ids.dtype, np.integer)
+                   and bool(np.all(np.diff(ids) >= 0)) and 0 <= ids.min() and ids.max() < len(pooled))
+    if not consistent:
+        raise ModelFileError(f"{path} is not a consistent knnad detector: memory bank "
+                             f"{bank.shape} {bank.dtype}, patch image ids {ids.shape}, global "
+                             f"features {pooled.shape}")
+
+
+def check_identity(path: PathLike, extractor: FeatureExtractor, embedder: PatchEmbedder,
+                   crop_size: int, meta: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
+    """ValueError unless ``extractor`` has the weights the saved bank was built with;
+    ModelFileError unless its features have the saved bank's dimensions (one forward pass)."""
     if extractor.weights_id != meta["weights_id"]:
         raise ValueError(f"{path} was fit with backbone weights {meta['weights_id']}, but the "
                          f"given backbone/weights are {extractor.weights_id}; scores would be wrong")
+    patches, pooled = patch_features(extractor, embedder, torch.zeros(1, 3, crop_size, crop_size))
+    found = (patches.shape[-1], pooled.shape[-1])
+    saved = (arrays["memory_bank"].shape[1], arrays["global_features"].shape[1])
+    if found != saved:
+        raise ModelFileError(f"{path}: its memory bank has {saved[0]}-d patches and {saved[1]}-d "
+                             f"global features, but its backbone and settings give {found[0]} and "
+                             f"{found[1]}; the file does not belong to this configuration")
 
 
 def saved_thresholds(meta: Dict[str, Any]) -> Optional[Thresholds]:

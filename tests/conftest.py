@@ -36,8 +36,11 @@ def need_shared(relative: str) -> Path:
 
 @pytest.fixture(scope="session")
 def torch_home(tmp_path_factory):
-    """A TORCH_HOME whose checkpoint cache holds the genuine MobileNetV2 weights from ../shared."""
-    source = need_shared(f"weights/{MOBILENET_FILE}")
+    """A TORCH_HOME whose checkpoint cache holds the genuine MobileNetV2 weights: from ../shared,
+    or from the TORCH_HOME of this environment where ../shared is absent."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_FILE
+    source = cached if cached.is_file() and not (SHARED / "weights").is_dir() else \
+        need_shared(f"weights/{MOBILENET_FILE}")
     home = tmp_path_factory.mktemp("torch_home")
     (home / "hub" / "checkpoints").mkdir(parents=True)
     shutil.copy(source, home / "hub" / "checkpoints" / MOBILENET_FILE)

@@ -164,6 +164,34 @@ def test_interrupt_is_one_line_and_exit_130(tmp_path, sample, capsys, monkeypatc
     assert not list(tmp_path.iterdir())
 
 
+def test_local_weight_files_end_to_end(tmp_path, sample, capsys, seeded_torch_home):
+    import torch
+    import torchvision
+    genuine = tmp_path / "my-copy-of-mobilenet.pth"  # torchvision's published file, renamed
+    shutil.copy(seeded_torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth", genuine)
+    own = tmp_path / "own.pth"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), own)
+    good = sample / "train" / "good"
+    small = ["--image-size", "72", "--crop-size", "64", "--coreset", "none", "--no-progress"]
+    for weights, predict_needs_the_file in ((genuine, False), (own, True)):
+        model = tmp_path / f"{weights.stem}.npz"
+        assert main(["fit", str(good), "--model", str(model), "--backbone", "mobilenet_v2",
+                     "--weights", str(weights), *small]) == 0
+        out = tmp_path / f"out-{weights.stem}"
+        code = main(["predict", str(model), str(good), "--out", str(out), "--no-heatmaps"])
+        assert code == (2 if predict_needs_the_file else 0)
+        if predict_needs_the_file:
+            assert "--weights PATH" in capsys.readouterr().err
+            assert main(["predict", str(model), str(good), "--out", str(out), "--no-heatmaps",
+                         "--weights", str(weights)]) == 0
+        assert (out / "scores.csv").is_file()
+    assert Detector.load(tmp_path / f"{genuine.stem}.npz").extractor_.weights_id == \
+        "MobileNet_V2_Weights.IMAGENET1K_V1"
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "--weights" in capsys.readouterr().out
+
+
 def test_info(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)

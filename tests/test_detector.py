@@ -250,6 +250,30 @@ def test_model_file_permissions_and_foreign_files(fitted, tmp_path):
         Detector.load(tmp_path / "cut.npz")
 
 
+def test_crafted_files_with_valid_checksums_are_refused_at_load(fitted, tmp_path):
+    meta, arrays, _ = archive.read_archive(fitted.save(tmp_path / "good.npz"), "Detector", 2)
+
+    def crafted(name, meta_changes=(), drop_array=None, **array_changes):
+        changed = {key: value for key, value in arrays.items() if key != drop_array}
+        changed.update(array_changes)
+        new_meta = {**meta, "params": dict(meta["params"])}
+        for key, value in meta_changes:
+            if key.startswith("params."):
+                new_meta["params"][key[7:]] = value
+            else:
+                new_meta.pop(key)
+        return archive.write_archive(tmp_path / name, "Detector", 2, new_meta, changed)
+
+    cases = [(crafted("no_bank.npz", drop_array="memory_bank"), r"\['memory_bank'\] missing"),
+             (crafted("no_key.npz", [("weights_id", None)]), r"\['weights_id'\] missing"),
+             (crafted("ids.npz", patch_image_ids=arrays["patch_image_ids"][::-1].copy()), "not a consistent"),
+             (crafted("dtype.npz", memory_bank=arrays["memory_bank"].astype(np.float64)), "not a consistent"),
+             (crafted("dims.npz", [("params.reduce_dim", 64)]), "128-d patches.*give 64")]
+    for path, match in cases:
+        with pytest.raises(ModelFileError, match=match):
+            Detector.load(path)
+
+
 def test_custom_backbone_and_weight_file(tmp_path, normal_images):
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU(),
                                  torch.nn.Conv2d(8, 8, 3, stride=2, padding=1))
