@@ -23,6 +23,8 @@ from .thresholds import check_quantile
 
 #: Settings of ``knnad demo``: MobileNetV2 with torchvision's IMAGENET1K_V1 weights (14 MB).
 DEMO_PARAMS = {"backbone": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
+#: Exit status of ``knnad predict`` when some images could not be read (and were skipped).
+PARTIAL = 3
 #: What ``knnad predict`` may override in a saved model: placement and predict-time options.
 PREDICT_OPTIONS = ("backend", "device") + tuple(name for name, option in OPTIONS.items() if not option.refit)
 
@@ -87,7 +89,7 @@ def command_fit(args: argparse.Namespace) -> None:
           + (f", image threshold {detector.thresholds_.image:.4f}" if args.calibrate else ""))
 
 
-def command_predict(args: argparse.Namespace) -> None:
+def command_predict(args: argparse.Namespace) -> int:
     from .plots import heatmap_grid  # matplotlib: only here
 
     overrides = {name: value for name, value in detector_params(args, PREDICT_OPTIONS).items()
@@ -96,24 +98,31 @@ def command_predict(args: argparse.Namespace) -> None:
     out = check_output_folder(args.out, "--out")
     detector = Detector.load(args.model, weights=args.weights, **placement).set_params(**overrides)
     paths = _images(args.images)
-    prediction = detector.predict(paths)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "scores.csv", "w", newline="") as handle:
+    scored, skipped = 0, []
+    with open(out / "scores.csv", "w", newline="") as handle:  # written batch by batch
         writer = csv.writer(handle)
-        writer.writerow(["path", "score", "anomalous"])
-        for row, path in enumerate(prediction.paths):
-            label = "" if prediction.labels is None else int(prediction.labels[row])
-            writer.writerow([path, f"{prediction.image_scores[row]:.6f}", label])
-    if not args.no_heatmaps:
-        top = float(prediction.anomaly_maps.max())
-        for row, path in enumerate(prediction.paths):
-            image = denormalise(detector.preprocessor_(path).numpy())
-            heatmap_grid([image], prediction.anomaly_maps[row:row + 1],
-                               out / f"{row:04d}_{Path(path).stem}.png",
-                               threshold=detector.thresholds_.pixel if detector.thresholds_ else None,
-                               titles=[f"{prediction.image_scores[row]:.3f}"], vmax=top)
-    print(f"scored {len(prediction)} images -> {out / 'scores.csv'}"
-          + (f"; skipped {prediction.skipped}" if prediction.skipped else ""))
+        writer.writerow(["path", "score", "anomalous", "status"])
+        for batch in detector.predict_batches(paths):
+            for row, path in enumerate(batch.paths):
+                label = "" if batch.labels is None else int(batch.labels[row])
+                writer.writerow([path, f"{batch.image_scores[row]:.6f}", label, "scored"])
+                if not args.no_heatmaps:
+                    image = denormalise(detector.preprocessor_(path).numpy())
+                    threshold = detector.thresholds_.pixel if batch.masks is not None else None
+                    # Colour scale: twice the pixel threshold when calibrated, else the image's own.
+                    heatmap_grid([image], batch.anomaly_maps[row:row + 1],
+                                 out / f"{scored + row:04d}_{Path(path).stem}.png", threshold=threshold,
+                                 titles=[f"{batch.image_scores[row]:.3f}"],
+                                 vmax=None if threshold is None else 2 * threshold)
+            writer.writerows([path, "", "", "skipped"] for path in batch.skipped)
+            handle.flush()
+            scored, skipped = scored + len(batch), skipped + batch.skipped
+    if not scored:
+        raise ValueError(f"none of the {len(paths)} images could be read (listed in {out / 'scores.csv'})")
+    print(f"scored {scored} images -> {out / 'scores.csv'}"
+          + (f"; skipped {len(skipped)} that could not be read (status 'skipped')" if skipped else ""))
+    return PARTIAL if skipped else 0
 
 
 def _print_report(out: Path) -> None:
@@ -219,7 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports each CPU variant tried
     try:
-        args.run(args)
+        status = args.run(args)
     except KeyboardInterrupt:
         print(f"knnad {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -228,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"knnad {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

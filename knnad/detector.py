@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class Detector(Parameters):
                              config["progress"], "fit: features"):
             skipped += batch.skipped
             if len(batch.images):
-                embedding, global_features = self._features(batch.images)
+                embedding, global_features = patch_features(self.extractor_, self.embedder_, batch.images)
                 patches.append(embedding)
                 pooled.append(global_features)
                 paths += batch.paths
@@ -92,30 +92,32 @@ class Detector(Parameters):
         """Anomaly scores and maps for ``data`` (same kinds as :meth:`fit`). Pixel score: mean
         Euclidean distance of the patch to its ``k`` nearest normal patches, upsampled to the
         crop (``upsampling``) and smoothed (``sigma``); image score per ``image_score``."""
-        settings = self._settings("predict")
-        prediction = self._scores(data, settings)
-        return prediction if self.thresholds_ is None else self.thresholds_.apply(prediction, settings)
+        return Prediction.concatenate(list(self.predict_batches(data)), "predict")
 
-    def _scores(self, data: Any, settings: Dict[str, Any]) -> Prediction:
-        items = image_items(data, "predict data")
-        image_scores, maps, paths, skipped = [], [], [], []
-        for batch in batches(items, self.preprocessor_, settings["batch_size"],
-                             settings["on_error"], settings["progress"], "predict"):
-            skipped += batch.skipped
+    def predict_batches(self, data: Any) -> Iterator[Prediction]:
+        """:meth:`predict` one batch at a time, each as soon as it is scored, so that memory stays
+        flat in the number of images (a batch whose images were all skipped gives a Prediction
+        of no image that lists them)."""
+        settings = self._settings("predict")
+        thresholds = self.thresholds_ if self.thresholds_ and self.thresholds_.usable(settings) else None
+        for prediction in self._scores(data, settings):
+            yield prediction if thresholds is None else thresholds.apply(prediction)
+
+    def _scores(self, data: Any, settings: Dict[str, Any]) -> Iterator[Prediction]:
+        for batch in batches(image_items(data, "predict data"), self.preprocessor_,
+                             settings["batch_size"], settings["on_error"], settings["progress"],
+                             "predict"):
             if not len(batch.images):
+                yield Prediction.empty(batch.images.shape[-2:], batch.skipped)
                 continue
-            embedding, pooled = self._features(batch.images)
+            embedding, pooled = patch_features(self.extractor_, self.embedder_, batch.images)
             patch_scores, spade = score_patches(settings, self.index_, self.global_index_,
                                                 self.image_rows_, embedding, pooled)
-            batch_maps = anomaly_maps(patch_scores, tuple(batch.images.shape[-2:]),
-                                      settings["sigma"], settings["upsampling"])
-            maps.append(batch_maps.numpy())
-            image_scores.append(batch_maps.amax(dim=(1, 2)).numpy() if spade is None else spade)
-            paths += batch.paths
-        if not maps:
-            raise ValueError(f"predict: none of the {len(items)} images could be read (skipped: {skipped})")
-        return Prediction(np.concatenate(image_scores).astype(np.float32),
-                          np.concatenate(maps).astype(np.float32), paths, skipped=skipped)
+            maps = anomaly_maps(patch_scores, tuple(batch.images.shape[-2:]), settings["sigma"],
+                                settings["upsampling"])
+            scores = maps.amax(dim=(1, 2)).numpy() if spade is None else spade
+            yield Prediction(scores.astype(np.float32), maps.numpy().astype(np.float32),
+                             batch.paths, skipped=batch.skipped)
 
     def calibrate(self, normal_data: Any, quantile: float = 0.99) -> "Detector":
         """Set deployment thresholds (``thresholds_``) from defect-free images only: the
@@ -124,7 +126,7 @@ class Detector(Parameters):
         in the memory bank and score too low. Returns ``self``."""
         check_quantile(quantile)
         settings = self._settings("calibrate")
-        reference = self._scores(normal_data, settings)
+        reference = Prediction.concatenate(list(self._scores(normal_data, settings)), "calibrate")
         overlap = set(p for p in reference.paths if p) & set(self.train_paths_)
         if overlap:
             logger.warning("calibrate: %d of the images were used in fit; their scores are "
@@ -192,9 +194,6 @@ class Detector(Parameters):
         settings = check_unchanged(validate(self.get_params()), self.config_, action)
         check_int(settings["k"], "k", 1, len(self.index_), " (the patches in the memory bank)")
         return settings
-
-    def _features(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return patch_features(self.extractor_, self.embedder_, images)
 
 
 Detector.__doc__ = (Detector.__doc__ or "") + describe(Detector)

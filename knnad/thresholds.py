@@ -48,15 +48,17 @@ class Thresholds:
         return [f"{name}={before!r} (now {settings[name]!r})"
                 for name, before in (self.scored_with or {}).items() if settings[name] != before]
 
-    def apply(self, prediction: Any, settings: Mapping[str, Any]) -> Any:
-        """A copy of a :class:`~knnad.scoring.Prediction` with its ``labels`` and ``masks``;
-        without them, and with a warning, when ``settings`` score differently from those the
-        thresholds were set with (they would compare scores of another scale)."""
+    def usable(self, settings: Mapping[str, Any]) -> bool:
+        """Whether ``settings`` score as those the thresholds were set with; if not, a warning
+        says why (the thresholds would compare scores of another scale)."""
         changed = self.changed(settings)
         if changed:
             logger.warning("no labels or masks: the thresholds were calibrated with %s; call "
                            "calibrate() again", ", ".join(changed))
-            return prediction
+        return not changed
+
+    def apply(self, prediction: Any) -> Any:
+        """A copy of a :class:`~knnad.scoring.Prediction` with its ``labels`` and ``masks``."""
         return replace(prediction, labels=self.labels(prediction.image_scores),
                        masks=self.masks(prediction.anomaly_maps))
 

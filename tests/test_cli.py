@@ -135,6 +135,28 @@ def test_errors_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, (flag, value)
 
 
+def test_predict_skips_unreadable_files_and_says_so(tmp_path, sample, capsys):
+    model = tmp_path / "model.npz"
+    good = sorted((sample / "test" / "good").iterdir())[:3]
+    assert main(["fit", str(sample / "train" / "good"), "--model", str(model), "--image-size", "72",
+                 "--crop-size", "64", *FAST]) == 0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    inputs = [str(good[0]), str(broken), str(good[1]), str(good[2])]
+    assert main(["predict", str(model), *inputs, "--out", str(tmp_path / "raise"), "--no-progress"]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    out = tmp_path / "skip"
+    assert main(["predict", str(model), *inputs, "--out", str(out), "--no-progress",
+                 "--on-error", "skip", "--batch-size", "2"]) == 3  # some images skipped
+    assert "skipped 1 that could not be read" in capsys.readouterr().out
+    with open(out / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["path"], row["status"]) for row in rows] == [
+        (str(good[0]), "scored"), (str(broken), "skipped"), (str(good[1]), "scored"),
+        (str(good[2]), "scored")]
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:04d}_{good[i].stem}.png" for i in range(3)]
+
+
 def test_outputs_and_options_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
     missing_images = str(tmp_path / "no-images-here")  # would fail second
     (tmp_path / "folder.npz").mkdir()

@@ -374,6 +374,24 @@ def test_detector_on_the_gpu_scores_like_the_cpu(normal_images):
     assert np.argmax(gpu.image_scores) == np.argmax(cpu.image_scores) == 2
 
 
+def test_predict_batches_streams_what_predict_returns(fitted, tmp_path):
+    tests = textured_images(5, seed=51)
+    paths = []
+    for i, image in enumerate(tests):
+        image.save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"x")
+    fitted.set_params(batch_size=2, on_error="skip")
+    try:
+        parts = list(fitted.predict_batches(paths[:2] + [tmp_path / "bad.png"] + paths[2:]))
+        whole = fitted.predict(paths)
+    finally:
+        fitted.set_params(batch_size=8, on_error="raise")
+    assert [len(part) for part in parts] == [2, 1, 2] and parts[1].skipped == [str(tmp_path / "bad.png")]
+    np.testing.assert_array_equal(np.concatenate([p.anomaly_maps for p in parts]), whole.anomaly_maps)
+    np.testing.assert_array_equal(np.concatenate([p.image_scores for p in parts]), whole.image_scores)
+
+
 def test_a_failed_refit_leaves_no_model_to_save(normal_images, tmp_path):
     detector = Detector(**SMALL).fit(normal_images)
     detector.set_params(image_size=96, crop_size=80, layers=["features.66"])
