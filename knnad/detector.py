@@ -38,14 +38,15 @@ class Detector(Parameters):
 
     def __init__(self, backbone="wide_resnet50_2", layers=None, weights="DEFAULT", k=1,
                  image_score="max", image_k=50, coreset=0.1, backend="auto", device="auto",
-                 rerank=0, image_size=256, crop_size=224, aggregation_size=3, reduce_dim=None,
-                 sigma=4.0, upsampling="bilinear", batch_size=8, progress=True, on_error="raise",
-                 seed=0):
+                 rerank=0, image_size=256, crop_size=224, bit_depth=None, aggregation_size=3,
+                 reduce_dim=None, sigma=4.0, upsampling="bilinear", batch_size=8, progress=True,
+                 on_error="raise", seed=0):
         self.backbone, self.layers, self.weights, self.k = backbone, layers, weights, k
         self.image_score, self.image_k, self.coreset = image_score, image_k, coreset
         self.backend, self.device, self.rerank = backend, device, rerank
-        self.image_size, self.crop_size, self.aggregation_size = image_size, crop_size, aggregation_size
-        self.reduce_dim, self.sigma, self.upsampling = reduce_dim, sigma, upsampling
+        self.image_size, self.crop_size, self.bit_depth = image_size, crop_size, bit_depth
+        self.aggregation_size, self.reduce_dim, self.sigma = aggregation_size, reduce_dim, sigma
+        self.upsampling = upsampling
         self.batch_size, self.progress, self.on_error, self.seed = batch_size, progress, on_error, seed
 
     @property
@@ -172,7 +173,7 @@ class Detector(Parameters):
         if hasattr(self, "extractor_"):
             self.extractor_.close()
         self.config_ = config
-        self.preprocessor_ = Preprocessor(config["image_size"], config["crop_size"])
+        self.preprocessor_ = Preprocessor(config["image_size"], config["crop_size"], config["bit_depth"])
         self.extractor_ = FeatureExtractor(config["backbone"], config["layers"], config["weights"],
                                            backbone_device(config["device"]))
         self.embedder_ = PatchEmbedder(config["aggregation_size"], config["reduce_dim"])

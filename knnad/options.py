@@ -118,6 +118,10 @@ OPTIONS: Dict[str, Option] = {
                      _int(0), parse=int),
     "image_size": Option("side the shorter image side is resized to, pixels", _int(1), parse=int),
     "crop_size": Option("side of the centre crop, pixels (at most image_size)", _int(1), parse=int),
+    "bit_depth": Option("bits per sample of 16-bit and float images, e.g. 12 for 12-bit data in "
+                        "16-bit files (none: 16 for integer images, float images as they are)",
+                        _optional(lambda value, name: check_int(value, name, 1, 16)),
+                        parse=_none_or(int)),
     "aggregation_size": Option("side of the window patch features are averaged over (odd)",
                                check_aggregation_size, parse=int),
     "reduce_dim": Option("reduce patch features to this many channels by adaptive average "

@@ -2,17 +2,21 @@
 ImageNet normalisation. Masks get the same geometry with nearest-neighbour interpolation."""
 from __future__ import annotations
 
+import logging
 import os
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, List, Union
+from typing import Any, List, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
 from ._checks import check_int
 from ._types import PathLike
+
+logger = logging.getLogger(__name__)
 
 #: ImageNet channel statistics used by every torchvision classification model.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,13 +40,20 @@ class ImageLoadError(ValueError):
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` as viewers show it: turned by its EXIF orientation tag, if it has one."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def open_image(image: ImageInput) -> Image.Image:
-    """Open ``image`` (a path or a PIL image) and decode it fully.
+    """Open ``image`` (a path or a PIL image), decode it fully and apply its EXIF orientation.
 
     Raises ImageLoadError naming the file when it is missing, not an image, or truncated.
     """
     if isinstance(image, Image.Image):
-        return image
+        return _upright(image)
     if not isinstance(image, (str, os.PathLike)):
         raise TypeError(f"expected an image path or a PIL.Image, got {type(image).__name__}")
     path = Path(image)
@@ -52,7 +63,7 @@ def open_image(image: ImageInput) -> Image.Image:
     try:
         opened = Image.open(path)
         opened.load()  # decodes now, and closes the file Pillow opened itself
-        return opened
+        return _upright(opened)
     except Image.DecompressionBombError as error:
         raise ImageLoadError(path, f"too many pixels to decode safely ({error})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -71,19 +82,36 @@ def _resize_shorter_side(image: Image.Image, size: int, resample: int = Image.BI
     return image if target == image.size else image.resize(target, resample)
 
 
-def resized_rgb_tensor(image: Image.Image, size: int) -> torch.Tensor:
+@lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
+def resized_rgb_tensor(image: Image.Image, size: int, bit_depth: Optional[int] = None) -> torch.Tensor:
     """Float32 tensor ``[3, H, W]`` in [0, 1] of ``image`` (any PIL mode) with its shorter side
     resized to ``size`` (PIL's antialiased bilinear filter, as torchvision's Resize on PIL
     images).
 
-    16- and 32-bit integer images (``I;16*``, ``I``) map 0..65535 to 0..1 (full range, no
-    per-image stretching, so absolute intensity stays comparable); ``F`` images are clipped to
-    [0, 1]; alpha is dropped; grey and palette images are replicated to three channels.
+    8-bit images map 0..255 to 0..1. 16- and 32-bit integer images (``I;16*``, ``I``) map
+    0..2**bit_depth - 1 to 0..1 (``bit_depth`` None: 16, the container's depth; cameras often
+    write 10-, 12- or 14-bit data in 16-bit files); float images (``F``) are taken as they are
+    with ``bit_depth`` None, else scaled the same way. No per-image stretching, so absolute
+    intensity stays comparable. Values outside the range raise ValueError saying which
+    ``bit_depth`` would fit. Alpha is dropped; grey and palette images become three channels.
     """
     if image.mode.startswith("I") or image.mode == "F":
         values = np.asarray(image, dtype=np.float32)
-        scale = 1.0 if image.mode == "F" else 65535.0
-        resized = _resize_shorter_side(Image.fromarray(values / scale, mode="F"), size)
+        top = 1.0 if image.mode == "F" and bit_depth is None else float(2 ** (bit_depth or 16) - 1)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low < 0 or high > top:
+            needed = max(1, int(np.ceil(np.log2(high + 1)))) if low >= 0 and high >= 1 else None
+            raise ValueError(f"{image.mode} image values span [{low:g}, {high:g}], outside 0..{top:g}"
+                             + (f"; set bit_depth={needed} (or more) to scale them" if needed
+                                else "; scale them to [0, 1] first"))
+        if bit_depth is None and image.mode != "F" and 0 < high < 4096:
+            _warn_once(f"{image.mode} images hold values below 4096 only: if the camera writes 10-, "
+                       f"12- or 14-bit data in 16-bit files, set bit_depth (they look dark at 16)")
+        resized = _resize_shorter_side(Image.fromarray(values / top, mode="F"), size)
         grey = torch.from_numpy(np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0))
         return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
     if image.mode != "RGB":
@@ -116,13 +144,15 @@ class Preprocessor:
     crop_size]`` for a mask (any non-zero pixel is anomalous).
     """
 
-    def __init__(self, image_size: int = 256, crop_size: int = 224):
+    def __init__(self, image_size: int = 256, crop_size: int = 224, bit_depth: Optional[int] = None):
         check_geometry(image_size, crop_size)
         self.image_size = image_size
         self.crop_size = crop_size
+        self.bit_depth = None if bit_depth is None else check_int(bit_depth, "bit_depth", 1, 16)
 
     def __repr__(self) -> str:
-        return f"Preprocessor(image_size={self.image_size}, crop_size={self.crop_size})"
+        return (f"Preprocessor(image_size={self.image_size}, crop_size={self.crop_size}, "
+                f"bit_depth={self.bit_depth})")
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
         opened = open_image(image)
@@ -132,7 +162,11 @@ class Preprocessor:
                                  f"{width}x{height} pixels is too elongated to resize to a shorter "
                                  f"side of {self.image_size} (over {MAX_RESIZED_PIXELS} pixels); "
                                  f"cut it into tiles first")
-        rgb = resized_rgb_tensor(opened, self.image_size)
+        try:
+            rgb = resized_rgb_tensor(opened, self.image_size, self.bit_depth)
+        except ValueError as error:
+            raise ImageLoadError(image if not isinstance(image, Image.Image) else "an in-memory image",
+                                 str(error)) from None
         rgb = TF.center_crop(rgb, [self.crop_size, self.crop_size])
         return TF.normalize(rgb, IMAGENET_MEAN, IMAGENET_STD)
 

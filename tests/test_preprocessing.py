@@ -108,3 +108,36 @@ def test_decompression_bombs_and_endless_strips_are_image_load_errors(tmp_path, 
     with pytest.raises(ImageLoadError, match="in-memory image"):
         Preprocessor()(Image.new("RGB", (5000, 1)))
     assert Preprocessor(72, 64)(Image.new("RGB", (2000, 100))).shape == (3, 64, 64)  # 20:1 is fine
+
+
+def test_bit_depth_of_camera_images(tmp_path, caplog):
+    rng = np.random.default_rng(3)
+    eight = rng.integers(0, 256, (40, 60), dtype=np.uint8)
+    twelve = np.round(eight.astype(np.float64) * 4095 / 255).astype(np.uint16)  # 12-bit data
+    Image.fromarray(twelve).save(tmp_path / "twelve.png")  # a 16-bit PNG
+    reference = Preprocessor(40, 32)(Image.fromarray(eight))
+    with caplog.at_level("WARNING", logger="knnad.preprocessing"):
+        dark = Preprocessor(40, 32)(tmp_path / "twelve.png")
+    assert "set bit_depth" in caplog.text and float(dark.mean()) < float(reference.mean()) - 1
+    torch.testing.assert_close(Preprocessor(40, 32, bit_depth=12)(tmp_path / "twelve.png"), reference,
+                               atol=2e-3, rtol=0)
+    Image.fromarray((twelve.astype(np.uint16) * 16)).save(tmp_path / "sixteen.png")  # up to 65520
+    with pytest.raises(ImageLoadError, match=r"sixteen.png.*outside 0..4095; set bit_depth=16"):
+        Preprocessor(40, 32, bit_depth=12)(tmp_path / "sixteen.png")
+    as_float = Image.fromarray(twelve.astype(np.float32), mode="F")
+    with pytest.raises(ImageLoadError, match=r"outside 0..1; set bit_depth=12"):
+        Preprocessor(40, 32)(as_float)
+    torch.testing.assert_close(Preprocessor(40, 32, bit_depth=12)(as_float), reference, atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="bit_depth must be an int in"):
+        Preprocessor(40, 32, bit_depth=17)
+
+
+def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path):
+    rng = np.random.default_rng(4)
+    stored = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)  # as the sensor wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif)
+    upright = Image.fromarray(np.array(Image.fromarray(stored).transpose(Image.ROTATE_270)))
+    assert upright.size == (30, 50)
+    torch.testing.assert_close(Preprocessor(30, 30)(tmp_path / "rotated.png"), Preprocessor(30, 30)(upright))
