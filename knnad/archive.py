@@ -2,6 +2,7 @@
 written atomically and read without executing anything from the file (no pickle)."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -42,6 +43,29 @@ def check_target(path: PathLike) -> Path:
     return path
 
 
+#: Suffix of the hidden file a save writes before renaming it over the target.
+PARTIAL_SUFFIX = ".knnad-partial"
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Delete the partial files a killed save of ``path`` on this machine left behind (their
+    writer's process id is in their name and no longer runs); a running save's file is kept."""
+    for partial in path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"):
+        pid = partial.name[len(path.name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            partial.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_archive(path: PathLike, kind: str, version: int, meta: Dict[str, Any],
                   arrays: Dict[str, np.ndarray]) -> Path:
     """Write ``meta`` (JSON-serialisable) and ``arrays`` to ``path`` atomically: a temporary
@@ -52,7 +76,8 @@ def write_archive(path: PathLike, kind: str, version: int, meta: Dict[str, Any],
     header = {"kind": kind, "format_version": version, "meta": meta,
               "sha256": {name: _digest(array) for name, array in arrays.items()}}
     header_bytes = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}.knnad-partial"
+    _remove_stale_partials(path)
+    temporary = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
     # O_EXCL with mode 0666: a new file of our own, with the umask applied as for any file.
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

@@ -65,7 +65,8 @@ def coreset_size(total: int, ratio: Optional[float] = None, n: Optional[int] = N
     if (ratio is None) == (n is None):
         raise ValueError("give exactly one of ratio (a fraction in (0, 1]) or n (a count)")
     if ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.integer, np.floating)) \
+                or not 0 < ratio <= 1:
             raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}")
         return max(1, int(total * ratio))
     return check_int(n, "n", 1, total, " (the number of points)")

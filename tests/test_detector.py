@@ -2,6 +2,8 @@ import inspect
 import logging
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -248,6 +250,18 @@ def test_model_file_permissions_and_foreign_files(fitted, tmp_path):
     (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ModelFileError, match="cut.npz is truncated or corrupted"):
         Detector.load(tmp_path / "cut.npz")
+
+
+def test_a_killed_save_leaves_a_partial_file_the_next_save_removes(fitted, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f".model.npz.{dead}-0a1b2c3d.knnad-partial"  # as a SIGKILLed save leaves it
+    running = tmp_path / f".model.npz.{os.getpid()}-00000000.knnad-partial"  # a save in progress
+    other = tmp_path / f".other.npz.{dead}-0a1b2c3d.knnad-partial"
+    for partial in (stale, running, other):
+        partial.write_bytes(b"partial")
+    fitted.save(tmp_path / "model.npz")
+    assert not stale.exists() and running.exists() and other.exists()
 
 
 def test_crafted_files_with_valid_checksums_are_refused_at_load(fitted, tmp_path):

@@ -122,3 +122,10 @@ def test_picks_stay_unique_beyond_the_distinct_rows():
     picks = coreset(points, n=120, seed=1)
     assert len(np.unique(picks)) == 120
     assert covering_radius(points, picks[:50]) == 0  # the first 50 picks cover every row
+
+
+def test_numpy_ratios_and_counts_are_accepted():
+    points = clustered()
+    expected = coreset(points, ratio=0.1, seed=2)
+    np.testing.assert_array_equal(coreset(points, ratio=np.float32(0.1), seed=2)[:10], expected[:10])
+    assert len(coreset(points, n=np.int64(7))) == 7
