@@ -6,7 +6,10 @@ import glob
 import hashlib
 import json
 import os
+import re
 import secrets
+import socket
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -47,12 +50,23 @@ def check_target(path: PathLike) -> Path:
 PARTIAL_SUFFIX = ".knnad-partial"
 
 
+def _host() -> str:
+    return socket.gethostname().replace(".", "_") or "host"
+
+
+def _partial_name(path: Path) -> str:
+    """``.NAME.HOST.PID-XXXXXXXX.knnad-partial``: who writes it, recognisable by its suffix."""
+    return f".{path.name}.{_host()}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+
+
 def _remove_stale_partials(path: Path) -> None:
-    """Delete the partial files a killed save of ``path`` on this machine left behind (their
-    writer's process id is in their name and no longer runs); a running save's file is kept."""
+    """Delete the partial files that killed saves of ``path`` on this host left behind (the
+    writer's process is gone); files of other hosts, of running saves and any other file stay."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(_host())}\.(\d+)-[0-9a-f]{{8}}"
+                         rf"{re.escape(PARTIAL_SUFFIX)}")
     for partial in path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"):
-        pid = partial.name[len(path.name) + 2:].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+        found = pattern.fullmatch(partial.name)
+        if found and not _running(int(found.group(1))):
             partial.unlink(missing_ok=True)
 
 
@@ -71,13 +85,13 @@ def write_archive(path: PathLike, kind: str, version: int, meta: Dict[str, Any],
     """Write ``meta`` (JSON-serialisable) and ``arrays`` to ``path`` atomically: a temporary
     file in the same folder, flushed to disk, then renamed over ``path``. A crash leaves either
     the old file or the new one, never half of one. The file gets the permissions of any new
-    file (0666 less the umask). Returns the path written."""
+    file (0666 less the umask), or those of the file it replaces. Returns the path written."""
     path = check_target(path)
     header = {"kind": kind, "format_version": version, "meta": meta,
               "sha256": {name: _digest(array) for name, array in arrays.items()}}
     header_bytes = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     _remove_stale_partials(path)
-    temporary = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+    temporary = path.parent / _partial_name(path)
     # O_EXCL with mode 0666: a new file of our own, with the umask applied as for any file.
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -85,6 +99,8 @@ def write_archive(path: PathLike, kind: str, version: int, meta: Dict[str, Any],
             np.savez(stream, **{_META_KEY: header_bytes}, **arrays)
             stream.flush()
             os.fsync(stream.fileno())
+        if path.exists():  # replacing a model keeps its permissions
+            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

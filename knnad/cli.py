@@ -6,10 +6,11 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._checks import check_output_folder
 from ._version import __version__
@@ -90,8 +91,6 @@ def command_fit(args: argparse.Namespace) -> None:
 
 
 def command_predict(args: argparse.Namespace) -> int:
-    from .plots import heatmap_grid  # matplotlib: only here
-
     overrides = {name: value for name, value in detector_params(args, PREDICT_OPTIONS).items()
                  if value is not None}
     placement = {name: overrides.pop(name, None) for name in ("backend", "device", "progress")}
@@ -99,30 +98,47 @@ def command_predict(args: argparse.Namespace) -> int:
     detector = Detector.load(args.model, weights=args.weights, **placement).set_params(**overrides)
     paths = _images(args.images)
     out.mkdir(parents=True, exist_ok=True)
+    partial = out / "scores.partial.csv"  # written batch by batch; scores.csv once all are done
+    try:
+        scored, skipped = _write_scores(detector, paths, partial, None if args.no_heatmaps else out)
+    except BaseException:
+        if partial.exists():
+            print(f"knnad predict: the scores done before this stop are in {partial}", file=sys.stderr)
+        raise
+    os.replace(partial, out / "scores.csv")
+    if not scored:
+        raise ValueError(f"none of the {len(paths)} images could be read (listed in {out / 'scores.csv'})")
+    print(f"scored {scored} images -> {out / 'scores.csv'}"
+          + (f"; skipped {len(skipped)} that could not be read (status 'skipped')" if skipped else ""))
+    return PARTIAL if skipped else 0
+
+
+def _write_scores(detector: Detector, paths: List[Path], csv_path: Path,
+                  heatmaps: Optional[Path]) -> Tuple[int, List[str]]:
+    """Scores of ``paths`` into ``csv_path`` (and a heatmap per image into ``heatmaps``), batch by
+    batch. Returns the number of images scored and the paths skipped."""
+    from .plots import heatmap_grid  # matplotlib: only here
+
     scored, skipped = 0, []
-    with open(out / "scores.csv", "w", newline="") as handle:  # written batch by batch
+    with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "score", "anomalous", "status"])
         for batch in detector.predict_batches(paths):
             for row, path in enumerate(batch.paths):
                 label = "" if batch.labels is None else int(batch.labels[row])
                 writer.writerow([path, f"{batch.image_scores[row]:.6f}", label, "scored"])
-                if not args.no_heatmaps:
+                if heatmaps is not None:
                     image = denormalise(detector.preprocessor_(path).numpy())
                     threshold = detector.thresholds_.pixel if batch.masks is not None else None
                     # Colour scale: twice the pixel threshold when calibrated, else the image's own.
                     heatmap_grid([image], batch.anomaly_maps[row:row + 1],
-                                 out / f"{scored + row:04d}_{Path(path).stem}.png", threshold=threshold,
-                                 titles=[f"{batch.image_scores[row]:.3f}"],
+                                 heatmaps / f"{scored + row:04d}_{Path(path).stem}.png",
+                                 threshold=threshold, titles=[f"{batch.image_scores[row]:.3f}"],
                                  vmax=None if threshold is None else 2 * threshold)
             writer.writerows([path, "", "", "skipped"] for path in batch.skipped)
             handle.flush()
             scored, skipped = scored + len(batch), skipped + batch.skipped
-    if not scored:
-        raise ValueError(f"none of the {len(paths)} images could be read (listed in {out / 'scores.csv'})")
-    print(f"scored {scored} images -> {out / 'scores.csv'}"
-          + (f"; skipped {len(skipped)} that could not be read (status 'skipped')" if skipped else ""))
-    return PARTIAL if skipped else 0
+    return scored, skipped
 
 
 def _print_report(out: Path) -> None:

@@ -153,8 +153,8 @@ class Detector(Parameters):
         ``backbone=module`` or ``weights=PATH`` where the saved identity cannot be rebuilt from
         a name; ``backend``, ``device`` and ``progress`` override the saved settings. Raises
         ModelFileError for a damaged or foreign file and ValueError for another backbone."""
-        params, arrays, meta = read_detector(path, backbone, weights, backend=backend,
-                                             device=device, progress=progress)
+        params, arrays, meta = read_detector(path, cls._get_param_names(), backbone, weights,
+                                             backend=backend, device=device, progress=progress)
         detector = cls(**params)
         config = validate(detector.get_params())
         detector._build_parts(config)

@@ -9,7 +9,7 @@ against the saved fingerprint, so a different backbone is refused instead of sco
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -53,14 +53,15 @@ def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureE
     return write_archive(path, KIND, FORMAT_VERSION, meta, arrays)
 
 
-def read_detector(path: PathLike, backbone: Any = None, weights: Any = None, **overrides: Any
-                  ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, Any]]:
+def read_detector(path: PathLike, names: Sequence[str], backbone: Any = None, weights: Any = None,
+                  **overrides: Any) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, Any]]:
     """``(params, arrays, meta)`` of a file written by :func:`write_detector`.
 
     ``params`` are the detector's constructor arguments: the saved ones, the backbone rebuilt
     from its identity (``backbone``/``weights`` where a name cannot rebuild it), and the
-    ``overrides`` that are not None. Raises ModelFileError for a damaged or foreign file and
-    ValueError when the backbone cannot be rebuilt or is not the saved one.
+    ``overrides`` that are not None; ``names``: the detector's parameter names (others in the
+    file are refused). Raises ModelFileError for a damaged or foreign file and ValueError when
+    the backbone cannot be rebuilt or is not the saved one.
     """
     meta, arrays, _ = read_archive(path, KIND, FORMAT_VERSION)
     _check_contents(path, meta, arrays)
@@ -84,6 +85,9 @@ def read_detector(path: PathLike, backbone: Any = None, weights: Any = None, **o
                          f"weights=PATH to that file (knnad predict: --weights PATH)")
     params["layers"] = meta["layers"]
     params.update({name: value for name, value in overrides.items() if value is not None})
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise ModelFileError(f"{path} holds settings {unknown} that this knnad does not know")
     return params, arrays, meta
 
 
@@ -93,6 +97,14 @@ def _check_contents(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.n
     missing = sorted(set(_META_KEYS) - set(meta)) + sorted(set(_ARRAYS) - set(arrays))
     if missing:
         raise ModelFileError(f"{path} is not a complete knnad detector: {missing} missing")
+    params, thresholds = meta["params"], [meta[key] for key in _META_KEYS[-3:]]
+    typed = (isinstance(params, dict) and isinstance(params.get("backbone"), str)
+             and isinstance(meta["weights_id"], str) and isinstance(meta["layers"], list)
+             and all(isinstance(meta[key], list) for key in ("train_paths", "skipped"))
+             and (all(value is None for value in thresholds)
+                  or all(isinstance(value, (int, float)) for value in thresholds)))
+    if not typed:
+        raise ModelFileError(f"{path} is not a consistent knnad detector: malformed settings")
     bank, ids, pooled = (arrays[name] for name in _ARRAYS)
     consistent = (bank.ndim == 2 and pooled.ndim == 2 and ids.ndim == 1 and len(ids) == len(bank) > 0
                    and bank.dtype == np.float32 and np.issubdtype(ids.dtype, np.integer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, List, Optional, Union
@@ -41,10 +42,13 @@ class ImageLoadError(ValueError):
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """``image`` as viewers show it: turned by its EXIF orientation tag, if it has one."""
-    if image.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+    """``image`` as viewers show it: turned by its EXIF orientation tag, if it has a readable
+    one (a malformed EXIF block leaves the image as stored, as other viewers do)."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except (SyntaxError, ValueError, OSError, struct.error):
         return image
-    return ImageOps.exif_transpose(image)
+    return image if orientation in (0, 1) else ImageOps.exif_transpose(image)
 
 
 def open_image(image: ImageInput) -> Image.Image:
@@ -82,6 +86,10 @@ def _resize_shorter_side(image: Image.Image, size: int, resample: int = Image.BI
     return image if target == image.size else image.resize(target, resample)
 
 
+#: Relative excess over the value range that is float rounding, clipped rather than refused.
+_ROUNDING = 1e-5
+
+
 @lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
     logger.warning(message)
@@ -101,12 +109,14 @@ def resized_rgb_tensor(image: Image.Image, size: int, bit_depth: Optional[int] =
     """
     if image.mode.startswith("I") or image.mode == "F":
         values = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{image.mode} image holds NaN or infinite values; repair it first")
         top = 1.0 if image.mode == "F" and bit_depth is None else float(2 ** (bit_depth or 16) - 1)
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-        if low < 0 or high > top:
-            needed = max(1, int(np.ceil(np.log2(high + 1)))) if low >= 0 and high >= 1 else None
+        if low < -_ROUNDING * top or high > (1 + _ROUNDING) * top:  # float rounding is clipped
+            needed = int(np.ceil(np.log2(high + 1))) if low >= 0 and high >= 2 else 99
             raise ValueError(f"{image.mode} image values span [{low:g}, {high:g}], outside 0..{top:g}"
-                             + (f"; set bit_depth={needed} (or more) to scale them" if needed
+                             + (f"; set bit_depth={needed} (or more) to scale them" if needed <= 16
                                 else "; scale them to [0, 1] first"))
         if bit_depth is None and image.mode != "F" and 0 < high < 4096:
             _warn_once(f"{image.mode} images hold values below 4096 only: if the camera writes 10-, "

@@ -143,8 +143,15 @@ def test_predict_skips_unreadable_files_and_says_so(tmp_path, sample, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     inputs = [str(good[0]), str(broken), str(good[1]), str(good[2])]
-    assert main(["predict", str(model), *inputs, "--out", str(tmp_path / "raise"), "--no-progress"]) == 2
-    assert "broken.png" in capsys.readouterr().err
+    assert main(["predict", str(model), str(good[0]), "--out", str(tmp_path / "raise"), "--no-progress"]) == 0
+    assert main(["predict", str(model), *inputs, "--out", str(tmp_path / "raise"), "--no-progress",
+                 "--batch-size", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "broken.png" in error and "scores.partial.csv" in error
+    with open(tmp_path / "raise" / "scores.partial.csv") as handle:  # what was done is kept
+        assert [row["path"] for row in csv.DictReader(handle)] == [str(good[0])]
+    with open(tmp_path / "raise" / "scores.csv") as handle:  # the previous run's scores too
+        assert [row["path"] for row in csv.DictReader(handle)] == [str(good[0])]
     out = tmp_path / "skip"
     assert main(["predict", str(model), *inputs, "--out", str(out), "--no-progress",
                  "--on-error", "skip", "--batch-size", "2"]) == 3  # some images skipped

@@ -1,6 +1,7 @@
 import inspect
 import logging
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -255,13 +256,19 @@ def test_model_file_permissions_and_foreign_files(fitted, tmp_path):
 def test_a_killed_save_leaves_a_partial_file_the_next_save_removes(fitted, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    stale = tmp_path / f".model.npz.{dead}-0a1b2c3d.knnad-partial"  # as a SIGKILLed save leaves it
-    running = tmp_path / f".model.npz.{os.getpid()}-00000000.knnad-partial"  # a save in progress
-    other = tmp_path / f".other.npz.{dead}-0a1b2c3d.knnad-partial"
-    for partial in (stale, running, other):
+    host = socket.gethostname().replace(".", "_")
+    stale = tmp_path / f".model.npz.{host}.{dead}-0a1b2c3d.knnad-partial"  # a SIGKILLed save's
+    kept = [tmp_path / f".model.npz.{host}.{os.getpid()}-00000000.knnad-partial",  # running save
+            tmp_path / f".model.npz.otherhost.{dead}-0a1b2c3d.knnad-partial",  # another machine's
+            tmp_path / f".other.npz.{host}.{dead}-0a1b2c3d.knnad-partial",  # another model's
+            tmp_path / f".model.npz.{dead}-my notes.knnad-partial"]  # not knnad's name
+    for partial in (stale, *kept):
         partial.write_bytes(b"partial")
     fitted.save(tmp_path / "model.npz")
-    assert not stale.exists() and running.exists() and other.exists()
+    assert not stale.exists() and all(path.exists() for path in kept)
+    os.chmod(tmp_path / "model.npz", 0o600)
+    fitted.save(tmp_path / "model.npz")  # replacing a model keeps its permissions
+    assert stat.S_IMODE((tmp_path / "model.npz").stat().st_mode) == 0o600
 
 
 def test_crafted_files_with_valid_checksums_are_refused_at_load(fitted, tmp_path):
@@ -282,7 +289,11 @@ def test_crafted_files_with_valid_checksums_are_refused_at_load(fitted, tmp_path
              (crafted("no_key.npz", [("weights_id", None)]), r"\['weights_id'\] missing"),
              (crafted("ids.npz", patch_image_ids=arrays["patch_image_ids"][::-1].copy()), "not a consistent"),
              (crafted("dtype.npz", memory_bank=arrays["memory_bank"].astype(np.float64)), "not a consistent"),
-             (crafted("dims.npz", [("params.reduce_dim", 64)]), "128-d patches.*give 64")]
+             (crafted("dims.npz", [("params.reduce_dim", 64)]), "128-d patches.*give 64"),
+             (crafted("unknown.npz", [("params.colour", "red")]), r"settings \['colour'\] that this"),
+             (crafted("no_backbone.npz", [("params.backbone", 5)]), "malformed settings")]
+    meta["weights_id"] = 5
+    cases.append((crafted("weights_id.npz"), "malformed settings"))
     for path, match in cases:
         with pytest.raises(ModelFileError, match=match):
             Detector.load(path)

@@ -132,6 +132,18 @@ def test_bit_depth_of_camera_images(tmp_path, caplog):
         Preprocessor(40, 32, bit_depth=17)
 
 
+def test_odd_values_and_broken_exif(tmp_path):
+    with pytest.raises(ImageLoadError, match="NaN or infinite"):
+        Preprocessor(8, 8)(Image.fromarray(np.full((8, 8), np.inf, np.float32), mode="F"))
+    rounding = Preprocessor(8, 8)(Image.fromarray(np.full((8, 8), 1.0000001, np.float32), mode="F"))
+    torch.testing.assert_close(rounding, Preprocessor(8, 8)(Image.new("RGB", (8, 8), (255, 255, 255))))
+    with pytest.raises(ImageLoadError, match=r"outside 0..65535; scale them to \[0, 1\] first"):
+        Preprocessor(8, 8)(Image.fromarray(np.full((8, 8), 70000, np.int32), mode="I"))
+    image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    image.save(tmp_path / "broken_exif.png", exif=b"Exif\x00\x00garbage")
+    assert Preprocessor(8, 8)(tmp_path / "broken_exif.png").shape == (3, 8, 8)
+
+
 def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path):
     rng = np.random.default_rng(4)
     stored = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)  # as the sensor wrote it
