@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Optional, Union
+import time
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -99,7 +100,47 @@ def coreset(features: ArrayLike, ratio: Optional[float] = None, n: Optional[int]
         projection = torch.randn(dim, projection_dim, generator=generator) / projection_dim ** 0.5
         points = points @ projection.to(target)
     first = int(torch.randint(total, (1,), generator=generator))
-    return _greedy_k_center(points, count, first, progress).cpu().numpy()
+    threads = torch.get_num_threads()
+    try:
+        return _greedy_k_center(points, count, first, progress).cpu().numpy()
+    finally:
+        torch.set_num_threads(threads)  # the loop's tuner may have changed it
+
+
+class _ThreadTuner:
+    """Chooses torch's CPU thread count for the selection loop by timing it. Each pick is a few
+    small operations (a matrix-vector product over the bank): on a quiet machine two threads
+    are faster, but when another process competes for the cores they wait on each other and
+    the loop slows several-fold, while one thread keeps its pace (``bench_coreset_sharing.py``).
+    So every few blocks of picks it times one block with each candidate count and runs the
+    faster until the next probe. The picks do not depend on the thread count."""
+
+    BLOCK = 64  # picks per timed block
+    EXPLOIT = 16  # blocks run with the chosen count between two probes
+    MARGIN = 1.5  # how much faster one thread must be to be chosen
+
+    def __init__(self, threads: int):
+        self.candidates = sorted({threads, 1}, reverse=True)
+        self.schedule: List[Tuple[int, bool]] = [(count, True) for count in self.candidates]
+        self.probe_times: Dict[int, float] = {}
+        self.block: Optional[Tuple[int, bool]] = None
+        self.started = 0.0
+
+    def tick(self, step: int) -> None:
+        """Call before each pick; acts at block boundaries."""
+        if len(self.candidates) == 1 or step % self.BLOCK:
+            return
+        if self.block is not None and self.block[1]:  # a probe ended
+            self.probe_times[self.block[0]] = time.perf_counter() - self.started
+        if not self.schedule:  # fewer threads only when clearly faster: blocks vary in cost
+            best = min(self.probe_times, key=lambda count: self.probe_times[count]
+                       * (1.0 if count == self.candidates[0] else self.MARGIN))
+            self.schedule = [(best, False)] * self.EXPLOIT + [(count, True) for count in self.candidates]
+            self.probe_times = {}
+        self.block = self.schedule.pop(0)
+        if self.block[0] != torch.get_num_threads():
+            torch.set_num_threads(self.block[0])
+        self.started = time.perf_counter()
 
 
 def _greedy_k_center(points: torch.Tensor, count: int, first: int, progress: bool) -> torch.Tensor:
@@ -120,7 +161,9 @@ def _greedy_k_center(points: torch.Tensor, count: int, first: int, progress: boo
     distances = torch.empty_like(squared_norms)
     pick = torch.tensor(first, device=points.device)
     next_check = 1
+    tuner = _ThreadTuner(torch.get_num_threads() if points.device.type == "cpu" else 1)
     for step in tqdm(range(count), desc="coreset", unit="pt", disable=not progress, mininterval=1.0):
+        tuner.tick(step)
         picks[step] = pick
         centre = points[pick]
         centres[step] = centre

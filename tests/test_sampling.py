@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from knnad import sampling
 from knnad.sampling import coreset, coreset_size, covering_radius, parse_coreset, subsample
 
 
@@ -129,3 +130,22 @@ def test_numpy_ratios_and_counts_are_accepted():
     expected = coreset(points, ratio=0.1, seed=2)
     np.testing.assert_array_equal(coreset(points, ratio=np.float32(0.1), seed=2)[:10], expected[:10])
     assert len(coreset(points, n=np.int64(7))) == 7
+
+
+def test_thread_tuning_changes_no_pick_and_restores_the_thread_count(monkeypatch):
+    points = clustered(n_clusters=40, per_cluster=300, dim=32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = coreset(points, ratio=0.2, seed=5)  # one thread: no tuning
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(sampling._ThreadTuner, "BLOCK", 4)  # switch often
+    monkeypatch.setattr(sampling._ThreadTuner, "EXPLOIT", 2)
+    switches = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n, original=torch.set_num_threads: (
+        switches.append(n), original(n))[1])
+    np.testing.assert_array_equal(coreset(points, ratio=0.2, seed=5), expected)
+    assert torch.get_num_threads() == threads
+    if threads > 1:
+        assert set(switches) >= {1, threads}
