@@ -32,6 +32,13 @@ def check_output_folder(path: Any, argument: str) -> Path:
     return path
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is True or False, else a ValueError naming ``name``."""
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
     """``value`` if it is one of ``choices``, else a ValueError naming ``name`` and the choices."""
     if isinstance(value, str) and value in choices:

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import pickle
-import re
 import urllib.error
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -93,10 +92,11 @@ def _resolve_named_weights(name: str, weights: Any) -> Any:
 def _published_weights(name: str, sha256: str) -> Optional[str]:
     """The torchvision weight name (``"MobileNet_V2_Weights.IMAGENET1K_V1"``) of ``name`` whose
     published file has this SHA-256, else None: torchvision names its files
-    ``<model>-<leading hex digits of their SHA-256>.pth`` and checks downloads the same way."""
+    ``<model>-<leading hex digits of their SHA-256>.pth`` and checks downloads the same way
+    (``torch.hub.HASH_REGEX``)."""
     for member in _weights_enum(name) or ():
-        published = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(member.url))
-        if published and sha256.startswith(published.group(1)):
+        published = torch.hub.HASH_REGEX.search(os.path.basename(member.url))
+        if published and len(published.group(1)) >= 8 and sha256.startswith(published.group(1)):
             return str(member)
     return None
 

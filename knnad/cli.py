@@ -17,7 +17,8 @@ from ._version import __version__
 from .archive import check_target
 from .datasets import ImageFolder, dataset_pairs
 from .detector import Detector
-from .options import OPTIONS, Option, check_bool, defaults
+from ._checks import check_bool
+from .options import OPTIONS, Option, defaults
 from .preprocessing import IMAGE_SUFFIXES, denormalise, image_files
 from .runtime import backend_info
 from .thresholds import check_quantile

@@ -77,9 +77,9 @@ class Detector(Parameters):
         n_images, height, width, dim = embeddings.shape
         bank = embeddings.reshape(-1, dim).numpy()
         image_ids = np.repeat(np.arange(n_images, dtype=np.int64), height * width)
-        if config["coreset"] is not None:
-            picks = subsample(bank, config["coreset"], config["seed"], self.extractor_.device,
-                              config["progress"])
+        picks = subsample(bank, config["coreset"], config["seed"], self.extractor_.device,
+                          config["progress"])
+        if len(picks) < len(bank):  # all rows kept: no copy
             bank, image_ids = bank[picks], image_ids[picks]
         check_int(config["k"], "k", 1, len(bank), f" (the {len(bank)} patches in the memory bank; "
                                                   f"use a smaller k or a larger coreset)")
@@ -117,8 +117,8 @@ class Detector(Parameters):
             maps = anomaly_maps(patch_scores, tuple(batch.images.shape[-2:]), settings["sigma"],
                                 settings["upsampling"])
             scores = maps.amax(dim=(1, 2)).numpy() if spade is None else spade
-            yield Prediction(scores.astype(np.float32), maps.numpy().astype(np.float32),
-                             batch.paths, skipped=batch.skipped)
+            yield Prediction(scores.astype(np.float32, copy=False), maps.numpy(), batch.paths,
+                             skipped=batch.skipped)
 
     def calibrate(self, normal_data: Any, quantile: float = 0.99) -> "Detector":
         """Set deployment thresholds (``thresholds_``) from defect-free images only: the

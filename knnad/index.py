@@ -141,7 +141,9 @@ class FlatL2Index:
     @classmethod
     def of(cls, vectors: ArrayLike, **options: Any) -> "FlatL2Index":
         """A new index of ``vectors`` ``[n, d]``; ``options`` as for the constructor."""
-        index = cls(check_matrix(vectors, "vectors").shape[1], **options)
+        if not isinstance(vectors, (np.ndarray, torch.Tensor)) or vectors.ndim != 2:
+            check_matrix(vectors, "vectors")  # says what is wrong; add() checks the values
+        index = cls(vectors.shape[1], **options)
         index.add(vectors)
         return index
 
@@ -240,10 +242,18 @@ class FlatL2Index:
                                  f"[0, {self._count}]; got {pair!r} after stop {previous}")
             previous = pair[1]
 
-    def _bank_chunk(self) -> int:
-        """Bank rows per torch.cdist call: cdist copies its bank block (with two extra columns),
-        so that copy gets a quarter of the budget."""
-        return min(self._count, max(1, self.memory_budget // 4 // (4 * (self._dim + 2))))
+    def _bank_chunk(self, rows: Optional[int] = None) -> int:
+        """Rows per torch.cdist call against a bank of ``rows`` vectors (default: this index's):
+        cdist copies its bank block (with two extra columns), so that copy gets a quarter of
+        the budget."""
+        rows = self._count if rows is None else rows
+        return min(rows, max(1, self.memory_budget // 4 // (4 * (self._dim + 2))))
+
+    def _torch_finder(self, vectors: torch.Tensor, candidates: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Candidate rows ``[m, candidates]`` of a query block among ``vectors``, by
+        torch.cdist + topk within the memory budget."""
+        bank_chunk = self._bank_chunk(len(vectors))
+        return lambda block: _torch_candidates(block.to(vectors.device), vectors, candidates, bank_chunk)
 
     def search(self, queries: ArrayLike, k: int, progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest stored vectors of each query.
@@ -266,9 +276,7 @@ class FlatL2Index:
             def find(block: torch.Tensor) -> torch.Tensor:
                 return torch.from_numpy(self._faiss_index.search(block.cpu().numpy(), candidates)[1])
         else:
-            def find(block: torch.Tensor) -> torch.Tensor:
-                return _torch_candidates(block.to(self._device), self._vectors, candidates,
-                                         self._bank_chunk())
+            find = self._torch_finder(self._vectors, candidates)
         chunk = self._query_chunk(candidates, self._bank_chunk())
         return _search_in_chunks(checked, k, chunk, find, self._stored, self.memory_budget, progress)
 
@@ -292,9 +300,8 @@ class FlatL2Index:
             def find(block: torch.Tensor) -> torch.Tensor:
                 return torch.from_numpy(faiss.knn(block.cpu().numpy(), gallery.numpy(), candidates)[1])
         else:
-            def find(block: torch.Tensor) -> torch.Tensor:
-                return _torch_candidates(block.to(gallery.device), gallery, candidates, len(gallery))
-        chunk = self._query_chunk(candidates, len(gallery))
+            find = self._torch_finder(gallery, candidates)
+        chunk = self._query_chunk(candidates, self._bank_chunk(len(gallery)))
         distances, local = _search_in_chunks(checked, k, chunk, find,
                                              lambda rows: gallery[rows.to(gallery.device)],
                                              self.memory_budget, False)

@@ -19,11 +19,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from torch import nn
 
-from ._checks import check_choice, check_int, check_number
+from ._checks import check_bool, check_choice, check_int, check_number
 from .anomaly_map import UPSAMPLING
 from .backbones import PRESET_LAYERS
 from .embedding import check_aggregation_size
-from .preprocessing import check_geometry
+from .preprocessing import check_bit_depth, check_geometry
 from .runtime import BACKENDS, check_device
 from .sampling import parse_coreset
 from .scoring import IMAGE_SCORES
@@ -84,13 +84,6 @@ def _weights(value: Any, name: str) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def check_bool(value: Any, name: str) -> bool:
-    """``value`` if it is True or False, else a ValueError naming ``name``."""
-    if isinstance(value, bool):
-        return value
-    raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
 OPTIONS: Dict[str, Option] = {
     "backbone": Option(f"torchvision model name (presets: {', '.join(PRESET_LAYERS)}) or your "
                        f"own nn.Module", _backbone),
@@ -120,7 +113,7 @@ OPTIONS: Dict[str, Option] = {
     "crop_size": Option("side of the centre crop, pixels (at most image_size)", _int(1), parse=int),
     "bit_depth": Option("bits per sample of 16-bit and float images, e.g. 12 for 12-bit data in "
                         "16-bit files (none: 16 for integer images, float images as they are)",
-                        _optional(lambda value, name: check_int(value, name, 1, 16)),
+                        check_bit_depth,
                         parse=_none_or(int)),
     "aggregation_size": Option("side of the window patch features are averaged over (odd)",
                                check_aggregation_size, parse=int),

@@ -41,7 +41,6 @@ def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureE
     # Only torchvision weight names can be rebuilt without help; see read_detector().
     weights_id = extractor.weights_id
     params["weights"] = None if weights_id.startswith(("random:", "sha256:", "module:")) else weights_id
-    params["layers"] = list(extractor.layers)
     meta = {"knnad_version": __version__, "params": params,
             "custom_backbone": isinstance(settings["backbone"], nn.Module),
             "layers": list(extractor.layers), "weights_id": weights_id,

@@ -109,7 +109,7 @@ def resized_rgb_tensor(image: Image.Image, size: int, bit_depth: Optional[int] =
     """
     if image.mode.startswith("I") or image.mode == "F":
         values = np.asarray(image, dtype=np.float32)
-        if not np.isfinite(values).all():
+        if image.mode == "F" and not np.isfinite(values).all():
             raise ValueError(f"{image.mode} image holds NaN or infinite values; repair it first")
         top = 1.0 if image.mode == "F" and bit_depth is None else float(2 ** (bit_depth or 16) - 1)
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
@@ -127,6 +127,11 @@ def resized_rgb_tensor(image: Image.Image, size: int, bit_depth: Optional[int] =
     if image.mode != "RGB":
         image = image.convert("RGB")
     return TF.pil_to_tensor(_resize_shorter_side(image, size)).float().div_(255.0)
+
+
+def check_bit_depth(value: Any, name: str = "bit_depth") -> Optional[int]:
+    """``value`` if it is None or an int in [1, 16], else a ValueError naming ``name``."""
+    return None if value is None else check_int(value, name, 1, 16)
 
 
 def check_geometry(image_size: Any, crop_size: Any) -> None:
@@ -158,7 +163,7 @@ class Preprocessor:
         check_geometry(image_size, crop_size)
         self.image_size = image_size
         self.crop_size = crop_size
-        self.bit_depth = None if bit_depth is None else check_int(bit_depth, "bit_depth", 1, 16)
+        self.bit_depth = check_bit_depth(bit_depth)
 
     def __repr__(self) -> str:
         return (f"Preprocessor(image_size={self.image_size}, crop_size={self.crop_size}, "
@@ -166,17 +171,16 @@ class Preprocessor:
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
         opened = open_image(image)
+        source = "an in-memory image" if isinstance(image, Image.Image) else image
         width, height = opened.size
         if self.image_size ** 2 * max(width, height) / max(1, min(width, height)) > MAX_RESIZED_PIXELS:
-            raise ImageLoadError(image if not isinstance(image, Image.Image) else "an in-memory image",
-                                 f"{width}x{height} pixels is too elongated to resize to a shorter "
-                                 f"side of {self.image_size} (over {MAX_RESIZED_PIXELS} pixels); "
-                                 f"cut it into tiles first")
+            raise ImageLoadError(source, f"{width}x{height} pixels is too elongated to resize to a "
+                                         f"shorter side of {self.image_size} (over "
+                                         f"{MAX_RESIZED_PIXELS} pixels); cut it into tiles first")
         try:
             rgb = resized_rgb_tensor(opened, self.image_size, self.bit_depth)
         except ValueError as error:
-            raise ImageLoadError(image if not isinstance(image, Image.Image) else "an in-memory image",
-                                 str(error)) from None
+            raise ImageLoadError(source, str(error)) from None
         rgb = TF.center_crop(rgb, [self.crop_size, self.crop_size])
         return TF.normalize(rgb, IMAGENET_MEAN, IMAGENET_STD)
 

@@ -121,12 +121,14 @@ def check_device(device: Any, argument: str = "device") -> str:
     """``device`` as a string if it names a device kind knnad knows (``"auto"``, ``"cpu"``,
     ``"cuda"``, ``"cuda:N"``, ``"cuda:all"`` or a :class:`torch.device`), without asking
     whether it exists here; else a ValueError naming ``argument``."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    if isinstance(device, str) and (device in ("auto", ALL_GPUS) or device == "cpu"
-                                    or device == "cuda" or (device.startswith("cuda:")
-                                                            and device[5:].isdigit())):
+    if device in ("auto", ALL_GPUS):
         return device
+    try:  # torch's own reading of device strings
+        parsed = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except RuntimeError:
+        parsed = None
+    if parsed is not None and parsed.type in ("cpu", "cuda"):
+        return str(device)
     raise ValueError(f"{argument}={device!r} is not a device; use 'auto', 'cpu', 'cuda', "
                      f"'cuda:N' or '{ALL_GPUS}'")
 

@@ -197,10 +197,14 @@ def subsample(bank: ArrayLike, spec: CoresetSpec, seed: int = 0,
     """Rows of ``bank`` to keep for a coreset setting (see :func:`parse_coreset`; a count above
     the bank's size keeps every row), as int64 ``[count]`` in ascending order."""
     spec = parse_coreset(spec)
-    count = len(bank) if spec is None else coreset_size(len(bank), ratio=spec) \
-        if isinstance(spec, float) else min(spec, len(bank))
-    if spec == 1 and isinstance(spec, int):
-        logger.warning("coreset=1 keeps a single patch; for all patches use coreset=None or 1.0")
+    if spec is None:
+        count = len(bank)
+    elif isinstance(spec, float):
+        count = coreset_size(len(bank), ratio=spec)
+    else:
+        count = min(spec, len(bank))
+        if spec == 1:
+            logger.warning("coreset=1 keeps a single patch; for all patches use coreset=None or 1.0")
     if count == len(bank):  # every row: no selection to run
         return np.arange(len(bank), dtype=np.int64)
     return np.sort(coreset(bank, n=count, seed=seed, device=device, progress=progress))
