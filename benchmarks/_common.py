@@ -67,7 +67,7 @@ def patch_embeddings(paths, extractor) -> np.ndarray:
     preprocessor, embedder = Preprocessor(), PatchEmbedder()
     batches = []
     for start in range(0, len(paths), 16):
-        images = torch.stack([preprocessor(p) for p in paths[start:start + 16]])
+        images = torch.from_numpy(np.stack([preprocessor(p) for p in paths[start:start + 16]]))
         batches.append(embedder(extractor(images)).cpu().numpy())
     return np.concatenate(batches)
 

@@ -33,7 +33,7 @@ def timed(function):
 def stage_costs(detector: Detector, paths, backend_index) -> dict:
     """Milliseconds per image of each stage, run one after the other on one batch size."""
     images, decode = timed(lambda: [detector.preprocessor_(p) for p in paths])
-    batches = [torch.stack(images[i:i + detector.batch_size]) for i in range(0, len(images), detector.batch_size)]
+    batches = [torch.from_numpy(np.stack(images[i:i + detector.batch_size])) for i in range(0, len(images), detector.batch_size)]
     features, backbone = timed(lambda: [detector.extractor_(b) for b in batches])
     embedded, embed = timed(lambda: [detector.embedder_(f) for f in features])
     queries = [e.reshape(-1, e.shape[-1]) for e in embedded]

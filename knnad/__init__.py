@@ -3,40 +3,39 @@
 Normal (defect-free) images are turned into patch features by a hooked ImageNet CNN and kept
 in an exact FAISS flat L2 index; a test patch's anomaly score is the mean Euclidean distance to
 its K nearest normal patches.
+
+Names load on first use, so that ``import knnad`` stays light and its torch-free parts
+(:class:`~knnad.onnx_detector.OnnxDetector`, preprocessing, thresholds) work where torch and
+faiss are not installed.
 """
 import importlib
 import logging
 
-from . import (anomaly_map, archive, backbones, datasets, embedding, index, options, persistence,
-               preprocessing, runtime, sampling, scoring, sources, thresholds)
-from ._version import __version__
-from .archive import ModelFileError
-from .backbones import FeatureExtractor
-from .detector import Detector, Prediction
-from .index import FlatL2Index
-from .preprocessing import ImageLoadError, Preprocessor
-from .runtime import backend_info
-from .sampling import coreset, covering_radius
-from .thresholds import Thresholds
+from ._version import __version__  # noqa: F401 (public)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-#: Modules loaded on first use: they pull in scikit-learn and matplotlib, which fitting and
-#: predicting do not need.
-_LAZY_MODULES = ("metrics", "plots", "evaluation", "report")
+_MODULES = ("anomaly_map", "archive", "backbones", "datasets", "embedding", "evaluation", "export",
+            "index", "metrics", "onnx_detector", "options", "persistence", "plots", "prediction",
+            "preprocessing", "report", "runtime", "sampling", "scoring", "sources", "thresholds")
+#: Public names and the modules that define them.
+_NAMES = {"Detector": "detector", "FeatureExtractor": "backbones", "FlatL2Index": "index",
+          "ImageLoadError": "preprocessing", "ModelFileError": "archive", "OnnxDetector": "onnx_detector",
+          "Prediction": "prediction", "Preprocessor": "preprocessing", "Thresholds": "thresholds",
+          "backend_info": "runtime", "coreset": "sampling", "covering_radius": "sampling",
+          "evaluate": "evaluation"}
 
 
 def __getattr__(name: str):
-    if name in _LAZY_MODULES:
+    if name in _MODULES:
         return importlib.import_module(f".{name}", __name__)
-    if name == "evaluate":
-        return importlib.import_module(".evaluation", __name__).evaluate
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["anomaly_map", "archive", "backbones", "datasets", "embedding", "evaluation", "index",
-           "metrics", "options", "persistence", "plots", "preprocessing", "report", "runtime",
-           "sampling", "scoring", "sources", "thresholds", "evaluate", "Detector",
-           "FeatureExtractor", "FlatL2Index", "ImageLoadError", "ModelFileError", "Prediction",
-           "Preprocessor", "Thresholds", "backend_info", "coreset", "covering_radius",
-           "__version__"]
+def __dir__():
+    return sorted(set(globals()) | set(_MODULES) | set(_NAMES))
+
+
+__all__ = sorted(_MODULES + tuple(_NAMES) + ("__version__",))

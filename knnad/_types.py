@@ -4,10 +4,14 @@ from __future__ import annotations
 import os
 from typing import Union
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 #: A file-system path: ``str`` or any ``os.PathLike`` (``pathlib.Path``).
 PathLike = Union[str, os.PathLike]
 #: A numeric matrix: a numpy array or a torch tensor.
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = Union[np.ndarray, "torch.Tensor"]

@@ -61,6 +61,18 @@ def _upsample_blur_matrix(patches: int, pixels: int, sigma: float, upsampling: s
     return columns.reshape(patches, pixels).T.float().contiguous()
 
 
+def map_matrices(grid: Tuple[int, int], size: Union[int, Tuple[int, int]], sigma: float = 4.0,
+                 upsampling: str = "bilinear") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, columns)``, float32 ``[H, h]`` and ``[W, w]``: the map of patch scores ``S``
+    ``[h, w]`` (``grid``) at ``size`` ``(H, W)`` is ``rows @ S @ columns.T``."""
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0 pixels, got {sigma}")
+    check_upsampling(upsampling)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return (_upsample_blur_matrix(grid[0], height, float(sigma), upsampling),
+            _upsample_blur_matrix(grid[1], width, float(sigma), upsampling))
+
+
 def anomaly_maps(patch_scores: torch.Tensor, size: Union[int, Tuple[int, int]],
                  sigma: float = 4.0, upsampling: str = "bilinear") -> torch.Tensor:
     """Pixel maps ``Tensor[B, H, W]`` (float32, same units as the scores) from patch scores
@@ -70,11 +82,6 @@ def anomaly_maps(patch_scores: torch.Tensor, size: Union[int, Tuple[int, int]],
     ``gaussian_blur(F.interpolate(...))`` up to float32 rounding."""
     if patch_scores.ndim != 3:
         raise ValueError(f"patch_scores must be [B, h, w], got {tuple(patch_scores.shape)}")
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0 pixels, got {sigma}")
-    check_upsampling(upsampling)
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    rows = _upsample_blur_matrix(patch_scores.shape[1], height, float(sigma), upsampling)
-    columns = _upsample_blur_matrix(patch_scores.shape[2], width, float(sigma), upsampling)
+    rows, columns = map_matrices(tuple(patch_scores.shape[1:]), size, sigma, upsampling)
     rows, columns = rows.to(patch_scores.device), columns.to(patch_scores.device)
     return rows @ patch_scores.float() @ columns.T

@@ -237,6 +237,7 @@ class FeatureExtractor:
         # Channels-last is oneDNN's and cuDNN's fast layout for convolutions.
         self.model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
         self._outputs: Optional[Dict[str, torch.Tensor]] = None  # a dict only while running
+        self._stop_early = True
         self._hooks = [modules[name].register_forward_hook(self._make_hook(name))
                        for name in self.layers]
 
@@ -256,7 +257,7 @@ class FeatureExtractor:
             if self._outputs is None:  # another extractor sharing this module is running
                 return
             self._outputs[name] = output
-            if len(self._outputs) == len(self.layers):
+            if len(self._outputs) == len(self.layers) and self._stop_early:
                 raise _LastLayerReached
         return hook
 
@@ -276,16 +277,25 @@ class FeatureExtractor:
             return passes[0]
         return {name: torch.cat([outputs[name] for outputs in passes]) for name in self.layers}
 
-    def _forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """One forward pass, stopped after the last hooked layer; float32 outputs by layer."""
-        self._outputs = {}
+    def hooked_outputs(self, images: torch.Tensor, stop_early: bool = True) -> Dict[str, torch.Tensor]:
+        """The hooked layers' outputs (by layer name, as the layers give them) of one forward
+        pass of ``images`` (already on the model's device), stopped after the last hooked layer
+        (``stop_early``; else the whole model runs, as tracers need). No checks, no inference
+        mode: what :mod:`knnad.export` traces."""
+        self._outputs, self._stop_early = {}, stop_early
         try:
-            with torch.inference_mode():
-                self.model(images.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last))
+            self.model(images)
         except _LastLayerReached:
             pass
         finally:
             outputs, self._outputs = self._outputs, None
+        return outputs
+
+    def _forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One forward pass, stopped after the last hooked layer; float32 outputs by layer."""
+        with torch.inference_mode():
+            outputs = self.hooked_outputs(images.to(self.device, torch.float32)
+                                          .contiguous(memory_format=torch.channels_last))
         missing = [name for name in self.layers if name not in outputs]
         if missing:
             raise RuntimeError(f"layers {missing} did not run in the forward pass of "

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
 import logging
 import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ._checks import check_output_folder
+from ._checks import check_bool, check_int, check_output_folder
 from ._version import __version__
 from .archive import check_target
 from .datasets import ImageFolder, dataset_pairs
 from .detector import Detector
-from ._checks import check_bool
-from .options import OPTIONS, Option, defaults
-from .preprocessing import IMAGE_SUFFIXES, denormalise, image_files
+from .options import OPTIONS, Option, defaults, validate
+from .preprocessing import IMAGE_SUFFIXES, ImageLoadError, denormalise, image_files
 from .runtime import backend_info
 from .thresholds import check_quantile
 
@@ -81,14 +81,38 @@ def _images(arguments: List[str]) -> List[Path]:
 
 
 def command_fit(args: argparse.Namespace) -> None:
-    check_target(args.model)  # before a long fit, not after it
-    detector = Detector(**detector_params(args)).fit(_images(args.images))
-    if args.calibrate:
-        detector.calibrate(_images(args.calibrate), quantile=args.quantile)
+    # Everything that can be checked is checked before the fit, not after it: the model path,
+    # the detector's options together (k against a coreset count, sigma against the crop) and
+    # the images of fit and of --calibrate.
+    check_target(args.model)
+    detector = Detector(**detector_params(args))
+    validate(detector.get_params())
+    images = _images(args.images)
+    calibration = _images(args.calibrate) if args.calibrate else None
+    detector.fit(images)
+    if calibration:
+        detector.calibrate(calibration, quantile=args.quantile)
     path = detector.save(args.model)
     print(f"saved {path}: {len(detector.train_paths_)} images, memory bank "
           f"{len(detector.index_)} x {detector.index_.dim}"
           + (f", image threshold {detector.thresholds_.image:.4f}" if args.calibrate else ""))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the command removed what it had written; the message says so."""
+
+
+def _new_folders(folder: Path) -> List[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    return [path for path in (folder, *folder.parents) if not path.exists()]
+
+
+def _remove_empty(folders: List[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            break
 
 
 def command_predict(args: argparse.Namespace) -> int:
@@ -97,49 +121,105 @@ def command_predict(args: argparse.Namespace) -> int:
     placement = {name: overrides.pop(name, None) for name in ("backend", "device", "progress")}
     out = check_output_folder(args.out, "--out")
     detector = Detector.load(args.model, weights=args.weights, **placement).set_params(**overrides)
+    check_int(detector.k, "--k", 1, len(detector.index_),
+              f" (the patches in the memory bank of {args.model}; use a smaller --k)")
     paths = _images(args.images)
+    new_folders = _new_folders(out)
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / "scores.partial.csv"  # written batch by batch; scores.csv once all are done
+    writer = _ScoresWriter(detector, out / "scores.partial.csv", None if args.no_heatmaps else out)
     try:
-        scored, skipped = _write_scores(detector, paths, partial, None if args.no_heatmaps else out)
-    except BaseException:
-        if partial.exists():
-            print(f"knnad predict: the scores done before this stop are in {partial}", file=sys.stderr)
+        writer.write(paths)
+    except KeyboardInterrupt:
+        # Ctrl-C: the user stopped the run, so it leaves nothing half-done behind.
+        writer.remove()
+        _remove_empty(new_folders)
+        kept = "; the previous scores.csv is kept" if (out / "scores.csv").exists() else ""
+        raise Interrupted(f"interrupted; no output written ({writer.scored} images had been "
+                          f"scored{kept})") from None
+    except BaseException as error:
+        # An error: what was done stays in scores.partial.csv, and the message says where.
+        if writer.scored:
+            error.knnad_note = (f"; the {writer.scored} images scored before it are in "
+                                f"{writer.csv_path}")
+        else:
+            writer.remove()
+            _remove_empty(new_folders)
         raise
-    os.replace(partial, out / "scores.csv")
-    if not scored:
+    os.replace(writer.csv_path, out / "scores.csv")
+    if not writer.scored:
         raise ValueError(f"none of the {len(paths)} images could be read (listed in {out / 'scores.csv'})")
-    print(f"scored {scored} images -> {out / 'scores.csv'}"
+    skipped = writer.skipped
+    print(f"scored {writer.scored} images -> {out / 'scores.csv'}"
           + (f"; skipped {len(skipped)} that could not be read (status 'skipped')" if skipped else ""))
     return PARTIAL if skipped else 0
 
 
-def _write_scores(detector: Detector, paths: List[Path], csv_path: Path,
-                  heatmaps: Optional[Path]) -> Tuple[int, List[str]]:
-    """Scores of ``paths`` into ``csv_path`` (and a heatmap per image into ``heatmaps``), batch by
-    batch. Returns the number of images scored and the paths skipped."""
-    from .plots import heatmap_grid  # matplotlib: only here
+class _ScoresWriter:
+    """Scores of images into ``csv_path`` (and a heatmap per image into ``heatmaps``), batch by
+    batch; counts what it has done (``scored``, ``skipped``) and remembers the files it created,
+    so that an interrupted run can remove them."""
 
-    scored, skipped = 0, []
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score", "anomalous", "status"])
-        for batch in detector.predict_batches(paths):
-            for row, path in enumerate(batch.paths):
-                label = "" if batch.labels is None else int(batch.labels[row])
-                writer.writerow([path, f"{batch.image_scores[row]:.6f}", label, "scored"])
-                if heatmaps is not None:
-                    image = denormalise(detector.preprocessor_(path).numpy())
-                    threshold = detector.thresholds_.pixel if batch.masks is not None else None
-                    # Colour scale: twice the pixel threshold when calibrated, else the image's own.
-                    heatmap_grid([image], batch.anomaly_maps[row:row + 1],
-                                 heatmaps / f"{scored + row:04d}_{Path(path).stem}.png",
-                                 threshold=threshold, titles=[f"{batch.image_scores[row]:.3f}"],
-                                 vmax=None if threshold is None else 2 * threshold)
-            writer.writerows([path, "", "", "skipped"] for path in batch.skipped)
-            handle.flush()
-            scored, skipped = scored + len(batch), skipped + batch.skipped
-    return scored, skipped
+    def __init__(self, detector: Detector, csv_path: Path, heatmaps: Optional[Path]):
+        self.detector, self.csv_path, self.heatmaps = detector, csv_path, heatmaps
+        self.scored, self.skipped = 0, []
+        self.created: List[Path] = []
+
+    def remove(self) -> None:
+        """Delete the partial scores and the heatmaps this writer created (files that existed
+        before it, such as an earlier run's, stay)."""
+        for path in [self.csv_path, *self.created]:
+            try:
+                if path.is_file():
+                    path.unlink()
+            except OSError:  # gone already, or not ours to remove
+                pass
+
+    def _heatmap(self, path: str, batch: Any, row: int) -> None:
+        from .plots import heatmap_grid  # matplotlib: only here
+
+        detector = self.detector
+        target = self.heatmaps / f"{self.scored + row:04d}_{Path(path).stem}.png"
+        if not target.exists():
+            self.created.append(target)
+        image = denormalise(detector.preprocessor_(path))
+        threshold = detector.thresholds_.pixel if batch.masks is not None else None
+        # Colour scale: twice the pixel threshold when calibrated, else the image's own.
+        heatmap_grid([image], batch.anomaly_maps[row:row + 1], target, threshold=threshold,
+                     titles=[f"{batch.image_scores[row]:.3f}"],
+                     vmax=None if threshold is None else 2 * threshold)
+
+    def write(self, paths: List[Path]) -> None:
+        with open(self.csv_path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "score", "anomalous", "status"])
+            for batch in self.detector.predict_batches(paths):
+                for row, path in enumerate(batch.paths):
+                    label = "" if batch.labels is None else int(batch.labels[row])
+                    writer.writerow([path, f"{batch.image_scores[row]:.6f}", label, "scored"])
+                    if self.heatmaps is not None:
+                        self._heatmap(path, batch, row)
+                writer.writerows([path, "", "", "skipped"] for path in batch.skipped)
+                handle.flush()
+                self.scored += len(batch)
+                self.skipped += batch.skipped
+
+
+def _reporting(out: Path, run: Callable[[], Any]) -> None:
+    """``run()``, which writes a report into ``out``; after Ctrl-C, the files it had written
+    (those not in ``out`` before) and the folders it created are removed."""
+    new_folders = _new_folders(out)
+    before = set(out.iterdir()) if out.is_dir() else set()
+    try:
+        run()
+    except KeyboardInterrupt:
+        for path in (set(out.iterdir()) if out.is_dir() else set()) - before:
+            if path.is_file():
+                path.unlink(missing_ok=True)
+        _remove_empty(new_folders)
+        raise Interrupted("interrupted; no report written") from None
+    except BaseException:
+        _remove_empty(new_folders)  # an error before anything was written leaves no empty folder
+        raise
 
 
 def _print_report(out: Path) -> None:
@@ -162,7 +242,7 @@ def command_evaluate(args: argparse.Namespace) -> None:
         if not args.root:
             raise ValueError(f"--dataset {args.dataset} needs --root")
         pairs = dataset_pairs(args.dataset, Path(args.root), args.category)
-    evaluate_and_report(pairs, params, out, title=f"knnad {args.dataset}")
+    _reporting(out, lambda: evaluate_and_report(pairs, params, out, title=f"knnad {args.dataset}"))
     _print_report(out)
 
 
@@ -176,8 +256,9 @@ def command_demo(args: argparse.Namespace) -> None:
 
     params = {**DEMO_PARAMS, **detector_params(args)}
     out = check_output_folder(args.out, "--out")
-    evaluate_and_report(dataset_pairs("mvtec", demo_root(), ["bottle"]), params, out,
-                        title="knnad demo, MVTec bottle sample", save_models=True)
+    pairs = dataset_pairs("mvtec", demo_root(), ["bottle"])
+    _reporting(out, lambda: evaluate_and_report(pairs, params, out, save_models=True,
+                                                title="knnad demo, MVTec bottle sample"))
     _print_report(out)
 
 
@@ -186,7 +267,7 @@ def command_info(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="knnad", description="Visual anomaly detection by exact nearest-neighbour search on "
                                   "pretrained CNN features.",
         epilog="Examples:\n  knnad demo\n  knnad fit good_images/ --model model.npz "
@@ -239,6 +320,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What to do about an operating-system error, by errno name (those this platform has).
+_OS_ADVICE = {getattr(errno, name): advice for name, advice in {
+    "EACCES": "check its permissions or choose another path",
+    "EPERM": "check its permissions or choose another path",
+    "EROFS": "choose a folder on a writable file system",
+    "ENOSPC": "free some disk space or choose another folder",
+    "EDQUOT": "free some disk space or choose another folder",
+    "EISDIR": "a folder has that name: rename it or choose another path",
+    "ENOTDIR": "a part of the path is a file, not a folder; check the path",
+    "ENOENT": "check the path"}.items() if hasattr(errno, name)}
+
+
+def error_message(error: BaseException) -> str:
+    """The one line a command prints for ``error``: its message, or for a raw operating-system
+    error (``[Errno 13] Permission denied: 'x'``) the path, the cause and what to do; then any
+    note the command added (where the work done so far is)."""
+    message = str(error)
+    if isinstance(error, OSError) and error.errno is not None and error.strerror \
+            and message.startswith("["):
+        where = f" {error.filename}" if error.filename is not None else ""
+        message = (f"cannot access{where}: {error.strerror.lower()}; "
+                   f"{_OS_ADVICE.get(error.errno, 'check the path and the disk')}")
+    return message + getattr(error, "knnad_note", "")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error told in one line (the full usage is a screen long)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -246,13 +359,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports each CPU variant tried
     try:
         status = args.run(args)
-    except KeyboardInterrupt:
-        print(f"knnad {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"knnad {args.command}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, RuntimeError) as error:  # OSError: file system
         if args.verbose:
             raise
-        print(f"knnad {args.command}: error: {error}", file=sys.stderr)
+        if isinstance(error, ImageLoadError) and hasattr(args, "on_error"):
+            error.knnad_note = "; --on-error skip skips such files" + getattr(error, "knnad_note", "")
+        print(f"knnad {args.command}: error: {error_message(error)}", file=sys.stderr)
         return 2
     return status or 0
 

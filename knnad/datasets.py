@@ -253,10 +253,12 @@ def discover_categories(kind: str, root: PathLike) -> List[str]:
 def dataset_pairs(kind: str, root: PathLike, categories: Optional[Sequence[str]] = None
                   ) -> List[DatasetPair]:
     """``(name, train, test)`` for each category of an MVTec AD (``kind="mvtec"``) or BTAD
-    (``"btad"``) root; all categories found when ``categories`` is None."""
+    (``"btad"``) root: ``categories`` (one name or a list), or all found when it is None."""
     loaders = {"mvtec": MVTecAD, "btad": BTAD}
     if kind not in loaders:
         raise ValueError(f"dataset kind {kind!r}; choose one of {sorted(loaders)}")
+    if isinstance(categories, str):  # one name, not its letters
+        categories = [categories]
     names = list(categories) if categories else discover_categories(kind, root)
     return [(name, loaders[kind](root, name, "train"), loaders[kind](root, name, "test")) for name in names]
 
@@ -270,5 +272,5 @@ def load_masks(dataset: ImageDataset, preprocessor: Preprocessor) -> Optional[np
     masks = np.zeros((len(dataset), crop, crop), dtype=bool)
     for row, sample in enumerate(dataset.samples):
         if sample.mask_path is not None:
-            masks[row] = preprocessor.mask(sample.mask_path).numpy()
+            masks[row] = preprocessor.mask(sample.mask_path)
     return masks

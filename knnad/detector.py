@@ -7,20 +7,21 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
-import torch
 
 from ._checks import check_int
 from ._types import PathLike
 from .anomaly_map import anomaly_maps
 from .backbones import FeatureExtractor
-from .embedding import PatchEmbedder, patch_features
+from .embedding import PatchEmbedder, embed_images, patch_features
+from .export import MIN_OPSET, export_onnx
 from .index import FlatL2Index
 from .options import Parameters, check_unchanged, describe, scoring_settings, validate
-from .persistence import check_identity, read_detector, saved_thresholds, write_detector
+from .persistence import check_identity, checked_settings, read_detector, saved_thresholds, write_detector
 from .preprocessing import Preprocessor
 from .runtime import backbone_device
 from .sampling import subsample
-from .scoring import Prediction, image_row_ranges, score_patches
+from .prediction import Prediction
+from .scoring import image_row_ranges, score_patches
 from .sources import batches, image_items
 from .thresholds import Thresholds, check_quantile
 
@@ -62,18 +63,9 @@ class Detector(Parameters):
         if len(items) == 0:
             raise ValueError(f"fit needs at least one normal image; {data!r} holds none")
         self._build_parts(config)
-        patches, pooled, paths, skipped = [], [], [], []
-        for batch in batches(items, self.preprocessor_, config["batch_size"], config["on_error"],
-                             config["progress"], "fit: features"):
-            skipped += batch.skipped
-            if len(batch.images):
-                embedding, global_features = patch_features(self.extractor_, self.embedder_, batch.images)
-                patches.append(embedding)
-                pooled.append(global_features)
-                paths += batch.paths
-        if not patches:
-            raise ValueError(f"fit: none of the {len(items)} images could be read (skipped: {skipped})")
-        embeddings = torch.cat(patches)
+        embeddings, pooled, paths, skipped = embed_images(
+            batches(items, self.preprocessor_, config["batch_size"], config["on_error"],
+                    config["progress"], "fit: features"), self.extractor_, self.embedder_)
         n_images, height, width, dim = embeddings.shape
         bank = embeddings.reshape(-1, dim).numpy()
         image_ids = np.repeat(np.arange(n_images, dtype=np.int64), height * width)
@@ -83,7 +75,7 @@ class Detector(Parameters):
             bank, image_ids = bank[picks], image_ids[picks]
         check_int(config["k"], "k", 1, len(bank), f" (the {len(bank)} patches in the memory bank; "
                                                   f"use a smaller k or a larger coreset)")
-        self._set_bank(config, bank, image_ids, torch.cat(pooled).numpy())
+        self._set_bank(config, bank, image_ids, pooled.numpy())
         self.train_paths_, self.skipped_, self.thresholds_ = paths, skipped, None
         logger.info("fitted on %d images: memory bank %d x %d (%s on %s)", n_images, len(bank),
                     dim, self.index_.backend, self.index_.device)
@@ -146,6 +138,13 @@ class Detector(Parameters):
         return write_detector(path, settings, self.extractor_, arrays, self.train_paths_,
                               self.skipped_, self.thresholds_)
 
+    def export_onnx(self, path: PathLike, *, batch_size: Optional[int] = None, opset: int = MIN_OPSET) -> Path:
+        """Write the fitted detector to one self-contained ONNX file (see :mod:`knnad.export`):
+        float32 images ``[N, 3, crop, crop]`` in, ``image_scores`` and ``anomaly_maps`` out,
+        thresholds in its metadata; ``batch_size`` None: any. Load it with ``knnad.OnnxDetector``."""
+        return export_onnx(path, self._settings("export"), self.extractor_, self.embedder_, self.index_,
+                           self.thresholds_, batch_size=batch_size, opset=opset)
+
     @classmethod
     def load(cls, path: PathLike, backbone: Any = None, weights: Any = None, backend: Optional[str] = None,
              device: Any = None, progress: Optional[bool] = None) -> "Detector":
@@ -156,7 +155,7 @@ class Detector(Parameters):
         params, arrays, meta = read_detector(path, cls._get_param_names(), backbone, weights,
                                              backend=backend, device=device, progress=progress)
         detector = cls(**params)
-        config = validate(detector.get_params())
+        config = checked_settings(path, detector.get_params())
         detector._build_parts(config)
         check_identity(path, detector.extractor_, detector.embedder_, config["crop_size"], meta,
                        arrays)

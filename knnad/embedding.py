@@ -6,12 +6,13 @@ channels are reduced by adaptive average pooling to a fixed dimension.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ._checks import check_int
+from .sources import Batch
 
 
 def check_aggregation_size(value: Any, name: str = "aggregation_size") -> int:
@@ -66,8 +67,27 @@ class PatchEmbedder:
 
 
 def patch_features(extractor: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
-                   embedder: PatchEmbedder, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                   embedder: PatchEmbedder, images: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     """Patch embeddings ``[B, h, w, D]`` and SPADE's global features ``[B, G]`` (on the CPU) of
-    ``images`` ``[B, 3, H, W]``, given a :class:`~knnad.backbones.FeatureExtractor`."""
-    features = extractor(images)
+    ``images`` ``[B, 3, H, W]`` (tensor or numpy array), given a
+    :class:`~knnad.backbones.FeatureExtractor`."""
+    features = extractor(torch.as_tensor(images))
     return embedder(features).cpu(), extractor.global_features(features).cpu()
+
+
+def embed_images(batches: Iterable[Batch], extractor: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
+                 embedder: PatchEmbedder) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[str]], List[str]]:
+    """:func:`patch_features` of every image of ``batches`` (from :func:`knnad.sources.batches`):
+    ``(embeddings [N, h, w, D], global features [N, G], paths, skipped paths)``; a ValueError
+    when no image could be read."""
+    patches, pooled, paths, skipped = [], [], [], []
+    for batch in batches:
+        skipped += batch.skipped
+        if len(batch.images):
+            embedding, global_features = patch_features(extractor, embedder, batch.images)
+            patches.append(embedding)
+            pooled.append(global_features)
+            paths += batch.paths
+    if not patches:
+        raise ValueError(f"fit: none of the {len(skipped)} images could be read (skipped: {skipped})")
+    return torch.cat(patches), torch.cat(pooled), paths, skipped

@@ -10,7 +10,7 @@ import numpy as np
 from .metrics import aupro, f1_max, image_auroc, pixel_auroc
 from .datasets import ImageDataset, load_masks
 from .detector import Detector
-from .scoring import Prediction
+from .prediction import Prediction
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ._checks import check_int
 from ._types import ArrayLike, PathLike
-from .archive import read_archive, write_archive
+from .archive import ModelFileError, read_archive, write_archive
 from .runtime import ALL_GPUS, import_faiss, resolve_backend
 
 logger = logging.getLogger(__name__)
@@ -320,10 +320,21 @@ class FlatL2Index:
              memory_budget: int = DEFAULT_MEMORY_BUDGET, rerank: int = 0) -> "FlatL2Index":
         """Read a file written by :meth:`save` into a new index on ``backend``/``device``."""
         meta, arrays, _ = read_archive(path, "FlatL2Index", _FORMAT_VERSION)
-        index = cls(meta["dim"], backend=backend, device=device, memory_budget=memory_budget,
+        dim, vectors = meta.get("dim"), arrays.get("vectors")
+        # A file can carry valid checksums and still be crafted or cut short: check what it holds.
+        if not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1
+                and isinstance(vectors, np.ndarray) and vectors.ndim == 2 and vectors.shape[1] == dim
+                and np.issubdtype(vectors.dtype, np.floating)
+                and all(_nonfinite_rows(vectors[start:start + _CHECK_ROWS]) == 0
+                        for start in range(0, len(vectors), _CHECK_ROWS))):
+            raise ModelFileError(
+                f"{path} is not a consistent FlatL2Index file: dimension {dim!r}, vectors "
+                f"{getattr(vectors, 'shape', None)} {getattr(vectors, 'dtype', '')} (finite floats "
+                f"[n, dim] expected); restore it from a good copy or save the index again")
+        index = cls(dim, backend=backend, device=device, memory_budget=memory_budget,
                     rerank=rerank)
-        if len(arrays["vectors"]):
-            index.add(arrays["vectors"])
+        if len(vectors):
+            index.add(vectors)
         return index
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 from torch import nn
 
 from ._checks import check_bool, check_choice, check_int, check_number
-from .anomaly_map import UPSAMPLING
+from .anomaly_map import UPSAMPLING, gaussian_kernel_size
 from .backbones import PRESET_LAYERS
 from .embedding import check_aggregation_size
 from .preprocessing import check_bit_depth, check_geometry
@@ -148,7 +148,22 @@ def validate(params: Mapping[str, Any]) -> Dict[str, Any]:
     (``crop_size <= image_size``); raises ValueError or TypeError naming the parameter."""
     checked = {name: check(name, value) for name, value in params.items()}
     check_geometry(checked["image_size"], checked["crop_size"])
+    _check_against_sizes(checked)
     return checked
+
+
+def _check_against_sizes(checked: Mapping[str, Any]) -> None:
+    """The checks of one parameter against another's size that can be made before fit: ``k``
+    against a coreset given as a count (the memory bank holds at most that many patches) and
+    ``sigma`` against the maps (``crop_size`` pixels), which its ±4σ window must fit in."""
+    k, coreset, sigma, crop = checked["k"], checked["coreset"], checked["sigma"], checked["crop_size"]
+    if isinstance(coreset, int) and k > coreset:
+        raise ValueError(f"k={k} is more than the {coreset} patches that coreset={coreset} keeps "
+                         f"in the memory bank; use k <= {coreset} or a larger coreset")
+    if gaussian_kernel_size(sigma) // 2 >= crop:
+        raise ValueError(f"sigma={sigma:g} is too large for maps of crop_size={crop} pixels (the "
+                         f"Gaussian's ±4 sigma window must fit in them); use sigma < "
+                         f"{(crop - 0.5) / 4:g} or a larger crop_size")
 
 
 def scoring_settings(settings: Mapping[str, Any]) -> Dict[str, Any]:

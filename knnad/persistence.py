@@ -8,6 +8,7 @@ against the saved fingerprint, so a different backbone is refused instead of sco
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -20,6 +21,7 @@ from ._version import __version__
 from .archive import ModelFileError, read_archive, write_archive
 from .backbones import FeatureExtractor
 from .embedding import PatchEmbedder, patch_features
+from .options import check, validate
 from .thresholds import Thresholds
 
 KIND = "Detector"
@@ -83,11 +85,18 @@ def read_detector(path: PathLike, names: Sequence[str], backbone: Any = None, we
         raise ValueError(f"{path} was fit with weights from a local file ({weights_id}); pass "
                          f"weights=PATH to that file (knnad predict: --weights PATH)")
     params["layers"] = meta["layers"]
-    params.update({name: value for name, value in overrides.items() if value is not None})
+    given = {name: check(name, value) for name, value in overrides.items() if value is not None}
+    params.update(given)  # checked first: an invalid override is the caller's error, not the file's
     unknown = sorted(set(params) - set(names))
     if unknown:
-        raise ModelFileError(f"{path} holds settings {unknown} that this knnad does not know")
+        raise ModelFileError(f"{path} holds settings {unknown} that this knnad does not know; "
+                             f"upgrade knnad to load it")
     return params, arrays, meta
+
+
+def _finite(array: np.ndarray, rows: int = 65536) -> bool:
+    """Whether ``array`` holds no NaN or inf, checked by blocks of rows (no full-size mask)."""
+    return all(bool(np.isfinite(array[start:start + rows]).all()) for start in range(0, len(array), rows))
 
 
 def _check_contents(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
@@ -95,15 +104,22 @@ def _check_contents(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.n
     with each other (a file can carry valid checksums and still be crafted or cut short)."""
     missing = sorted(set(_META_KEYS) - set(meta)) + sorted(set(_ARRAYS) - set(arrays))
     if missing:
-        raise ModelFileError(f"{path} is not a complete knnad detector: {missing} missing")
+        raise ModelFileError(f"{path} is not a complete knnad detector: {missing} missing; "
+                             f"restore it from a good copy or fit again")
     params, thresholds = meta["params"], [meta[key] for key in _META_KEYS[-3:]]
     typed = (isinstance(params, dict) and isinstance(params.get("backbone"), str)
              and isinstance(meta["weights_id"], str) and isinstance(meta["layers"], list)
              and all(isinstance(meta[key], list) for key in ("train_paths", "skipped"))
              and (all(value is None for value in thresholds)
                   or all(isinstance(value, (int, float)) for value in thresholds)))
+    settings = meta.get("calibration_settings")
+    typed = typed and (settings is None or (isinstance(settings, dict) and all(
+        isinstance(key, str) for key in settings)))
+    typed = typed and all(value is None or (not isinstance(value, bool) and math.isfinite(value))
+                          for value in thresholds)
     if not typed:
-        raise ModelFileError(f"{path} is not a consistent knnad detector: malformed settings")
+        raise ModelFileError(f"{path} is not a consistent knnad detector: malformed settings; "
+                             f"restore it from a good copy or fit again")
     bank, ids, pooled = (arrays[name] for name in _ARRAYS)
     consistent = (bank.ndim == 2 and pooled.ndim == 2 and ids.ndim == 1 and len(ids) == len(bank) > 0
                    and bank.dtype == np.float32 and np.issubdtype(ids.dtype, np.integer)
@@ -111,7 +127,11 @@ def _check_contents(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.n
     if not consistent:
         raise ModelFileError(f"{path} is not a consistent knnad detector: memory bank "
                              f"{bank.shape} {bank.dtype}, patch image ids {ids.shape}, global "
-                             f"features {pooled.shape}")
+                             f"features {pooled.shape}; restore it from a good copy or fit again")
+    if not (_finite(bank) and np.issubdtype(pooled.dtype, np.floating) and _finite(pooled)):
+        raise ModelFileError(f"{path} is not a consistent knnad detector: its memory bank or "
+                             f"global features hold NaN or inf (or are not float); restore it "
+                             f"from a good copy or fit again")
 
 
 def check_identity(path: PathLike, extractor: FeatureExtractor, embedder: PatchEmbedder,
@@ -120,14 +140,27 @@ def check_identity(path: PathLike, extractor: FeatureExtractor, embedder: PatchE
     ModelFileError unless its features have the saved bank's dimensions (one forward pass)."""
     if extractor.weights_id != meta["weights_id"]:
         raise ValueError(f"{path} was fit with backbone weights {meta['weights_id']}, but the "
-                         f"given backbone/weights are {extractor.weights_id}; scores would be wrong")
+                         f"given backbone/weights are {extractor.weights_id}; scores would be "
+                         f"wrong: pass the ones it was fit with (weights=PATH; knnad predict: "
+                         f"--weights PATH) or fit a new model")
     patches, pooled = patch_features(extractor, embedder, torch.zeros(1, 3, crop_size, crop_size))
     found = (patches.shape[-1], pooled.shape[-1])
     saved = (arrays["memory_bank"].shape[1], arrays["global_features"].shape[1])
     if found != saved:
         raise ModelFileError(f"{path}: its memory bank has {saved[0]}-d patches and {saved[1]}-d "
                              f"global features, but its backbone and settings give {found[0]} and "
-                             f"{found[1]}; the file does not belong to this configuration")
+                             f"{found[1]}; the file does not belong to this configuration: "
+                             f"restore it from a good copy or fit again")
+
+
+def checked_settings(path: PathLike, params: Dict[str, Any]) -> Dict[str, Any]:
+    """:func:`~knnad.options.validate` of the parameters of a detector read from ``path``; an
+    invalid saved setting is a ModelFileError naming the file."""
+    try:
+        return validate(params)
+    except (ValueError, TypeError) as error:
+        raise ModelFileError(f"{path} holds an invalid setting ({error}); fit again and save a new "
+                             f"model file") from None
 
 
 def saved_thresholds(meta: Dict[str, Any]) -> Optional[Thresholds]:

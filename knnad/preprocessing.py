@@ -1,5 +1,8 @@
-"""Images and masks to tensors: decode any PIL mode, resize the shorter side, centre crop,
-ImageNet normalisation. Masks get the same geometry with nearest-neighbour interpolation."""
+"""Images and masks to arrays: decode any PIL mode, resize the shorter side, centre crop,
+ImageNet normalisation. Masks get the same geometry with nearest-neighbour interpolation.
+
+numpy and Pillow only (no torch), so that :class:`~knnad.onnx_detector.OnnxDetector` prepares
+images exactly as :class:`~knnad.Detector` does where torch is not installed."""
 from __future__ import annotations
 
 import logging
@@ -10,9 +13,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Union
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import functional as TF
 
 from ._checks import check_int
 from ._types import PathLike
@@ -22,6 +23,9 @@ logger = logging.getLogger(__name__)
 #: ImageNet channel statistics used by every torchvision classification model.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# As float32 [3, 1, 1]: torchvision's normalize subtracts and divides in float32, and so do we.
+_MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+_STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
 
 #: Largest image after resizing, in pixels (2**24: 192 MiB as float32 RGB); a longer strip
 #: (aspect ratio beyond 256:1 at image_size 256) is refused instead of exhausting memory.
@@ -69,7 +73,9 @@ def open_image(image: ImageInput) -> Image.Image:
         opened.load()  # decodes now, and closes the file Pillow opened itself
         return _upright(opened)
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(path, f"too many pixels to decode safely ({error})") from None
+        raise ImageLoadError(path, f"too many pixels to decode safely ({error}); skip it (on_error="
+                                   f"'skip', knnad predict --on-error skip), or, if the file is "
+                                   f"trusted, raise PIL.Image.MAX_IMAGE_PIXELS") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if opened is not None:
             opened.close()
@@ -95,8 +101,8 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-def resized_rgb_tensor(image: Image.Image, size: int, bit_depth: Optional[int] = None) -> torch.Tensor:
-    """Float32 tensor ``[3, H, W]`` in [0, 1] of ``image`` (any PIL mode) with its shorter side
+def resized_rgb(image: Image.Image, size: int, bit_depth: Optional[int] = None) -> np.ndarray:
+    """Float32 array ``[3, H, W]`` in [0, 1] of ``image`` (any PIL mode) with its shorter side
     resized to ``size`` (PIL's antialiased bilinear filter, as torchvision's Resize on PIL
     images).
 
@@ -122,11 +128,20 @@ def resized_rgb_tensor(image: Image.Image, size: int, bit_depth: Optional[int] =
             _warn_once(f"{image.mode} images hold values below 4096 only: if the camera writes 10-, "
                        f"12- or 14-bit data in 16-bit files, set bit_depth (they look dark at 16)")
         resized = _resize_shorter_side(Image.fromarray(values / top, mode="F"), size)
-        grey = torch.from_numpy(np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0))
-        return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+        grey = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+        return np.broadcast_to(grey, (3, *grey.shape))
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return TF.pil_to_tensor(_resize_shorter_side(image, size)).float().div_(255.0)
+    rgb = np.asarray(_resize_shorter_side(image, size), dtype=np.float32).transpose(2, 0, 1)
+    return rgb / np.float32(255.0)
+
+
+def center_crop(array: np.ndarray, size: int) -> np.ndarray:
+    """The centre ``size`` × ``size`` window of ``array`` ``[..., H, W]`` (H, W >= size), placed
+    as torchvision's ``center_crop`` places it (offsets rounded half to even)."""
+    height, width = array.shape[-2:]
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return array[..., top:top + size, left:left + size]
 
 
 def check_bit_depth(value: Any, name: str = "bit_depth") -> Optional[int]:
@@ -154,9 +169,10 @@ def denormalise(image: np.ndarray) -> np.ndarray:
 class Preprocessor:
     """Resize the shorter side to ``image_size`` pixels, centre crop ``crop_size`` × ``crop_size``.
 
-    ``preprocessor(image)`` gives the normalised float32 tensor ``[3, crop_size, crop_size]``
-    for a path or PIL image; :meth:`mask` gives the matching bool tensor ``[crop_size,
-    crop_size]`` for a mask (any non-zero pixel is anomalous).
+    ``preprocessor(image)`` gives the normalised float32 array ``[3, crop_size, crop_size]``
+    (``(rgb - IMAGENET_MEAN) / IMAGENET_STD`` per channel, rgb in [0, 1]) for a path or PIL
+    image; :meth:`mask` gives the matching bool array ``[crop_size, crop_size]`` for a mask
+    (any non-zero pixel is anomalous).
     """
 
     def __init__(self, image_size: int = 256, crop_size: int = 224, bit_depth: Optional[int] = None):
@@ -169,7 +185,7 @@ class Preprocessor:
         return (f"Preprocessor(image_size={self.image_size}, crop_size={self.crop_size}, "
                 f"bit_depth={self.bit_depth})")
 
-    def __call__(self, image: ImageInput) -> torch.Tensor:
+    def __call__(self, image: ImageInput) -> np.ndarray:
         opened = open_image(image)
         source = "an in-memory image" if isinstance(image, Image.Image) else image
         width, height = opened.size
@@ -178,17 +194,16 @@ class Preprocessor:
                                          f"shorter side of {self.image_size} (over "
                                          f"{MAX_RESIZED_PIXELS} pixels); cut it into tiles first")
         try:
-            rgb = resized_rgb_tensor(opened, self.image_size, self.bit_depth)
+            rgb = resized_rgb(opened, self.image_size, self.bit_depth)
         except ValueError as error:
             raise ImageLoadError(source, str(error)) from None
-        rgb = TF.center_crop(rgb, [self.crop_size, self.crop_size])
-        return TF.normalize(rgb, IMAGENET_MEAN, IMAGENET_STD)
+        return (center_crop(rgb, self.crop_size) - _MEAN) / _STD
 
-    def mask(self, mask: ImageInput) -> torch.Tensor:
-        """Bool tensor ``[crop_size, crop_size]``: True where the mask is non-zero."""
+    def mask(self, mask: ImageInput) -> np.ndarray:
+        """Bool array ``[crop_size, crop_size]``: True where the mask is non-zero."""
         binary = Image.fromarray((np.asarray(open_image(mask).convert("L")) > 0).astype(np.uint8))
-        resized = torch.from_numpy(np.array(_resize_shorter_side(binary, self.image_size, Image.NEAREST)))
-        return TF.center_crop(resized[None], [self.crop_size, self.crop_size])[0].bool()
+        resized = np.asarray(_resize_shorter_side(binary, self.image_size, Image.NEAREST))
+        return center_crop(resized, self.crop_size) > 0
 
 
 def image_files(path: PathLike) -> List[Path]:

@@ -33,7 +33,7 @@ def _heatmaps(name: str, test: ImageDataset, prediction, masks, detector: Detect
     rows = defect_rows + good_rows
     if not rows:
         return None
-    images = [denormalise(detector.preprocessor_(test.samples[i].path).numpy()) for i in rows]
+    images = [denormalise(detector.preprocessor_(test.samples[i].path)) for i in rows]
     titles = [f"{test.samples[i].defect} {prediction.image_scores[i]:.2f}" for i in rows]
     return heatmap_grid(images, prediction.anomaly_maps[rows], out / f"heatmaps_{name}.png",
                               masks=None if masks is None else masks[rows],

@@ -210,13 +210,23 @@ def subsample(bank: ArrayLike, spec: CoresetSpec, seed: int = 0,
     return np.sort(coreset(bank, n=count, seed=seed, device=device, progress=progress))
 
 
+def _shown(values: np.ndarray) -> str:
+    text = np.array2string(values.ravel()[:6], separator=", ")
+    return f"{values.dtype} {text[:-1]}{', ...' if values.size > 6 else ''}]" if values.size else f"{values.dtype} []"
+
+
 def covering_radius(features: ArrayLike, selected: ArrayLike, backend: str = "auto") -> float:
     """Largest Euclidean distance from any row of ``features`` to its nearest selected row
     (``selected``: row numbers). Smaller is better; 0 when every row is selected."""
     points = as_float32_matrix(features, "features")
-    rows = torch.as_tensor(np.asarray(selected), dtype=torch.int64)
-    if rows.ndim != 1 or rows.numel() == 0:
-        raise ValueError("selected must be a non-empty 1-d array of row numbers")
+    picked = np.asarray(selected)
+    # Row numbers only: floats would be truncated and negative numbers wrap around, silently.
+    if picked.ndim != 1 or picked.size == 0 or not (np.issubdtype(picked.dtype, np.integer)
+                                                    and picked.dtype != np.bool_) \
+            or picked.min() < 0 or picked.max() >= len(points):
+        raise ValueError(f"selected must be a non-empty 1-d array of row numbers in "
+                         f"[0, {len(points) - 1}] (as coreset returns), got {_shown(picked)}")
+    rows = torch.from_numpy(picked.astype(np.int64))
     index = FlatL2Index(points.shape[1], backend=backend, device="cpu")
     index.add(points[rows])
     distances, _ = index.search(points, 1)

@@ -3,17 +3,22 @@
 A source is a knnad dataset, a folder or image file, a list of paths or PIL images, or a float
 tensor batch of images already preprocessed. :func:`batches` decodes files in worker threads,
 one batch ahead of the caller, and skips or raises on files that cannot be decoded.
+
+Imports no torch: a tensor can only be passed where torch is already loaded, so tensors are
+recognised through ``sys.modules`` and the torch-free :class:`~knnad.onnx_detector.OnnxDetector`
+reads its images here too.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Union
 
-import torch
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -26,21 +31,29 @@ ON_ERROR = ("raise", "skip")
 #: Decoding threads (PIL releases the GIL while decoding and resizing).
 _DECODE_THREADS = min(4, os.cpu_count() or 1)
 
-Items = Union[List[Any], torch.Tensor]
+#: A list of paths and PIL images, or a float batch ``[N, 3, H, W]`` (numpy array or tensor).
+Items = Union[List[Any], Any]
+
+
+def _is_tensor(data: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(data, torch.Tensor)
 
 
 @dataclass
 class Batch:
-    """Preprocessed ``images`` ``[B, 3, H, W]`` (float32), their ``paths`` (None for in-memory
-    images) and the ``skipped`` paths of this batch that could not be decoded."""
+    """Preprocessed ``images`` ``[B, 3, H, W]`` (float32 numpy array; a slice of the caller's
+    batch when given one), their ``paths`` (None for in-memory images) and the ``skipped``
+    paths of this batch that could not be decoded."""
 
-    images: torch.Tensor
+    images: Any
     paths: List[Optional[str]]
     skipped: List[str]
 
 
 def image_items(data: Any, argument: str, normal_only: bool = False) -> Items:
-    """The images of ``data``: a list of paths / PIL images, or a float tensor batch.
+    """The images of ``data``: a list of paths / PIL images, or a float batch ``[N, 3, H, W]``
+    (torch tensor or numpy array) of normalised images.
 
     Raises TypeError or ValueError naming ``argument`` for anything else, FileNotFoundError for
     a missing path, and, with ``normal_only``, ValueError for a dataset holding defect images.
@@ -52,10 +65,16 @@ def image_items(data: Any, argument: str, normal_only: bool = False) -> Items:
                              f"{defective[0]}); fit learns from normal images only: use "
                              f"split='train' or the normal folder")
         return [sample.path for sample in data.samples]
-    if isinstance(data, torch.Tensor):
-        if data.ndim != 4 or data.shape[1] != 3 or not data.is_floating_point():
-            raise ValueError(f"{argument}: a tensor must be a float batch [N, 3, H, W] of "
+    if _is_tensor(data) or isinstance(data, np.ndarray):
+        floating = data.is_floating_point() if _is_tensor(data) else np.issubdtype(data.dtype, np.floating)
+        if data.ndim != 4 or data.shape[1] != 3 or not floating:
+            raise ValueError(f"{argument}: an array must be a float batch [N, 3, H, W] of "
                              f"normalised images, got {data.dtype} {tuple(data.shape)}")
+        finite = data.isfinite() if _is_tensor(data) else np.isfinite(data)
+        bad = [i for i in range(len(data)) if not bool(finite[i].all())]
+        if bad:
+            raise ValueError(f"{argument}: images {bad[:10]} of the batch hold NaN or inf; "
+                             f"repair or remove them")
         return data
     if isinstance(data, (str, os.PathLike)):
         try:
@@ -71,7 +90,7 @@ def image_items(data: Any, argument: str, normal_only: bool = False) -> Items:
                                 f"got {type(item).__name__}")
         return list(data)
     raise TypeError(f"{argument} must be a knnad dataset, a folder, a list of image paths or "
-                    f"PIL images, or a float tensor [N, 3, H, W]; got {type(data).__name__}")
+                    f"PIL images, or a float batch [N, 3, H, W]; got {type(data).__name__}")
 
 
 def batches(items: Items, preprocessor: Preprocessor, batch_size: int, on_error: str = "raise",
@@ -80,14 +99,14 @@ def batches(items: Items, preprocessor: Preprocessor, batch_size: int, on_error:
     :func:`image_items`), in order. The next batch is decoded in worker threads while the
     caller works on the current one. ``on_error="skip"`` skips undecodable files with a warning
     (a batch may then hold no image, only ``skipped``); ``"raise"`` raises ImageLoadError."""
-    if isinstance(items, torch.Tensor):
+    if not isinstance(items, list):  # a batch of preprocessed images
         for start in tqdm(range(0, len(items), batch_size), desc=description,
                           disable=not progress, unit="batch"):
             chunk = items[start:start + batch_size]
             yield Batch(chunk, [None] * len(chunk), [])
         return
 
-    def load(item: Any) -> Optional[torch.Tensor]:
+    def load(item: Any) -> Optional[np.ndarray]:
         try:
             return preprocessor(item)
         except ImageLoadError as error:
@@ -106,8 +125,8 @@ def batches(items: Items, preprocessor: Preprocessor, batch_size: int, on_error:
                 pending.append([pool.submit(load, item) for item in chunks[position + 1]])
             loaded = [future.result() for future in pending.popleft()]
             paths = [None if isinstance(item, Image.Image) else str(item) for item in chunk]
-            kept = [i for i, tensor in enumerate(loaded) if tensor is not None]
+            kept = [i for i, image in enumerate(loaded) if image is not None]
             bar.update(len(chunk))
-            yield Batch(torch.stack([loaded[i] for i in kept]) if kept else torch.empty(0, 3, crop, crop),
+            yield Batch(np.stack([loaded[i] for i in kept]) if kept else np.empty((0, 3, crop, crop), np.float32),
                         [paths[i] for i in kept],
-                        [paths[i] for i, tensor in enumerate(loaded) if tensor is None])
+                        [paths[i] for i, image in enumerate(loaded) if image is None])

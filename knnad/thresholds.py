@@ -58,7 +58,7 @@ class Thresholds:
         return not changed
 
     def apply(self, prediction: Any) -> Any:
-        """A copy of a :class:`~knnad.scoring.Prediction` with its ``labels`` and ``masks``."""
+        """A copy of a :class:`~knnad.prediction.Prediction` with its ``labels`` and ``masks``."""
         return replace(prediction, labels=self.labels(prediction.image_scores),
                        masks=self.masks(prediction.anomaly_maps))
 

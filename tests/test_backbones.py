@@ -80,7 +80,7 @@ def test_genuine_mobilenet_weights_classify_a_cat(seeded_torch_home):
     from PIL import Image
     # torchvision's normal API, offline, from the seeded cache (hash check included).
     model = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").eval()
-    image = Preprocessor(256, 224)(Image.fromarray(skimage_data.chelsea()))[None]
+    image = torch.from_numpy(Preprocessor(256, 224)(Image.fromarray(skimage_data.chelsea())))[None]
     with torch.no_grad():
         top = model(image).softmax(1).topk(3)
     cats = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -49,7 +49,7 @@ def fitted(normal_images):
 
 def reference_scores(detector, images, bank_ids=None):
     """Brute force with torch.cdist in float64 of the documented definitions."""
-    batch = torch.stack([detector.preprocessor_(image) for image in images])
+    batch = torch.from_numpy(np.stack([detector.preprocessor_(image) for image in images]))
     features = detector.extractor_(batch)
     embedding = detector.embedder_(features).double()
     bank = torch.from_numpy(detector.index_.vectors()).double()
@@ -99,7 +99,7 @@ def test_defect_is_hotter_on_synthetic_images(fitted):
     defect_mask = Preprocessor(72, 64).mask(Image.fromarray(
         (np.array(defect)[..., 1] < 40).astype(np.uint8) * 255))
     heat = prediction.anomaly_maps[0]
-    assert heat[defect_mask.numpy()].mean() > 2 * heat[~defect_mask.numpy()].mean()
+    assert heat[defect_mask].mean() > 2 * heat[~defect_mask].mean()
 
 
 def test_save_load_round_trip(normal_images, tmp_path):
@@ -155,7 +155,7 @@ def test_inputs_of_every_kind(tmp_path, normal_images):
         converted.save(folder / f"{i}.png")
     from_folder = Detector(**SMALL).fit(folder)
     assert len(from_folder.train_paths_) == 6
-    tensor = torch.stack([from_folder.preprocessor_(p) for p in sorted(folder.iterdir())])
+    tensor = torch.from_numpy(np.stack([from_folder.preprocessor_(p) for p in sorted(folder.iterdir())]))
     from_tensor = Detector(**SMALL).fit(tensor)
     np.testing.assert_allclose(from_tensor.index_.vectors(), from_folder.index_.vectors(), rtol=1e-5, atol=1e-5)
     prediction = from_folder.predict(folder / "1.png")
@@ -335,7 +335,7 @@ def test_genuine_bottle_defects_score_higher(seeded_torch_home, bottle_root):
     scores = prediction.image_scores
     assert scores[4:].min() > scores[:4].max()
     for row, sample in enumerate(defects, start=4):
-        mask = detector.preprocessor_.mask(sample.mask_path).numpy()
+        mask = detector.preprocessor_.mask(sample.mask_path)
         heat = prediction.anomaly_maps[row]
         assert heat[mask].mean() > 1.5 * heat[~mask].mean(), sample.path
 

@@ -9,10 +9,11 @@ PACKAGE = Path(knnad.__file__).parent
 #: -> detector -> evaluation and reports -> command line).
 LAYERS = [
     ["_types", "_checks", "_version", "runtime"],
-    ["archive", "preprocessing", "anomaly_map", "metrics", "thresholds"],
-    ["sources", "backbones", "embedding", "index", "datasets", "plots"],
-    ["sampling", "scoring"],
-    ["options", "persistence"],
+    ["archive", "preprocessing", "anomaly_map", "metrics", "thresholds", "prediction"],
+    ["sources", "backbones", "index", "datasets", "plots"],
+    ["embedding", "sampling", "scoring", "onnx_detector"],
+    ["options"],
+    ["persistence", "export"],
     ["detector"],
     ["evaluation"],
     ["report"],

@@ -1,0 +1,238 @@
+"""A fitted detector as one self-contained ONNX file that scores like it, without torch or faiss.
+
+The graph is the detector's own computation: the hooked backbone and patch embedding (exported
+by ``torch.onnx``), then exact k-nearest-neighbour distances to the memory bank (an initializer)
+the way :class:`~knnad.index.FlatL2Index` finds them — candidates ranked by matrix-product
+distances ``|x|² − 2q·x``, tile by tile over the bank with a running top list, their distances
+recomputed by differences ``|q − x|``, equal distances by ascending bank row — then the mean over
+``k``, the anomaly map (upsampling and Gaussian smoothing as two matrix products) and its
+maximum. Settings, thresholds and the backbone's identity go into the file's metadata
+(``metadata_props``, each value JSON), never into the graph; a digest of the metadata in the
+graph's ``doc_string`` lets readers refuse an edited or stripped file.
+
+Input ``images``: float32 ``[N, 3, crop_size, crop_size]``, RGB, prepared as
+:class:`~knnad.preprocessing.Preprocessor` does (shorter side resized to ``image_size`` with
+Pillow's bilinear filter, centre crop, values / 255, then ``(x − mean) / std`` per channel with
+ImageNet's mean and std). Outputs ``image_scores`` ``[N]`` and ``anomaly_maps``
+``[N, crop_size, crop_size]`` (float32, Euclidean distance units).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._checks import check_int
+from ._types import PathLike
+from ._version import __version__
+from .anomaly_map import map_matrices
+from .archive import atomic_write, check_target
+from .backbones import FeatureExtractor
+from .embedding import PatchEmbedder
+from .index import FlatL2Index
+from .onnx_detector import DIGEST_PREFIX, FORMAT, INPUT, METADATA_PREFIX, OUTPUTS, metadata_digest
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from .thresholds import Thresholds
+
+logger = logging.getLogger(__name__)
+
+#: Bank rows per distance tile: the tile's distance block holds 4 · h · w · TILE_ROWS bytes per
+#: image of the batch (51 MiB for mobilenet_v2's 28 × 28 grid at crop 224).
+TILE_ROWS = 16384
+#: Oldest ONNX opset whose operators the graph is written for (Reduce* take axes as inputs).
+MIN_OPSET = 18
+#: ONNX files are protocol buffers, which cannot exceed 2 GiB.
+_PROTOBUF_LIMIT = 2**31 - 2**20
+
+
+def import_onnx():
+    """The ``onnx`` module, or an ImportError naming the extra that installs it."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 (torch.onnx's exporter needs it)
+    except ImportError as error:
+        raise ImportError(f"ONNX export needs onnx and onnxscript ({error.name} is missing): "
+                          f"pip install 'knnad[export]'") from None
+    return onnx
+
+
+class _Embedding(nn.Module):
+    """images ``[N, 3, H, W]`` -> patch embeddings ``[N, h, w, D]``, as the detector computes them."""
+
+    def __init__(self, extractor: FeatureExtractor, embedder: PatchEmbedder):
+        super().__init__()
+        self.model, self.extractor, self.embedder = extractor.model, extractor, embedder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # The whole model runs (torch.export cannot trace the early stop); the layers after
+        # the last hooked one do not reach the outputs and are dropped from the ONNX graph.
+        outputs = self.extractor.hooked_outputs(images, stop_early=False)
+        return self.embedder({name: outputs[name].float() for name in self.extractor.layers})
+
+
+def _export_embedding(extractor: FeatureExtractor, embedder: PatchEmbedder, crop: int,
+                      batch_size: Optional[int], opset: int):
+    """The backbone and patch embedding as an ONNX ModelProto (input ``images``, output
+    ``embedding``); a ValueError naming the backbone when torch.onnx cannot export it."""
+    example = torch.zeros(batch_size or 2, 3, crop, crop, device=extractor.device)
+    dynamic = None if batch_size else ({0: torch.export.Dim("batch", min=1)},)
+    try:
+        with warnings.catch_warnings():
+            # The hooks keep outputs on the extractor: a side effect torch.export warns of, harmless.
+            warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
+            # torch.export first: it refuses what does not trace (data-dependent branches),
+            # where torch.onnx alone would fall back to a graph specialised to the example.
+            program = torch.export.export(_Embedding(extractor, embedder).eval(), (example,),
+                                          dynamic_shapes=dynamic, strict=False)
+            onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[INPUT],
+                                             output_names=["embedding"], opset_version=opset,
+                                             verbose=False)
+    except Exception as error:  # torch.export and onnxscript raise many types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"backbone {extractor.backbone_name!r} (layers {list(extractor.layers)}) "
+                         f"cannot be exported to ONNX: {first}. Use a torchvision backbone, or "
+                         f"make the module traceable by torch.export") from None
+    return onnx_program.model_proto
+
+
+class _GraphWriter:
+    """Appends nodes and initializers to an ONNX graph under unique ``knnad/`` names."""
+
+    def __init__(self, onnx, graph):
+        self.onnx, self.graph, self.count = onnx, graph, 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"knnad/{hint}_{self.count}"
+
+    def constant(self, hint: str, array: np.ndarray) -> str:
+        name = self.name(hint)
+        self.graph.initializer.append(self.onnx.numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: List[str], outputs: int = 1, name: Optional[str] = None,
+             **attributes: Any) -> Any:
+        names = [name] if name else [self.name(op.lower()) for _ in range(outputs)]
+        self.graph.node.append(self.onnx.helper.make_node(op, inputs, names, **attributes))
+        return names[0] if outputs == 1 else names
+
+    def top(self, values: str, count: int) -> Tuple[str, str]:
+        """The ``count`` smallest of each row, ascending, ties by position (ONNX TopK's rule)."""
+        return self.node("TopK", [values, self.constant("count", np.array([count], np.int64))],
+                         outputs=2, axis=1, largest=0, sorted=1)
+
+
+def _add_scoring(writer: _GraphWriter, embedding: str, bank: torch.Tensor, grid: Tuple[int, int],
+                 crop: int, settings: Dict[str, Any]) -> None:
+    """Nodes from ``embedding`` ``[N, h, w, D]`` to the outputs ``image_scores`` and
+    ``anomaly_maps`` (see the module docstring)."""
+    rows, dim = bank.shape
+    k, candidates = settings["k"], min(settings["k"] + settings["rerank"], rows)
+    bank_name = writer.constant("memory_bank", bank.numpy())
+    norms = writer.constant("bank_norms", (bank.double() ** 2).sum(dim=1).float().numpy())
+    queries = writer.node("Reshape", [embedding, writer.constant("shape", np.array([-1, dim], np.int64))])
+    best_values = best_rows = None
+    for start in range(0, rows, TILE_ROWS):
+        stop = min(start + TILE_ROWS, rows)
+        span = [writer.constant("start", np.array([start], np.int64)),
+                writer.constant("stop", np.array([stop], np.int64))]
+        tile = writer.node("Slice", [bank_name, *span])
+        tile_norms = writer.node("Slice", [norms, *span])
+        ranking = writer.node("Gemm", [queries, tile, tile_norms], alpha=-2.0, beta=1.0, transB=1)
+        values, found = writer.top(ranking, min(candidates, stop - start))
+        found = writer.node("Add", [found, span[0]])
+        if best_values is None:
+            best_values, best_rows = values, found
+            continue
+        merged = writer.node("Concat", [best_values, values], axis=1)
+        merged_rows = writer.node("Concat", [best_rows, found], axis=1)
+        best_values, order = writer.top(merged, min(candidates, stop))
+        best_rows = writer.node("GatherElements", [merged_rows, order], axis=1)
+    ascending, _ = writer.top(best_rows, candidates)  # the lowest row first among equal distances
+    neighbours = writer.node("Gather", [bank_name, ascending], axis=0)
+    axis_1 = writer.constant("axes", np.array([1], np.int64))
+    difference = writer.node("Sub", [neighbours, writer.node("Unsqueeze", [queries, axis_1])])
+    squares = writer.node("ReduceSum", [writer.node("Mul", [difference, difference]),
+                                        writer.constant("axes", np.array([2], np.int64))], keepdims=0)
+    nearest, _ = writer.top(writer.node("Sqrt", [squares]), k)
+    patch_scores = writer.node("ReduceMean", [nearest, axis_1], keepdims=0)
+    patch_scores = writer.node("Reshape", [patch_scores, writer.constant("shape", np.array([-1, *grid], np.int64))])
+    rows_matrix, columns_matrix = map_matrices(grid, crop, settings["sigma"], settings["upsampling"])
+    half = writer.node("MatMul", [writer.constant("map_rows", rows_matrix.numpy()), patch_scores])
+    writer.node("MatMul", [half, writer.constant("map_columns", columns_matrix.T.contiguous().numpy())],
+                name=OUTPUTS[1])
+    writer.node("ReduceMax", [OUTPUTS[1], writer.constant("axes", np.array([1, 2], np.int64))],
+                keepdims=0, name=OUTPUTS[0])
+
+
+def export_onnx(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtractor,
+                embedder: PatchEmbedder, index: FlatL2Index, thresholds: Optional[Thresholds], *,
+                batch_size: Optional[int] = None, opset: int = MIN_OPSET) -> Path:
+    """Write a fitted detector's parts (``settings``: its checked parameters) to one ONNX file
+    at ``path`` (``.onnx``), atomically; returns the path. ``batch_size`` None: any batch size.
+
+    Peak memory of the file at inference: the weights and bank (a few times their bytes once
+    the runtime lays out its tiles) and, per image of a batch, one distance tile of
+    4 · h · w · :data:`TILE_ROWS` bytes (51 MiB at a 28 × 28 grid) — not the bank's size times
+    the patches. Export holds the bank about three times (index, initializer, serialised file).
+    """
+    if settings["image_score"] != "max":
+        raise ValueError(f"image_score={settings['image_score']!r} cannot be exported: the ONNX "
+                         f"graph computes the map maximum; set image_score='max' before export")
+    onnx = import_onnx()
+    path = check_target(path, ".onnx")
+    if batch_size is not None:
+        check_int(batch_size, "batch_size", hint=" or None (any batch size)")
+    check_int(opset, "opset", MIN_OPSET, onnx.defs.onnx_opset_version())
+    crop = settings["crop_size"]
+    model = _export_embedding(extractor, embedder, crop, batch_size, opset)
+    grid = tuple(model.graph.output[0].type.tensor_type.shape.dim[i].dim_value for i in (1, 2))
+    del model.graph.output[:]
+    bank = index.rows(0, len(index)).cpu()
+    _add_scoring(_GraphWriter(onnx, model.graph), "embedding", bank, grid, crop, settings)
+    batch = batch_size if batch_size else "batch"
+    model.graph.output.extend([
+        onnx.helper.make_tensor_value_info(OUTPUTS[0], onnx.TensorProto.FLOAT, [batch]),
+        onnx.helper.make_tensor_value_info(OUTPUTS[1], onnx.TensorProto.FLOAT, [batch, crop, crop])])
+    metadata = _metadata(settings, extractor, embedder, bank.shape, grid, thresholds, batch_size)
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    model.graph.doc_string = DIGEST_PREFIX + metadata_digest(metadata)
+    model.producer_name, model.producer_version = "knnad", __version__
+    if model.ByteSize() > _PROTOBUF_LIMIT:
+        raise ValueError(f"the model would take {model.ByteSize() / 2**30:.1f} GiB, over ONNX's "
+                         f"2 GiB single-file limit; fit with a smaller coreset")
+    written = atomic_write(path, lambda stream: stream.write(model.SerializeToString()))
+    logger.info("exported %s: %d bank rows x %d, %.1f MiB", written, bank.shape[0], bank.shape[1],
+                written.stat().st_size / 2**20)
+    return written
+
+
+def _metadata(settings: Dict[str, Any], extractor: FeatureExtractor, embedder: PatchEmbedder,
+              bank_shape: Tuple[int, int], grid: Tuple[int, int], thresholds: Optional[Thresholds],
+              batch_size: Optional[int]) -> Dict[str, str]:
+    """The file's ``metadata_props``: what a reader needs to prepare images and label scores."""
+    usable = thresholds if thresholds is not None and thresholds.usable(settings) else None
+    entries = {
+        "format": FORMAT, "version": __version__, "backbone": extractor.backbone_name,
+        "weights": extractor.weights_id, "layers": list(extractor.layers),
+        "preprocessing": {"image_size": settings["image_size"], "crop_size": settings["crop_size"],
+                          "bit_depth": settings["bit_depth"], "mean": list(IMAGENET_MEAN),
+                          "std": list(IMAGENET_STD)},
+        "scoring": {"k": settings["k"], "rerank": settings["rerank"], "image_score": settings["image_score"],
+                    "image_k": settings["image_k"], "sigma": settings["sigma"],
+                    "upsampling": settings["upsampling"], "aggregation_size": embedder.aggregation_size,
+                    "reduce_dim": embedder.reduce_dim},
+        "bank": {"rows": int(bank_shape[0]), "dim": int(bank_shape[1]), "grid": list(grid),
+                 "coreset": settings["coreset"] if not isinstance(settings["coreset"], tuple) else list(settings["coreset"])},
+        "io": {"input": INPUT, "outputs": list(OUTPUTS), "batch_size": batch_size},
+        "thresholds": asdict(usable) if usable is not None else None}
+    return {METADATA_PREFIX + key: json.dumps(value) for key, value in entries.items()}

@@ -1,0 +1,146 @@
+"""Scoring with an exported ONNX file (:mod:`knnad.export`) through ONNX Runtime: numpy, Pillow
+and onnxruntime only — neither torch nor faiss is imported."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Sequence
+
+import numpy as np
+
+from ._checks import check_choice, check_int
+from ._types import PathLike
+from .prediction import Prediction
+from .preprocessing import Preprocessor
+from .sources import ON_ERROR, batches, image_items
+from .thresholds import Thresholds
+
+#: The file format this module reads and :mod:`knnad.export` writes (defined here, on the
+#: torch-free side): metadata keys start with METADATA_PREFIX, each value JSON; the graph's
+#: doc_string is DIGEST_PREFIX + :func:`metadata_digest` of them.
+FORMAT = "knnad-onnx/1"
+METADATA_PREFIX = "knnad."
+DIGEST_PREFIX = "knnad metadata sha256:"
+INPUT, OUTPUTS = "images", ("image_scores", "anomaly_maps")
+_REQUIRED = ("format", "version", "backbone", "weights", "layers", "preprocessing", "scoring", "bank",
+             "io", "thresholds")
+
+
+def import_onnxruntime():
+    """The ``onnxruntime`` module, or an ImportError naming the extra that installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError("OnnxDetector needs onnxruntime: pip install 'knnad[export]' "
+                          "(or onnxruntime alone)") from None
+    return onnxruntime
+
+
+def metadata_digest(metadata: Dict[str, str]) -> str:
+    """SHA-256 over the ``knnad.`` metadata entries, in key order."""
+    entries = sorted((key, value) for key, value in metadata.items() if key.startswith(METADATA_PREFIX))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+class OnnxDetector:
+    """A detector exported by :meth:`knnad.Detector.export_onnx`, run by ONNX Runtime.
+
+    ``OnnxDetector(path, providers=None)``: ``providers`` as for
+    ``onnxruntime.InferenceSession`` (default: CPU). :meth:`predict` takes what
+    ``Detector.predict`` takes (paths, folders, PIL images, knnad datasets, float batches
+    ``[N, 3, crop, crop]`` as numpy arrays), prepares images with knnad's
+    :class:`~knnad.preprocessing.Preprocessor`, and returns the same
+    :class:`~knnad.prediction.Prediction`, with labels and masks from the thresholds in the
+    file's metadata when the detector was calibrated.
+
+    Raises FileNotFoundError for a missing file, ValueError naming the file when it is not an
+    ONNX model, not a knnad export, or its metadata was stripped or edited.
+    """
+
+    def __init__(self, path: PathLike, providers: Optional[Sequence[Any]] = None):
+        ort = import_onnxruntime()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX file {self.path} does not exist")
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise ValueError(f"{self.path} is not a loadable ONNX model ({str(error).strip()[:200]})") from None
+        self.metadata = self._read_metadata()
+        geometry = self.metadata["preprocessing"]
+        self.preprocessor = Preprocessor(geometry["image_size"], geometry["crop_size"], geometry["bit_depth"])
+        saved = self.metadata["thresholds"]
+        self.thresholds = None if saved is None else Thresholds(**saved)
+        self.batch_size = self.metadata["io"]["batch_size"]
+
+    def __repr__(self) -> str:
+        bank = self.metadata["bank"]
+        return (f"OnnxDetector({str(self.path)!r}: {self.metadata['backbone']}, bank {bank['rows']} x "
+                f"{bank['dim']}, k={self.metadata['scoring']['k']}, "
+                f"{'calibrated' if self.thresholds else 'not calibrated'})")
+
+    def _read_metadata(self) -> Dict[str, Any]:
+        meta = self.session.get_modelmeta()
+        raw = dict(meta.custom_metadata_map)
+        if METADATA_PREFIX + "format" not in raw:
+            raise ValueError(f"{self.path} is not a knnad export (no knnad metadata); export it "
+                             f"with knnad.Detector.export_onnx or `knnad export`")
+        digest = (meta.graph_description or "").removeprefix(DIGEST_PREFIX)
+        if metadata_digest(raw) != digest:
+            raise ValueError(f"{self.path}: its knnad metadata was edited or stripped (the digest in "
+                             f"the graph does not match); export the model again")
+        try:
+            entries = {key: json.loads(raw[METADATA_PREFIX + key]) for key in _REQUIRED}
+        except (KeyError, json.JSONDecodeError) as error:
+            raise ValueError(f"{self.path}: knnad metadata incomplete or unreadable ({error})") from None
+        if entries["format"] != FORMAT:
+            raise ValueError(f"{self.path} is a {entries['format']!r} export; this knnad reads "
+                             f"{FORMAT!r}: upgrade knnad")
+        return entries
+
+    @property
+    def input_shape(self) -> tuple:
+        """``(batch, 3, crop, crop)``; batch None where the file takes any batch size."""
+        crop = self.metadata["preprocessing"]["crop_size"]
+        return (self.batch_size, 3, crop, crop)
+
+    def predict(self, data: Any, batch_size: int = 8, on_error: str = "raise",
+                progress: bool = False) -> Prediction:
+        """Image scores, maps (and labels, masks when calibrated) of ``data``; see the class.
+        ``batch_size`` is ignored where the file was exported with a fixed one."""
+        return Prediction.concatenate(list(self.predict_batches(data, batch_size, on_error, progress)),
+                                      "predict")
+
+    def predict_batches(self, data: Any, batch_size: int = 8, on_error: str = "raise",
+                        progress: bool = False) -> Iterator[Prediction]:
+        """:meth:`predict` one batch at a time, so that memory stays flat in the number of images."""
+        step = self.batch_size or check_int(batch_size, "batch_size")
+        check_choice(on_error, "on_error", ON_ERROR)
+        for batch in batches(image_items(data, "predict data"), self.preprocessor, step, on_error,
+                             progress, "predict"):
+            if not len(batch.images):
+                yield Prediction.empty(self.input_shape[2:], batch.skipped)
+                continue
+            images = np.asarray(batch.images)
+            count = len(images)
+            if self.batch_size and count < self.batch_size:  # a fixed-size file: pad the last batch
+                images = np.concatenate([images, np.repeat(images[-1:], self.batch_size - count, axis=0)])
+            scores, maps = self.run(images)
+            prediction = Prediction(scores[:count], maps[:count], batch.paths, skipped=batch.skipped)
+            yield prediction if self.thresholds is None else self.thresholds.apply(prediction)
+
+    def run(self, images: np.ndarray) -> tuple:
+        """``(image_scores [N], anomaly_maps [N, crop, crop])`` of a prepared float batch
+        ``images`` ``[N, 3, crop, crop]``; a ValueError naming the expected shape otherwise."""
+        expected = self.input_shape
+        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1:] != expected[1:] \
+                or (expected[0] is not None and images.shape[0] != expected[0]) or not len(images):
+            raise ValueError(f"images must be float32 [N, 3, {expected[2]}, {expected[3]}]"
+                             + (f" with N = {expected[0]} (the exported batch size)" if expected[0] else "")
+                             + ", prepared as knnad's Preprocessor does; got "
+                             + (f"shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__))
+        if not np.issubdtype(images.dtype, np.floating) or not np.isfinite(images).all():
+            raise ValueError("images must be finite floating-point values (normalised RGB)")
+        scores, maps = self.session.run(list(OUTPUTS), {INPUT: images.astype(np.float32, copy=False)})
+        return scores, maps

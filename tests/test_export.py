@@ -1,0 +1,208 @@
+"""ONNX export: the exported file scores like the detector (genuine MobileNetV2 weights, the
+bundled bottle sample), loads without torch or faiss, and refuses bad input clearly."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import knnad.export
+from knnad import Detector, OnnxDetector
+from knnad.cli import demo_root
+
+SAMPLE = demo_root() / "bottle"
+TRAIN = SAMPLE / "train" / "good"
+TEST = sorted((SAMPLE / "test").glob("*/*.png"))
+#: Largest relative difference allowed between exported and detector scores (the issue's 1e-4).
+RELATIVE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def fitted(torch_home):
+    """Detectors on the bundled sample: the full bank and a 10 % coreset."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(torch_home))
+        return {coreset: Detector("mobilenet_v2", weights="IMAGENET1K_V1", coreset=coreset,
+                                  progress=False).fit(TRAIN) for coreset in (None, 0.1)}
+
+
+@pytest.fixture(scope="module")
+def exported(fitted, tmp_path_factory):
+    """``(coreset, k) -> (ONNX file, thresholds exported in it)``; the k=3 files are calibrated.
+    The full bank (12,544 rows) is searched in 13 tiles of 1,000 rows, so that the merge of
+    the tiles' top lists is tested; the coreset in one."""
+    folder = tmp_path_factory.mktemp("onnx")
+    files = {}
+    for coreset, detector in fitted.items():
+        for k in (1, 3):
+            detector.set_params(k=k)
+            if k == 3:
+                detector.calibrate(TEST[:10], quantile=0.5)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(knnad.export, "TILE_ROWS", 1000 if coreset is None else knnad.export.TILE_ROWS)
+                path = detector.export_onnx(folder / f"bottle-{coreset}-{k}.onnx")
+            files[coreset, k] = (path, detector.thresholds_)
+        detector.thresholds_ = None
+    return files
+
+
+def _detector_like(fitted, coreset, k, thresholds):
+    detector = fitted[coreset]
+    detector.set_params(k=k)
+    detector.thresholds_ = thresholds
+    return detector
+
+
+def _max_relative(actual, expected):
+    return float(np.max(np.abs(actual - expected) / np.abs(expected)))
+
+
+@pytest.mark.parametrize("coreset", [None, 0.1])
+@pytest.mark.parametrize("k", [1, 3])
+def test_onnx_scores_equal_the_detector(fitted, exported, coreset, k):
+    path, thresholds = exported[coreset, k]
+    expected = _detector_like(fitted, coreset, k, thresholds).predict(TEST)
+    onnx_detector = OnnxDetector(path)
+    for batch_size in (1, 5):  # dynamic batch sizes, and a last batch of 4
+        got = onnx_detector.predict(TEST, batch_size=batch_size)
+        assert got.paths == expected.paths
+        assert _max_relative(got.image_scores, expected.image_scores) < RELATIVE
+        assert _max_relative(got.anomaly_maps, expected.anomaly_maps) < RELATIVE
+    if thresholds is None:
+        assert got.labels is None and onnx_detector.thresholds is None
+        return
+    assert onnx_detector.thresholds == thresholds
+    assert 0 < expected.labels.sum() < len(TEST), "a threshold inside the scores tests labels"
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    disagree = got.masks != expected.masks  # only where a map value is within rounding of it
+    assert np.all(np.abs(expected.anomaly_maps[disagree] - thresholds.pixel) < RELATIVE * thresholds.pixel)
+
+
+def test_file_is_the_weights_plus_the_bank_and_says_what_it_holds(fitted, exported):
+    path, _ = exported[None, 1]
+    model = onnx.load(str(path))
+    assert sum(node.op_type == "Gemm" for node in model.graph.node) == 13  # tiles of 1,000 rows
+    bank = next(t for t in model.graph.initializer if t.name.startswith("knnad/memory_bank"))
+    assert tuple(bank.dims) == (len(fitted[None].index_), 128)
+    weights = sum(np.prod(t.dims) * 4 for t in model.graph.initializer)
+    assert path.stat().st_size < weights + 2**20  # the graph itself is small
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert meta["knnad.backbone"] == "mobilenet_v2"
+    assert meta["knnad.weights"] == "MobileNet_V2_Weights.IMAGENET1K_V1"
+    assert meta["knnad.scoring"]["k"] == 1 and meta["knnad.preprocessing"]["crop_size"] == 224
+    assert meta["knnad.thresholds"] is None
+    assert not any("threshold" in node.name for node in model.graph.node)
+
+
+def test_fixed_batch_size_file_pads_the_last_batch(fitted, tmp_path):
+    detector = _detector_like(fitted, 0.1, 1, None)
+    path = detector.export_onnx(tmp_path / "fixed.onnx", batch_size=4)
+    onnx_detector = OnnxDetector(path)
+    assert onnx_detector.input_shape == (4, 3, 224, 224)
+    got = onnx_detector.predict(TEST[:6], batch_size=2)  # ignored: batches of 4, the last padded
+    expected = detector.predict(TEST[:6])
+    assert _max_relative(got.image_scores, expected.image_scores) < RELATIVE
+    with pytest.raises(ValueError, match=r"N = 4 \(the exported batch size\)"):
+        onnx_detector.run(np.zeros((2, 3, 224, 224), np.float32))
+
+
+def test_loads_and_scores_in_a_process_without_torch_or_faiss(exported):
+    path, _ = exported[0.1, 3]
+    script = textwrap.dedent(f"""
+        import json, sys
+        import knnad
+        detector = knnad.OnnxDetector({str(path)!r})
+        prediction = detector.predict({str(SAMPLE / "test" / "good")!r})
+        assert "torch" not in sys.modules and "faiss" not in sys.modules, "torch or faiss imported"
+        print(json.dumps([prediction.image_scores.tolist(), prediction.labels.tolist()]))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    scores, labels = json.loads(run.stdout)
+    expected = OnnxDetector(path).predict(SAMPLE / "test" / "good")
+    np.testing.assert_array_equal(scores, expected.image_scores)
+    np.testing.assert_array_equal(labels, expected.labels)
+
+
+def _rewrite(path, target, change):
+    model = onnx.load(str(path))
+    change(model)
+    onnx.save(model, str(target))
+    return target
+
+
+def test_edited_or_stripped_metadata_is_refused(exported, tmp_path):
+    path, _ = exported[0.1, 3]
+
+    def lower_threshold(model):
+        entry = next(p for p in model.metadata_props if p.key == "knnad.thresholds")
+        thresholds = json.loads(entry.value)
+        thresholds["image"] /= 2
+        entry.value = json.dumps(thresholds)
+
+    edited = _rewrite(path, tmp_path / "edited.onnx", lower_threshold)
+    with pytest.raises(ValueError, match="edited or stripped"):
+        OnnxDetector(edited)
+    stripped = _rewrite(path, tmp_path / "stripped.onnx", lambda model: model.ClearField("metadata_props"))
+    with pytest.raises(ValueError, match="not a knnad export"):
+        OnnxDetector(stripped)
+    with pytest.raises(ValueError, match="not a loadable ONNX model"):
+        OnnxDetector(TEST[0])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OnnxDetector(tmp_path / "missing.onnx")
+
+
+def test_wrong_inputs_at_inference_are_clear_errors(exported):
+    onnx_detector = OnnxDetector(exported[0.1, 1][0])
+    for shape in [(1, 3, 256, 256), (1, 1, 224, 224), (3, 224, 224)]:
+        with pytest.raises(ValueError, match=r"float32 \[N, 3, 224, 224\]"):
+            onnx_detector.run(np.zeros(shape, np.float32))
+    with pytest.raises(ValueError, match="finite"):
+        onnx_detector.run(np.full((1, 3, 224, 224), np.nan, np.float32))
+    prepared = np.stack([onnx_detector.preprocessor(p) for p in TEST[:2]])
+    np.testing.assert_array_equal(onnx_detector.predict(prepared).image_scores,
+                                  onnx_detector.predict(TEST[:2]).image_scores)
+
+
+class _DataDependent(nn.Module):
+    """Fits (it is an ordinary CNN) but does not trace: its forward branches on a value."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+
+    def forward(self, images):
+        features = self.conv(images)
+        return features * 2 if float(features.mean()) > 0 else features
+
+
+def test_export_refusals_name_the_problem(fitted, tmp_path):
+    with pytest.raises(RuntimeError, match="export before fit"):
+        Detector().export_onnx(tmp_path / "model.onnx")
+    detector = _detector_like(fitted, 0.1, 1, None)
+    with pytest.raises(ValueError, match=r"must end in \.onnx"):
+        detector.export_onnx(tmp_path / "model.npz")
+    with pytest.raises(ValueError, match="batch_size"):
+        detector.export_onnx(tmp_path / "model.onnx", batch_size=0)
+    detector.set_params(image_score="spade")
+    try:
+        with pytest.raises(ValueError, match="image_score='spade' cannot be exported"):
+            detector.export_onnx(tmp_path / "model.onnx")
+    finally:
+        detector.set_params(image_score="max")
+    custom = Detector(_DataDependent(), layers=["conv"], weights=None, coreset=None,
+                      image_size=64, crop_size=64, progress=False).fit(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"backbone '_DataDependent' \(layers \['conv'\]\) cannot be exported"):
+        custom.export_onnx(tmp_path / "custom.onnx")
+    assert not list(tmp_path.iterdir()), "no file, not even a partial one"
+
+
+def test_missing_onnxruntime_names_the_extra(exported, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what Python does when it is absent
+    with pytest.raises(ImportError, match=r"knnad\[export\]"):
+        OnnxDetector(exported[0.1, 1][0])
