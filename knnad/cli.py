@@ -1,4 +1,4 @@
-"""The ``knnad`` command: fit, predict, evaluate, demo and info. Argument parsing and output
+"""The ``knnad`` command: fit, predict, evaluate, export, demo and info. Argument parsing and output
 only; the work is done by the library."""
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from ._version import __version__
 from .archive import check_target
 from .datasets import ImageFolder, dataset_pairs
 from .detector import Detector
-from .options import OPTIONS, Option, defaults, validate
+from .export import MIN_OPSET
+from .options import OPTIONS, SCORING, Option, defaults, validate
 from .preprocessing import IMAGE_SUFFIXES, ImageLoadError, denormalise, image_files
 from .runtime import backend_info
 from .thresholds import check_quantile
@@ -222,6 +223,16 @@ def _reporting(out: Path, run: Callable[[], Any]) -> None:
         raise
 
 
+def command_export(args: argparse.Namespace) -> None:
+    target = check_target(args.out, ".onnx")  # before loading the model
+    overrides = {name: value for name, value in detector_params(args, SCORING).items() if value is not None}
+    detector = Detector.load(args.model, weights=args.weights, device="cpu", progress=False)
+    path = detector.set_params(**overrides).export_onnx(target, batch_size=args.batch_size, opset=args.opset)
+    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB): images float32 "
+          f"[{args.batch_size or 'N'}, 3, {detector.crop_size}, {detector.crop_size}] -> image_scores, "
+          f"anomaly_maps" + ("; thresholds in its metadata" if detector.thresholds_ else ""))
+
+
 def _print_report(out: Path) -> None:
     print((out / "results.md").read_text())
     print(f"report written to {out}/ (results.md, results.csv, results.json, ROC plots, heatmaps)")
@@ -272,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "pretrained CNN features.",
         epilog="Examples:\n  knnad demo\n  knnad fit good_images/ --model model.npz "
                "--backbone mobilenet_v2\n  knnad predict model.npz new_images/ --out scores/\n"
-               "  knnad evaluate --dataset mvtec --root mvtec_ad --category bottle --out report/",
+               "  knnad evaluate --dataset mvtec --root mvtec_ad --category bottle --out report/\n"
+               "  knnad export model.npz --out model.onnx",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"knnad {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -314,6 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_detector_options(demo, ("weights", "device", "progress"))
     demo.set_defaults(weights=DEMO_PARAMS["weights"])
     demo.set_defaults(run=command_demo)
+
+    export = commands.add_parser("export", help="write a saved model as one ONNX file (knnad[export])")
+    export.add_argument("model", help="model file written by 'knnad fit'")
+    export.add_argument("--out", required=True, help="output ONNX file (.onnx)")
+    export.add_argument("--batch-size", type=_checked(lambda n: check_int(n, "--batch-size"), int),
+                        help="a fixed batch size (default: any)")
+    export.add_argument("--opset", type=_checked(lambda n: check_int(n, "--opset", MIN_OPSET), int),
+                        default=MIN_OPSET, help="ONNX opset (default: %(default)s)")
+    export.add_argument("--weights", help="the .pth file the model was fit with, when it was fit "
+                                          "with a local weight file")
+    add_detector_options(export, SCORING, as_saved=True)
+    export.set_defaults(run=command_export)
 
     info = commands.add_parser("info", help="which faiss and GPUs knnad finds")
     info.set_defaults(run=command_info)

@@ -206,3 +206,18 @@ def test_missing_onnxruntime_names_the_extra(exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what Python does when it is absent
     with pytest.raises(ImportError, match=r"knnad\[export\]"):
         OnnxDetector(exported[0.1, 1][0])
+
+
+def test_knnad_export_command(fitted, tmp_path, capsys):
+    from knnad.cli import main
+
+    detector = _detector_like(fitted, 0.1, 1, None)
+    model = detector.save(tmp_path / "bottle.npz")
+    assert main(["export", str(model), "--out", str(tmp_path / "bottle.txt")]) == 2
+    assert "must end in .onnx" in capsys.readouterr().err
+    assert main(["export", str(model), "--out", str(tmp_path / "bottle.onnx"), "--k", "3"]) == 0
+    assert "exported" in capsys.readouterr().out
+    onnx_detector = OnnxDetector(tmp_path / "bottle.onnx")
+    assert onnx_detector.metadata["scoring"]["k"] == 3
+    expected = detector.set_params(k=3).predict(TEST[:4])
+    assert _max_relative(onnx_detector.predict(TEST[:4]).image_scores, expected.image_scores) < RELATIVE
