@@ -129,39 +129,49 @@ class _GraphWriter:
                          outputs=2, axis=1, largest=0, sorted=1)
 
 
+def _squared_norms(bank: torch.Tensor, chunk: int = 65536) -> np.ndarray:
+    """float32 ``[n]``: |x|² of each bank row, summed in float64 chunk by chunk (no full copy)."""
+    vectors = bank.numpy()
+    return np.concatenate([np.einsum("ij,ij->i", vectors[start:start + chunk], vectors[start:start + chunk],
+                                     dtype=np.float64).astype(np.float32)
+                           for start in range(0, len(vectors), chunk)] or [np.empty(0, np.float32)])
+
+
 def _add_scoring(writer: _GraphWriter, embedding: str, bank: torch.Tensor, grid: Tuple[int, int],
                  crop: int, settings: Dict[str, Any]) -> None:
     """Nodes from ``embedding`` ``[N, h, w, D]`` to the outputs ``image_scores`` and
-    ``anomaly_maps`` (see the module docstring)."""
+    ``anomaly_maps`` (see the module docstring).
+
+    Each tile of the bank is an initializer of its own: no node slices or gathers the whole
+    bank, so runtimes hold it once (constant folding of slices would copy it). Per tile, the
+    ``k + rerank`` best candidates by ranking value get their exact distances from the tile;
+    the running top list keeps ranking values, rows and exact distances together, so that the
+    candidates are those of a search of the whole bank."""
     rows, dim = bank.shape
     k, candidates = settings["k"], min(settings["k"] + settings["rerank"], rows)
-    bank_name = writer.constant("memory_bank", bank.numpy())
-    norms = writer.constant("bank_norms", (bank.double() ** 2).sum(dim=1).float().numpy())
     queries = writer.node("Reshape", [embedding, writer.constant("shape", np.array([-1, dim], np.int64))])
-    best_values = best_rows = None
-    for start in range(0, rows, TILE_ROWS):
-        stop = min(start + TILE_ROWS, rows)
-        span = [writer.constant("start", np.array([start], np.int64)),
-                writer.constant("stop", np.array([stop], np.int64))]
-        tile = writer.node("Slice", [bank_name, *span])
-        tile_norms = writer.node("Slice", [norms, *span])
-        ranking = writer.node("Gemm", [queries, tile, tile_norms], alpha=-2.0, beta=1.0, transB=1)
-        values, found = writer.top(ranking, min(candidates, stop - start))
-        found = writer.node("Add", [found, span[0]])
-        if best_values is None:
-            best_values, best_rows = values, found
-            continue
-        merged = writer.node("Concat", [best_values, values], axis=1)
-        merged_rows = writer.node("Concat", [best_rows, found], axis=1)
-        best_values, order = writer.top(merged, min(candidates, stop))
-        best_rows = writer.node("GatherElements", [merged_rows, order], axis=1)
-    ascending, _ = writer.top(best_rows, candidates)  # the lowest row first among equal distances
-    neighbours = writer.node("Gather", [bank_name, ascending], axis=0)
     axis_1 = writer.constant("axes", np.array([1], np.int64))
-    difference = writer.node("Sub", [neighbours, writer.node("Unsqueeze", [queries, axis_1])])
-    squares = writer.node("ReduceSum", [writer.node("Mul", [difference, difference]),
-                                        writer.constant("axes", np.array([2], np.int64))], keepdims=0)
-    nearest, _ = writer.top(writer.node("Sqrt", [squares]), k)
+    expanded = writer.node("Unsqueeze", [queries, axis_1])
+    best = None  # (ranking values, rows, exact distances), each [M, count]
+    for start in range(0, rows, TILE_ROWS):
+        tile = bank[start:start + TILE_ROWS]
+        tile_name = writer.constant("memory_bank", tile.numpy())
+        ranking = writer.node("Gemm", [queries, tile_name, writer.constant("bank_norms", _squared_norms(tile))],
+                              alpha=-2.0, beta=1.0, transB=1)  # |x|² − 2q·x, ranked as |q − x|²
+        values, local = writer.top(ranking, min(candidates, len(tile)))
+        difference = writer.node("Sub", [writer.node("Gather", [tile_name, local], axis=0), expanded])
+        squares = writer.node("ReduceSum", [writer.node("Mul", [difference, difference]),
+                                            writer.constant("axes", np.array([2], np.int64))], keepdims=0)
+        found = (values, writer.node("Add", [local, writer.constant("start", np.array(start, np.int64))]),
+                 writer.node("Sqrt", [squares]))
+        if best is not None:
+            merged = [writer.node("Concat", [old, new], axis=1) for old, new in zip(best, found)]
+            values, order = writer.top(merged[0], min(candidates, start + len(tile)))
+            found = (values, *(writer.node("GatherElements", [part, order], axis=1) for part in merged[1:]))
+        best = found
+    _, rows_of, exact = best
+    _, order = writer.top(rows_of, candidates)  # the lowest row first among equal distances
+    nearest, _ = writer.top(writer.node("GatherElements", [exact, order], axis=1), k)
     patch_scores = writer.node("ReduceMean", [nearest, axis_1], keepdims=0)
     patch_scores = writer.node("Reshape", [patch_scores, writer.constant("shape", np.array([-1, *grid], np.int64))])
     rows_matrix, columns_matrix = map_matrices(grid, crop, settings["sigma"], settings["upsampling"])

@@ -46,8 +46,12 @@ def metadata_digest(metadata: Dict[str, str]) -> str:
 class OnnxDetector:
     """A detector exported by :meth:`knnad.Detector.export_onnx`, run by ONNX Runtime.
 
-    ``OnnxDetector(path, providers=None)``: ``providers`` as for
-    ``onnxruntime.InferenceSession`` (default: CPU). :meth:`predict` takes what
+    ``OnnxDetector(path, providers=None, session_options=None)``: ``providers`` and
+    ``session_options`` (an ``onnxruntime.SessionOptions``) as for
+    ``onnxruntime.InferenceSession`` (default: CPU, ONNX Runtime's defaults). ONNX Runtime
+    prepacks the bank's tiles for its matrix product, a second copy of the bank; where memory
+    is tight, ``options.add_session_config_entry("session.disable_prepacking", "1")`` keeps one
+    (``benchmarks/results/export-bottle-cpu2.md``: a few % slower). :meth:`predict` takes what
     ``Detector.predict`` takes (paths, folders, PIL images, knnad datasets, float batches
     ``[N, 3, crop, crop]`` as numpy arrays), prepares images with knnad's
     :class:`~knnad.preprocessing.Preprocessor`, and returns the same
@@ -58,13 +62,15 @@ class OnnxDetector:
     ONNX model, not a knnad export, or its metadata was stripped or edited.
     """
 
-    def __init__(self, path: PathLike, providers: Optional[Sequence[Any]] = None):
+    def __init__(self, path: PathLike, providers: Optional[Sequence[Any]] = None,
+                 session_options: Any = None):
         ort = import_onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX file {self.path} does not exist")
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=list(providers or ["CPUExecutionProvider"]))
+            self.session = ort.InferenceSession(str(self.path), session_options,
+                                                providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as error:  # onnxruntime raises its own exception types
             raise ValueError(f"{self.path} is not a loadable ONNX model ({str(error).strip()[:200]})") from None
         self.metadata = self._read_metadata()
