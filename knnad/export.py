@@ -44,7 +44,7 @@ from .thresholds import Thresholds
 logger = logging.getLogger(__name__)
 
 #: Bank rows per distance tile: the tile's distance block holds 4 · h · w · TILE_ROWS bytes per
-#: image of the batch (51 MiB for mobilenet_v2's 28 × 28 grid at crop 224).
+#: image of the batch (49 MiB for mobilenet_v2's 28 × 28 grid at crop 224).
 TILE_ROWS = 16384
 #: Oldest ONNX opset whose operators the graph is written for (Reduce* take axes as inputs).
 MIN_OPSET = 18
@@ -188,10 +188,13 @@ def export_onnx(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtr
     """Write a fitted detector's parts (``settings``: its checked parameters) to one ONNX file
     at ``path`` (``.onnx``), atomically; returns the path. ``batch_size`` None: any batch size.
 
-    Peak memory of the file at inference: the weights and bank (a few times their bytes once
-    the runtime lays out its tiles) and, per image of a batch, one distance tile of
-    4 · h · w · :data:`TILE_ROWS` bytes (51 MiB at a 28 × 28 grid) — not the bank's size times
-    the patches. Export holds the bank about three times (index, initializer, serialised file).
+    Memory at inference: the weights and the bank (ONNX Runtime holds the bank twice: it
+    prepacks the tiles for its matrix product, unless ``session.disable_prepacking`` is set)
+    and, per image of a batch, one distance tile of 4 · h · w · :data:`TILE_ROWS` bytes
+    (49 MiB at a 28 × 28 grid), never bank size × patches. Export adds about twice the bank's
+    bytes (initializers, serialised file). Measured with 1,083,456 × 128 rows (529 MiB):
+    export +1.17 GiB; a process scoring one 576² image peaks at 1.59 GiB, 1.07 GiB without
+    prepacking (``benchmarks/results/export-bottle-cpu2.md``).
     """
     if settings["image_score"] != "max":
         raise ValueError(f"image_score={settings['image_score']!r} cannot be exported: the ONNX "
