@@ -111,10 +111,17 @@ def test_fixed_batch_size_file_pads_the_last_batch(fitted, tmp_path):
         onnx_detector.run(np.zeros((2, 3, 224, 224), np.float32))
 
 
-def test_loads_and_scores_in_a_process_without_torch_or_faiss(exported):
+def test_loads_and_scores_in_a_process_where_torch_and_faiss_cannot_be_imported(exported):
     path, _ = exported[0.1, 3]
     script = textwrap.dedent(f"""
         import json, sys
+
+        class Absent:  # as if torch, torchvision and faiss were not installed
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torchvision", "faiss"):
+                    raise ImportError(name + " is not installed")
+
+        sys.meta_path.insert(0, Absent())
         import knnad
         detector = knnad.OnnxDetector({str(path)!r})
         prediction = detector.predict({str(SAMPLE / "test" / "good")!r})
