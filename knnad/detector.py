@@ -38,12 +38,13 @@ class Detector(Parameters):
     refuse until the next fit. The others may change between predicts and are saved as set."""
 
     def __init__(self, backbone="wide_resnet50_2", layers=None, weights="DEFAULT", k=1,
-                 image_score="max", image_k=50, coreset=0.1, backend="auto", device="auto",
-                 rerank=0, image_size=256, crop_size=224, bit_depth=None, aggregation_size=3,
-                 reduce_dim=None, sigma=4.0, upsampling="bilinear", batch_size=8, progress=True,
-                 on_error="raise", seed=0):
+                 image_score="max", image_k=50, reweight_k=9, coreset=0.1, backend="auto",
+                 device="auto", rerank=0, image_size=256, crop_size=224, bit_depth=None,
+                 aggregation_size=3, reduce_dim=None, sigma=4.0, upsampling="bilinear",
+                 batch_size=8, progress=True, on_error="raise", seed=0):
         self.backbone, self.layers, self.weights, self.k = backbone, layers, weights, k
-        self.image_score, self.image_k, self.coreset = image_score, image_k, coreset
+        self.image_score, self.image_k, self.reweight_k = image_score, image_k, reweight_k
+        self.coreset = coreset
         self.backend, self.device, self.rerank = backend, device, rerank
         self.image_size, self.crop_size, self.bit_depth = image_size, crop_size, bit_depth
         self.aggregation_size, self.reduce_dim, self.sigma = aggregation_size, reduce_dim, sigma

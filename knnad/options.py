@@ -96,10 +96,15 @@ OPTIONS: Dict[str, Option] = {
                 _int(1), parse=int, refit=False, scoring=True),
     "image_score": Option("'max': the maximum of the anomaly map; 'spade': the mean distance of "
                           "the image's global feature to its image_k nearest training images, "
-                          "with its patches searched among those images' patches only",
+                          "with its patches searched among those images' patches only; "
+                          "'reweighted': PatchCore's maximum patch score weighted by how "
+                          "isolated its nearest normal patch is (reweight_k)",
                           _choice(IMAGE_SCORES), refit=False, scoring=True),
     "image_k": Option("nearest training images in 'spade' mode (capped at their number)",
                       _int(1), parse=int, refit=False, scoring=True),
+    "reweight_k": Option("'reweighted' mode: nearest bank patches of the maximum patch's nearest "
+                         "normal patch that the weight's softmax runs over (PatchCore's b; "
+                         "capped at the bank size)", _int(1), parse=int, refit=False, scoring=True),
     "coreset": Option("patches kept by greedy k-center selection: none (all), a share in (0, 1] "
                       "such as 0.1, or a count >= 1 such as 10000", parse_coreset,
                       parse=parse_coreset),

@@ -54,11 +54,23 @@ def reference_scores(detector, images, bank_ids=None):
     embedding = detector.embedder_(features).double()
     bank = torch.from_numpy(detector.index_.vectors()).double()
     n, h, w, d = embedding.shape
-    if detector.image_score == "max":
+    if detector.image_score in ("max", "reweighted"):
         dist = torch.cdist(embedding.reshape(-1, d), bank)
         patch = dist.topk(detector.k, largest=False).values.mean(1).reshape(n, h, w)
         maps = anomaly_maps(patch.float(), 64, detector.sigma, detector.upsampling)
-        return maps.amax(dim=(1, 2)).numpy(), maps.numpy()
+        if detector.image_score == "max":
+            return maps.amax(dim=(1, 2)).numpy(), maps.numpy()
+        # PatchCore's eq. 7: s* = the largest patch score, of patch q* with nearest bank patch m*;
+        # weight 1 - exp|q* - m*| / sum of exp|q* - m| over the reweight_k nearest m of m*.
+        scores = []
+        for image in range(n):
+            worst = int(patch[image].reshape(-1).argmax())
+            query = embedding[image].reshape(-1, d)[worst]
+            centre = bank[int(dist[image * h * w + worst].argmin())]
+            support = torch.cdist(centre[None], bank)[0].topk(detector.reweight_k, largest=False).indices
+            weight = 1 - torch.exp((centre - query).norm()) / torch.exp((bank[support] - query).norm(dim=1)).sum()
+            scores.append(float(patch[image].max() * weight))
+        return np.array(scores), maps.numpy()
     pooled = detector.extractor_.global_features(features).double()
     train = torch.from_numpy(detector.global_features_).double()
     global_dist = torch.cdist(pooled, train)
@@ -76,10 +88,10 @@ def reference_scores(detector, images, bank_ids=None):
 
 @pytest.mark.parametrize("image_score, coreset, rerank, upsampling", [
     ("max", None, 0, "bilinear"), ("max", 0.5, 4, "nearest"), ("spade", None, 0, "bilinear"),
-    ("spade", 150, 2, "nearest")])
+    ("spade", 150, 2, "nearest"), ("reweighted", None, 0, "bilinear"), ("reweighted", 0.5, 2, "nearest")])
 def test_scores_match_brute_force_definition(normal_images, image_score, coreset, rerank, upsampling):
     detector = Detector(**{**SMALL, "coreset": coreset}, k=3, image_score=image_score, image_k=3,
-                        rerank=rerank, upsampling=upsampling)
+                        reweight_k=5, rerank=rerank, upsampling=upsampling)
     detector.fit(normal_images)
     if coreset:
         assert len(detector.index_) == (150 if isinstance(coreset, int) else 6 * 64 // 2)
@@ -103,7 +115,7 @@ def test_defect_is_hotter_on_synthetic_images(fitted):
 
 
 def test_save_load_round_trip(normal_images, tmp_path):
-    for image_score in ("max", "spade"):
+    for image_score in ("max", "spade", "reweighted"):
         detector = Detector(**{**SMALL, "coreset": 0.5}, k=2, image_score=image_score, image_k=4,
                             rerank=1, upsampling="nearest")
         detector.fit(normal_images).calibrate(textured_images(4, seed=3), quantile=0.9)
