@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Union
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 

@@ -18,7 +18,7 @@ from ._version import __version__
 from .archive import check_target
 from .datasets import ImageFolder, dataset_pairs
 from .detector import Detector
-from .export import MIN_OPSET
+from .export import MIN_OPSET, import_onnx
 from .options import OPTIONS, SCORING, Option, defaults, validate
 from .preprocessing import IMAGE_SUFFIXES, ImageLoadError, denormalise, image_files
 from .runtime import backend_info
@@ -224,13 +224,19 @@ def _reporting(out: Path, run: Callable[[], Any]) -> None:
 
 
 def command_export(args: argparse.Namespace) -> None:
-    target = check_target(args.out, ".onnx")  # before loading the model
+    import_onnx()  # before any work: the extra may be missing
+    target = check_target(args.out, ".onnx")
     overrides = {name: value for name, value in detector_params(args, SCORING).items() if value is not None}
     detector = Detector.load(args.model, weights=args.weights, device="cpu", progress=False)
-    path = detector.set_params(**overrides).export_onnx(target, batch_size=args.batch_size, opset=args.opset)
+    thresholds = detector.thresholds_
+    changed = thresholds.changed(detector.set_params(**overrides).get_params()) if thresholds else []
+    path = detector.export_onnx(target, batch_size=args.batch_size, opset=args.opset)
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB): images float32 "
           f"[{args.batch_size or 'N'}, 3, {detector.crop_size}, {detector.crop_size}] -> image_scores, "
-          f"anomaly_maps" + ("; thresholds in its metadata" if detector.thresholds_ else ""))
+          f"anomaly_maps; " + ("no thresholds: the model is not calibrated" if not thresholds else
+                               f"no thresholds: they were calibrated with {', '.join(changed)}; "
+                               f"export without those options, or fit again with --calibrate"
+                               if changed else "thresholds in its metadata"))
 
 
 def _print_report(out: Path) -> None:
@@ -386,7 +392,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as interrupt:
         print(f"knnad {args.command}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError) as error:  # OSError: file system
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as error:  # OSError: file system
         if args.verbose:
             raise
         if isinstance(error, ImageLoadError) and hasattr(args, "on_error"):

@@ -83,6 +83,10 @@ def _export_embedding(extractor: FeatureExtractor, embedder: PatchEmbedder, crop
     ``embedding``); a ValueError naming the backbone when torch.onnx cannot export it."""
     example = torch.zeros(batch_size or 2, 3, crop, crop, device=extractor.device)
     dynamic = None if batch_size else ({0: torch.export.Dim("batch", min=1)},)
+    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [noisy.level for noisy in quiet]
+    for noisy in quiet:  # they log every pass at INFO
+        noisy.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             # The hooks keep outputs on the extractor: a side effect torch.export warns of, harmless.
@@ -95,10 +99,14 @@ def _export_embedding(extractor: FeatureExtractor, embedder: PatchEmbedder, crop
                                              output_names=["embedding"], opset_version=opset,
                                              verbose=False)
     except Exception as error:  # torch.export and onnxscript raise many types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"backbone {extractor.backbone_name!r} (layers {list(extractor.layers)}) "
-                         f"cannot be exported to ONNX: {first}. Use a torchvision backbone, or "
-                         f"make the module traceable by torch.export") from None
+                         f"cannot be exported to ONNX: tracing or conversion failed "
+                         f"({type(error).__name__}: {first}). A module whose forward branches on "
+                         f"values does not trace; torchvision backbones do") from None
+    finally:
+        for noisy, level in zip(quiet, levels):
+            noisy.setLevel(level)
     return onnx_program.model_proto
 
 
@@ -145,14 +153,15 @@ def _add_scoring(writer: _GraphWriter, embedding: str, bank: torch.Tensor, grid:
     Each tile of the bank is an initializer of its own: no node slices or gathers the whole
     bank, so runtimes hold it once (constant folding of slices would copy it). Per tile, the
     ``k + rerank`` best candidates by ranking value get their exact distances from the tile;
-    the running top list keeps ranking values, rows and exact distances together, so that the
-    candidates are those of a search of the whole bank."""
+    the running top list keeps ranking values and exact distances together, so that the
+    candidates are those of a search of the whole bank. Which of equally distant rows is
+    chosen does not change the ``k`` smallest distances, so no row numbers are carried."""
     rows, dim = bank.shape
     k, candidates = settings["k"], min(settings["k"] + settings["rerank"], rows)
     queries = writer.node("Reshape", [embedding, writer.constant("shape", np.array([-1, dim], np.int64))])
     axis_1 = writer.constant("axes", np.array([1], np.int64))
     expanded = writer.node("Unsqueeze", [queries, axis_1])
-    best = None  # (ranking values, rows, exact distances), each [M, count]
+    best = None  # (ranking values, exact distances), each [M, count]
     for start in range(0, rows, TILE_ROWS):
         tile = bank[start:start + TILE_ROWS]
         tile_name = writer.constant("memory_bank", tile.numpy())
@@ -162,16 +171,13 @@ def _add_scoring(writer: _GraphWriter, embedding: str, bank: torch.Tensor, grid:
         difference = writer.node("Sub", [writer.node("Gather", [tile_name, local], axis=0), expanded])
         squares = writer.node("ReduceSum", [writer.node("Mul", [difference, difference]),
                                             writer.constant("axes", np.array([2], np.int64))], keepdims=0)
-        found = (values, writer.node("Add", [local, writer.constant("start", np.array(start, np.int64))]),
-                 writer.node("Sqrt", [squares]))
+        found = (values, writer.node("Sqrt", [squares]))
         if best is not None:
             merged = [writer.node("Concat", [old, new], axis=1) for old, new in zip(best, found)]
             values, order = writer.top(merged[0], min(candidates, start + len(tile)))
-            found = (values, *(writer.node("GatherElements", [part, order], axis=1) for part in merged[1:]))
+            found = (values, writer.node("GatherElements", [merged[1], order], axis=1))
         best = found
-    _, rows_of, exact = best
-    _, order = writer.top(rows_of, candidates)  # the lowest row first among equal distances
-    nearest, _ = writer.top(writer.node("GatherElements", [exact, order], axis=1), k)
+    nearest, _ = writer.top(best[1], k)
     patch_scores = writer.node("ReduceMean", [nearest, axis_1], keepdims=0)
     patch_scores = writer.node("Reshape", [patch_scores, writer.constant("shape", np.array([-1, *grid], np.int64))])
     rows_matrix, columns_matrix = map_matrices(grid, crop, settings["sigma"], settings["upsampling"])
@@ -201,6 +207,11 @@ def export_onnx(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtr
                          f"graph computes the map maximum; set image_score='max' before export")
     onnx = import_onnx()
     path = check_target(path, ".onnx")
+    bank_bytes = 4 * len(index) * (index.dim + 1)  # rows and their norms
+    if bank_bytes > _PROTOBUF_LIMIT:
+        raise ValueError(f"a memory bank of {len(index)} x {index.dim} takes {bank_bytes / 2**30:.1f} "
+                         f"GiB, over ONNX's 2 GiB single-file limit (about {_PROTOBUF_LIMIT // (4 * (index.dim + 1)):,} "
+                         f"rows of this dimension); fit with a smaller coreset")
     if batch_size is not None:
         check_int(batch_size, "batch_size", hint=" or None (any batch size)")
     check_int(opset, "opset", MIN_OPSET, onnx.defs.onnx_opset_version())

@@ -66,13 +66,18 @@ class OnnxDetector:
                  session_options: Any = None):
         ort = import_onnxruntime()
         self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{self.path} is a folder; name the .onnx file written by knnad export")
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX file {self.path} does not exist")
         try:
             self.session = ort.InferenceSession(str(self.path), session_options,
                                                 providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as error:  # onnxruntime raises its own exception types
-            raise ValueError(f"{self.path} is not a loadable ONNX model ({str(error).strip()[:200]})") from None
+            advice = ("; a knnad model (.npz) becomes one with `knnad export MODEL --out FILE.onnx`"
+                      if self.path.suffix == ".npz" else "")
+            raise ValueError(f"{self.path} is not a loadable ONNX model "
+                             f"({str(error).strip()[:200]}){advice}") from None
         self.metadata = self._read_metadata()
         geometry = self.metadata["preprocessing"]
         self.preprocessor = Preprocessor(geometry["image_size"], geometry["crop_size"], geometry["bit_depth"])
@@ -92,6 +97,9 @@ class OnnxDetector:
         if METADATA_PREFIX + "format" not in raw:
             raise ValueError(f"{self.path} is not a knnad export (no knnad metadata); export it "
                              f"with knnad.Detector.export_onnx or `knnad export`")
+        if raw[METADATA_PREFIX + "format"] != json.dumps(FORMAT):
+            raise ValueError(f"{self.path} is a {raw[METADATA_PREFIX + 'format']} export; this knnad "
+                             f"reads {FORMAT!r}: upgrade knnad")
         digest = (meta.graph_description or "").removeprefix(DIGEST_PREFIX)
         if metadata_digest(raw) != digest:
             raise ValueError(f"{self.path}: its knnad metadata was edited or stripped (the digest in "
@@ -100,9 +108,6 @@ class OnnxDetector:
             entries = {key: json.loads(raw[METADATA_PREFIX + key]) for key in _REQUIRED}
         except (KeyError, json.JSONDecodeError) as error:
             raise ValueError(f"{self.path}: knnad metadata incomplete or unreadable ({error})") from None
-        if entries["format"] != FORMAT:
-            raise ValueError(f"{self.path} is a {entries['format']!r} export; this knnad reads "
-                             f"{FORMAT!r}: upgrade knnad")
         return entries
 
     @property
@@ -121,14 +126,16 @@ class OnnxDetector:
     def predict_batches(self, data: Any, batch_size: int = 8, on_error: str = "raise",
                         progress: bool = False) -> Iterator[Prediction]:
         """:meth:`predict` one batch at a time, so that memory stays flat in the number of images."""
-        step = self.batch_size or check_int(batch_size, "batch_size")
+        step = check_int(batch_size, "batch_size")
+        step = self.batch_size or step
         check_choice(on_error, "on_error", ON_ERROR)
         for batch in batches(image_items(data, "predict data"), self.preprocessor, step, on_error,
                              progress, "predict"):
             if not len(batch.images):
                 yield Prediction.empty(self.input_shape[2:], batch.skipped)
                 continue
-            images = np.asarray(batch.images)
+            images = batch.images
+            images = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
             count = len(images)
             if self.batch_size and count < self.batch_size:  # a fixed-size file: pad the last batch
                 images = np.concatenate([images, np.repeat(images[-1:], self.batch_size - count, axis=0)])
@@ -146,7 +153,10 @@ class OnnxDetector:
                              + (f" with N = {expected[0]} (the exported batch size)" if expected[0] else "")
                              + ", prepared as knnad's Preprocessor does; got "
                              + (f"shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__))
-        if not np.issubdtype(images.dtype, np.floating) or not np.isfinite(images).all():
-            raise ValueError("images must be finite floating-point values (normalised RGB)")
+        if not np.issubdtype(images.dtype, np.floating):
+            raise ValueError(f"images must be floating-point (normalised RGB), got {images.dtype}")
+        bad = [i for i in range(len(images)) if not np.isfinite(images[i]).all()]
+        if bad:
+            raise ValueError(f"images {bad[:10]} of the batch hold NaN or inf; repair or remove them")
         scores, maps = self.session.run(list(OUTPUTS), {INPUT: images.astype(np.float32, copy=False)})
         return scores, maps

@@ -42,9 +42,9 @@ def _is_tensor(data: Any) -> bool:
 
 @dataclass
 class Batch:
-    """Preprocessed ``images`` ``[B, 3, H, W]`` (float32 numpy array; a slice of the caller's
-    batch when given one), their ``paths`` (None for in-memory images) and the ``skipped``
-    paths of this batch that could not be decoded."""
+    """Preprocessed ``images`` ``[B, 3, H, W]`` (a float32 numpy array; a slice of the
+    caller's float batch, of its type and dtype, when given one), their ``paths`` (None for
+    in-memory images) and the ``skipped`` paths of this batch that could not be decoded."""
 
     images: Any
     paths: List[Optional[str]]

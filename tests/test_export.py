@@ -96,7 +96,17 @@ def test_file_is_the_weights_plus_the_bank_and_says_what_it_holds(fitted, export
     assert meta["knnad.weights"] == "MobileNet_V2_Weights.IMAGENET1K_V1"
     assert meta["knnad.scoring"]["k"] == 1 and meta["knnad.preprocessing"]["crop_size"] == 224
     assert meta["knnad.thresholds"] is None
-    assert not any("threshold" in node.name for node in model.graph.node)
+
+
+def test_thresholds_are_metadata_not_graph_constants(exported):
+    path, thresholds = exported[0.1, 3]
+    model = onnx.load(str(path))
+    assert json.loads(next(p.value for p in model.metadata_props if p.key == "knnad.thresholds")) == {
+        "image": thresholds.image, "pixel": thresholds.pixel, "quantile": thresholds.quantile,
+        "scored_with": thresholds.scored_with}
+    small = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if np.prod(t.dims) < 64]
+    for value in (thresholds.image, thresholds.pixel):
+        assert not any(np.isclose(constant, value, rtol=1e-6).any() for constant in small)
 
 
 def test_fixed_batch_size_file_pads_the_last_batch(fitted, tmp_path):
@@ -169,7 +179,7 @@ def test_wrong_inputs_at_inference_are_clear_errors(exported):
     for shape in [(1, 3, 256, 256), (1, 1, 224, 224), (3, 224, 224)]:
         with pytest.raises(ValueError, match=r"float32 \[N, 3, 224, 224\]"):
             onnx_detector.run(np.zeros(shape, np.float32))
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match=r"images \[0\] of the batch hold NaN or inf"):
         onnx_detector.run(np.full((1, 3, 224, 224), np.nan, np.float32))
     prepared = np.stack([onnx_detector.preprocessor(p) for p in TEST[:2]])
     np.testing.assert_array_equal(onnx_detector.predict(prepared).image_scores,
@@ -209,6 +219,18 @@ def test_export_refusals_name_the_problem(fitted, tmp_path):
     assert not list(tmp_path.iterdir()), "no file, not even a partial one"
 
 
+def test_tiles_smaller_than_the_candidates_with_rerank(monkeypatch, tmp_path):
+    # 1,024 bank rows in tiles of 100 (the last of 24) against k + rerank = 12 candidates.
+    detector = Detector("mobilenet_v2", weights=None, image_size=72, crop_size=64, coreset=None,
+                        k=7, rerank=5, progress=False).fit(TRAIN)
+    monkeypatch.setattr(knnad.export, "TILE_ROWS", 100)
+    got = OnnxDetector(detector.export_onnx(tmp_path / "tiles.onnx")).predict(TEST)
+    expected = detector.predict(TEST)
+    assert len(detector.index_) == 1024
+    assert _max_relative(got.image_scores, expected.image_scores) < RELATIVE
+    assert _max_relative(got.anomaly_maps, expected.anomaly_maps) < RELATIVE
+
+
 def test_missing_onnxruntime_names_the_extra(exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what Python does when it is absent
     with pytest.raises(ImportError, match=r"knnad\[export\]"):
@@ -222,8 +244,15 @@ def test_knnad_export_command(fitted, tmp_path, capsys):
     model = detector.save(tmp_path / "bottle.npz")
     assert main(["export", str(model), "--out", str(tmp_path / "bottle.txt")]) == 2
     assert "must end in .onnx" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "onnxscript", None)  # as where knnad[export] is not installed
+        assert main(["export", str(model), "--out", str(tmp_path / "bottle.onnx")]) == 2
+    error = capsys.readouterr().err
+    assert "pip install 'knnad[export]'" in error and "Traceback" not in error and len(error.splitlines()) == 1
+    detector.calibrate(TEST[:10], quantile=0.5).save(model)  # calibrated with k=1
     assert main(["export", str(model), "--out", str(tmp_path / "bottle.onnx"), "--k", "3"]) == 0
-    assert "exported" in capsys.readouterr().out
+    assert "no thresholds: they were calibrated with k=1 (now 3)" in capsys.readouterr().out
+    detector.thresholds_ = None
     onnx_detector = OnnxDetector(tmp_path / "bottle.onnx")
     assert onnx_detector.metadata["scoring"]["k"] == 3
     expected = detector.set_params(k=3).predict(TEST[:4])
