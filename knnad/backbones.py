@@ -15,6 +15,7 @@ import urllib.error
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -261,11 +262,14 @@ class FeatureExtractor:
                 raise _LastLayerReached
         return hook
 
-    def __call__(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def __call__(self, images: Union[torch.Tensor, np.ndarray]) -> Dict[str, torch.Tensor]:
         if not self._hooks:
             raise RuntimeError("this FeatureExtractor was closed; build a new one")
+        if isinstance(images, np.ndarray):  # as Preprocessor gives them, stacked
+            images = torch.from_numpy(images)
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
+            raise TypeError(f"images must be a tensor or numpy array [B, 3, H, W], got "
+                            f"{type(images).__name__}")
         if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
             raise ValueError(f"images must have shape [B, 3, H, W] with B >= 1, got {tuple(images.shape)}")
         if not images.is_floating_point():

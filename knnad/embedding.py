@@ -71,7 +71,7 @@ def patch_features(extractor: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
     """Patch embeddings ``[B, h, w, D]`` and SPADE's global features ``[B, G]`` (on the CPU) of
     ``images`` ``[B, 3, H, W]`` (tensor or numpy array), given a
     :class:`~knnad.backbones.FeatureExtractor`."""
-    features = extractor(torch.as_tensor(images))
+    features = extractor(images)
     return embedder(features).cpu(), extractor.global_features(features).cpu()
 
 

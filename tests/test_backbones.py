@@ -177,7 +177,8 @@ def test_weights_file_of_another_model(tmp_path):
 
 
 @pytest.mark.parametrize("images, error", [
-    (np.zeros((1, 3, 32, 32), np.float32), TypeError),
+    ([[0.0]], TypeError),
+    (np.zeros((1, 3, 32, 32), np.uint8), TypeError),
     (torch.zeros(3, 32, 32), ValueError),
     (torch.zeros(1, 1, 32, 32), ValueError),
     (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError),
@@ -186,3 +187,11 @@ def test_bad_images(images, error):
     extractor = FeatureExtractor("mobilenet_v2", weights=None)
     with pytest.raises(error, match="images"):
         extractor(images)
+
+
+def test_numpy_batches_as_preprocessor_gives_them():
+    extractor = FeatureExtractor("mobilenet_v2", weights=None)
+    batch = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    from_numpy, from_tensor = extractor(batch), extractor(torch.from_numpy(batch))
+    for name in extractor.layers:
+        assert torch.equal(from_numpy[name], from_tensor[name])
