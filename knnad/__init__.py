@@ -15,9 +15,10 @@ from ._version import __version__  # noqa: F401 (public)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_MODULES = ("anomaly_map", "archive", "backbones", "datasets", "embedding", "evaluation", "export",
-            "index", "metrics", "onnx_detector", "options", "persistence", "plots", "prediction",
-            "preprocessing", "report", "runtime", "sampling", "scoring", "sources", "thresholds")
+_MODULES = ("anomaly_map", "archive", "backbones", "datasets", "distributed", "embedding", "evaluation",
+            "export", "index", "metrics", "onnx_detector", "options", "persistence", "plots",
+            "prediction", "preprocessing", "report", "runtime", "sampling", "scoring", "sources",
+            "thresholds")
 #: Public names and the modules that define them.
 _NAMES = {"Detector": "detector", "FeatureExtractor": "backbones", "FlatL2Index": "index",
           "ImageLoadError": "preprocessing", "ModelFileError": "archive", "OnnxDetector": "onnx_detector",

@@ -1,4 +1,4 @@
-"""The ``knnad`` command: fit, predict, evaluate, export, demo and info. Argument parsing and output
+"""The ``knnad`` command: fit, fit-many, predict, evaluate, export, demo and info. Argument parsing and output
 only; the work is done by the library."""
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ._checks import check_bool, check_int, check_output_folder
+from ._checks import check_bool, check_int, check_number, check_output_folder
 from ._version import __version__
 from .archive import check_target
 from .datasets import ImageFolder, dataset_pairs
 from .detector import Detector
+from .distributed import fit_many, predict_dataset
 from .export import MIN_OPSET, import_onnx
 from .options import OPTIONS, SCORING, Option, defaults, validate
 from .preprocessing import IMAGE_SUFFIXES, ImageLoadError, denormalise, image_files
@@ -117,6 +118,12 @@ def _remove_empty(folders: List[Path]) -> None:
 
 
 def command_predict(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        return _predict_on_ray(args)
+    ray_only = [flag for flag, value in (("--workers", args.workers), ("--maps", args.maps),
+                                         ("--gpus-per-worker", args.gpus_per_worker)) if value]
+    if ray_only:
+        raise ValueError(f"{', '.join(ray_only)}: only with --ray")
     overrides = {name: value for name, value in detector_params(args, PREDICT_OPTIONS).items()
                  if value is not None}
     placement = {name: overrides.pop(name, None) for name in ("backend", "device", "progress")}
@@ -153,6 +160,64 @@ def command_predict(args: argparse.Namespace) -> int:
     print(f"scored {writer.scored} images -> {out / 'scores.csv'}"
           + (f"; skipped {len(skipped)} that could not be read (status 'skipped')" if skipped else ""))
     return PARTIAL if skipped else 0
+
+
+def _predict_on_ray(args: argparse.Namespace) -> int:
+    """``knnad predict ... --ray [ADDRESS]``: :func:`knnad.distributed.predict_dataset` into
+    OUT/scores.parquet."""
+    overrides = {name: value for name, value in detector_params(args, PREDICT_OPTIONS).items()
+                 if value is not None and name != "progress"}  # Ray Data shows the progress
+    if overrides.pop("on_error", "skip") != "skip":
+        raise ValueError("--on-error raise: with --ray an unreadable image is always skipped "
+                         "(status 'skipped' in its row)")
+    batch_size = overrides.pop("batch_size", None) or 8
+    if args.weights:
+        overrides["weights"] = args.weights
+    out = check_output_folder(args.out, "--out")
+    summary = predict_dataset(args.model, _images(args.images), out / "scores.parquet",
+                              num_workers=args.workers, num_gpus_per_worker=args.gpus_per_worker,
+                              batch_size=batch_size, maps=args.maps, address=args.ray or None,
+                              params=overrides)
+    skipped = summary["skipped"]
+    print(f"scored {summary['scored']} images on Ray in {summary['seconds']:.1f} s -> "
+          f"{summary['output']}" + (f"; skipped {skipped} that could not be read (status "
+                                    f"'skipped')" if skipped else ""))
+    return PARTIAL if skipped else 0
+
+
+#: The detector options of ``knnad fit-many`` (its jobs show no progress bars).
+FIT_MANY_OPTIONS = tuple(name for name in OPTIONS if name != "progress")
+
+
+def _named_folder(argument: str):
+    """``NAME=FOLDER`` or ``FOLDER`` (named after the folder) as a fit_many job."""
+    name, separator, folder = argument.partition("=")
+    return (name, folder) if separator and name and not Path(argument).exists() else \
+        (Path(argument).name, argument)
+
+
+def command_fit_many(args: argparse.Namespace) -> int:
+    out = check_output_folder(args.out, "--out")
+    if args.dataset:
+        if args.folders:
+            raise ValueError("give folders or --dataset, not both")
+        if not args.root:
+            raise ValueError(f"--dataset {args.dataset} needs --root")
+        jobs = [(name, train) for name, train, _ in dataset_pairs(args.dataset, Path(args.root), args.category)]
+    elif args.folders:
+        jobs = [_named_folder(folder) for folder in args.folders]
+    else:
+        raise ValueError("fit-many needs folders of normal images, or --dataset mvtec|btad --root ROOT")
+    rows = fit_many(jobs, out, address=args.address, num_cpus_per_job=args.cpus_per_job,
+                    num_gpus_per_job=args.gpus_per_job, **detector_params(args, FIT_MANY_OPTIONS))
+    for row in rows:
+        print(f"{row['name']}: " + (f"saved {row['model']} (memory bank {row['bank_size']}, "
+                                    f"{row['seconds']:.1f} s)" if row["error"] is None
+                                    else f"failed: {row['error']}"))
+    failed = sum(row["error"] is not None for row in rows)
+    if failed == len(rows):
+        raise RuntimeError(f"all {len(rows)} jobs failed (see above)")
+    return PARTIAL if failed else 0
 
 
 class _ScoresWriter:
@@ -290,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n  knnad demo\n  knnad fit good_images/ --model model.npz "
                "--backbone mobilenet_v2\n  knnad predict model.npz new_images/ --out scores/\n"
                "  knnad evaluate --dataset mvtec --root mvtec_ad --category bottle --out report/\n"
-               "  knnad export model.npz --out model.onnx",
+               "  knnad export model.npz --out model.onnx\n"
+               "  knnad predict model.npz archive/ --out scores/ --ray\n"
+               "  knnad fit-many --dataset mvtec --root mvtec_ad --out models/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"knnad {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -312,8 +379,41 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
     predict.add_argument("--weights", help="the .pth file the model was fit with, when it was fit "
                                             "with a local weight file")
+    ray = predict.add_argument_group("on a Ray cluster (knnad[ray]; knnad.distributed.predict_dataset)")
+    ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="score on Ray into OUT/scores.parquet (one row per image; no heatmaps): "
+                          "ADDRESS 'auto', HOST:PORT or ray://HOST:PORT, none: the local Ray, "
+                          "started if need be. Put it last, or write --ray=ADDRESS")
+    ray.add_argument("--workers", type=_checked(lambda n: check_int(n, "--workers"), int),
+                     help="scoring actors, each loading the model once (default: as many as Ray "
+                          "can run)")
+    ray.add_argument("--gpus-per-worker", default=0.0,
+                     type=_checked(lambda g: check_number(g, "--gpus-per-worker", 0.0)),
+                     help="GPUs of each scoring actor (default: 0)")
+    ray.add_argument("--maps", action="store_true",
+                     help="also each anomaly map, as a .npy file named in the map_file column")
     add_detector_options(predict, PREDICT_OPTIONS, as_saved=True)
     predict.set_defaults(run=command_predict)
+
+    many = commands.add_parser("fit-many", help="fit and save one model per folder or dataset "
+                                                "category, each in a Ray task (knnad[ray])")
+    many.add_argument("folders", nargs="*", metavar="[NAME=]FOLDER",
+                      help="folders of normal images, one model each, named NAME or after the folder")
+    many.add_argument("--dataset", choices=("mvtec", "btad"),
+                      help="one model per category, fit on its train split")
+    many.add_argument("--root", help="dataset root (mvtec, btad)")
+    many.add_argument("--category", nargs="+", help="categories (default: all found)")
+    many.add_argument("--out", required=True, help="folder for the models, NAME.npz")
+    many.add_argument("--address", help="the Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT "
+                                        "(default: the local Ray, started if need be)")
+    many.add_argument("--cpus-per-job", default=1.0,
+                      type=_checked(lambda c: check_number(c, "--cpus-per-job", 0.0)),
+                      help="CPUs of each job (default: 1)")
+    many.add_argument("--gpus-per-job", default=0.0,
+                      type=_checked(lambda g: check_number(g, "--gpus-per-job", 0.0)),
+                      help="GPUs of each job (default: 0)")
+    add_detector_options(many, FIT_MANY_OPTIONS)
+    many.set_defaults(run=command_fit_many)
 
     evaluate = commands.add_parser("evaluate", help="fit and evaluate on a labelled dataset")
     evaluate.add_argument("--dataset", choices=("mvtec", "btad", "folder"), required=True)

@@ -15,7 +15,7 @@ LAYERS = [
     ["options"],
     ["persistence", "export"],
     ["detector"],
-    ["evaluation"],
+    ["evaluation", "distributed"],
     ["report"],
     ["cli"],
 ]

@@ -1,0 +1,393 @@
+"""knnad.distributed on a real local Ray cluster (two CPUs, no dashboard): fit_many,
+predict_dataset, ShardedIndex, the command line, and faults (a corrupt image, a killed worker,
+a wrong address)."""
+import gc
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from knnad import Detector
+from knnad.cli import demo_root
+
+if os.environ.get("KNNAD_REQUIRE_SHARED") == "1":  # CI installs the test extra: Ray must be there
+    import ray
+else:
+    ray = pytest.importorskip("ray")
+
+from knnad import distributed  # noqa: E402
+
+#: Genuine MobileNetV2 weights on small crops: a real model, quick on two CPUs.
+PARAMS = dict(backbone="mobilenet_v2", weights="IMAGENET1K_V1", image_size=128, crop_size=112,
+              coreset=None, progress=False)
+BOTTLE = demo_root() / "bottle"
+
+
+@pytest.fixture(scope="session")
+def cluster(torch_home):
+    """A local Ray cluster for the session; its workers find the genuine weights in TORCH_HOME."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"TORCH_HOME": str(torch_home)}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def release_failed_pipelines():
+    """Ray Data logs a failed pipeline's exception, and pytest's log capture keeps the record
+    until the test ends: through the exception's traceback, the pipeline's actors and their
+    CPUs stay taken (a second run in the same test would wait for CPUs forever). Before each
+    test, collect the earlier tests' reference cycles, so that it finds the CPUs free."""
+    gc.collect()
+
+
+@pytest.fixture
+def local_weights(torch_home, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+
+
+def test_fit_many_records_a_broken_job_and_keeps_the_others(cluster, local_weights, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    from knnad.datasets import MVTecAD
+    train = MVTecAD(demo_root(), "bottle", "train")
+    good = sorted((BOTTLE / "train" / "good").iterdir())
+    jobs = [("bottle", train), ("broken", empty), ("half", good[:4])]
+    rows = distributed.fit_many(jobs, tmp_path / "models", **PARAMS)
+
+    assert [row["name"] for row in rows] == ["bottle", "broken", "half"]
+    broken = rows[1]
+    assert broken["model"] is None and broken["bank_size"] is None
+    assert "ValueError" in broken["error"] and str(empty) in broken["error"]
+    assert not (tmp_path / "models" / "broken.npz").exists()
+    patches = 14 * 14  # crop 112 at stride 8
+    for row, images in ((rows[0], len(train)), (rows[2], 4)):
+        assert row["error"] is None and row["seconds"] > 0
+        assert row["model"] == str(tmp_path / "models" / f"{row['name']}.npz")
+        assert row["bank_size"] == images * patches
+        loaded = Detector.load(row["model"])
+        assert len(loaded.index_) == row["bank_size"]
+        assert loaded.train_paths_ == [str(p) for p in (good if row["name"] == "bottle" else good[:4])]
+    # The same fit in this process gives the same memory bank (to float32 rounding: the worker
+    # runs torch on one thread, this process on two).
+    local = Detector(**PARAMS).fit(good[:4])
+    np.testing.assert_allclose(Detector.load(rows[2]["model"]).index_.vectors(), local.index_.vectors(),
+                               rtol=0, atol=1e-5)
+
+
+def test_fit_many_checks_before_any_task(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("")
+    with pytest.raises(NotADirectoryError, match="output_dir"):
+        distributed.fit_many([("a", BOTTLE)], target / "models", **PARAMS)
+    with pytest.raises(ValueError, match="coreset"):
+        distributed.fit_many([("a", BOTTLE)], tmp_path, **{**PARAMS, "coreset": 1.5})
+    with pytest.raises(ValueError, match="no parameter"):
+        distributed.fit_many([("a", BOTTLE)], tmp_path, colour="red")
+    with pytest.raises(ValueError, match="unique"):
+        distributed.fit_many([("a", BOTTLE), ("a", BOTTLE)], tmp_path, **PARAMS)
+    with pytest.raises(ValueError, match="name"):
+        distributed.fit_many([("../a", BOTTLE)], tmp_path, **PARAMS)
+    assert list(tmp_path.iterdir()) == [target]
+
+
+# --- predict_dataset -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """torch on one thread, as in a one-CPU Ray worker: the same float32 rounding."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model(torch_home, tmp_path_factory, single_thread):
+    """A calibrated model of the bottle sample, saved; and the detector itself."""
+    os.environ["TORCH_HOME"] = str(torch_home)
+    detector = Detector(**PARAMS).fit(BOTTLE / "train" / "good")
+    detector.calibrate(sorted((BOTTLE / "test" / "good").iterdir()))
+    return detector.save(tmp_path_factory.mktemp("model") / "bottle.npz"), detector
+
+
+def corrupt_file(folder):
+    path = folder / "corrupt.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample_run(cluster, model, tmp_path_factory):
+    """predict_dataset over a Ray Dataset of the sample's test images and a corrupt file, with
+    maps; and Detector.predict of the same images in this process."""
+    import pandas as pd
+    folder = tmp_path_factory.mktemp("sample_run")
+    images = sorted(str(p) for p in (BOTTLE / "test").glob("*/*.png"))
+    dataset = ray.data.from_items([{"path": p, "other": 1} for p in images + [str(corrupt_file(folder))]])
+    summary = distributed.predict_dataset(model[0], dataset, folder / "out", batch_size=4, maps=True)
+    reference = model[1].predict(images)
+    return summary, pd.read_parquet(folder / "out").set_index("path"), reference, folder
+
+
+def test_predict_dataset_scores_equal_detector_predict(sample_run, model):
+    summary, rows, reference, folder = sample_run
+    assert summary["images"] == 13 and summary["scored"] == 12 and summary["skipped"] == 1
+    assert list(rows.columns) == ["image_score", "label", "map_max", "status", "map_file"]
+    scored = rows.loc[reference.paths]
+    assert (scored.status == "scored").all()
+    np.testing.assert_allclose(scored.image_score, reference.image_scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scored.map_max, reference.anomaly_maps.max(axis=(1, 2)), rtol=0, atol=1e-6)
+    assert reference.labels is not None and reference.labels.any() and not reference.labels.all()
+    assert scored.label.tolist() == reference.labels.tolist()
+    for path, expected in zip(reference.paths, reference.anomaly_maps):
+        saved = np.load(folder / "out" / scored.loc[path, "map_file"])
+        assert saved.dtype == np.float32 and saved.shape == (112, 112)
+        np.testing.assert_allclose(saved, expected, rtol=0, atol=1e-6)
+    # Complete: the manifest says what was written; nothing was left beside the output.
+    manifest = json.loads((folder / "out" / distributed.MANIFEST).read_text())
+    assert manifest["scored"] == 12 and manifest["maps"] is True
+    assert sorted(p.name for p in folder.iterdir()) == ["corrupt.png", "out"]
+
+
+def test_a_corrupt_image_is_recorded_as_skipped(sample_run):
+    _, rows, _, folder = sample_run
+    skipped = rows[rows.status == "skipped"]
+    assert skipped.index.tolist() == [str(folder / "corrupt.png")]
+    assert skipped[["image_score", "label", "map_max", "map_file"]].isna().all(axis=None)
+
+
+def test_a_failed_run_leaves_the_earlier_output_and_nothing_else(cluster, model, sample_run, tmp_path):
+    shutil.copytree(sample_run[3] / "out", tmp_path / "out")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
+    images = sorted((BOTTLE / "test" / "good").iterdir())
+    # k beyond the memory bank passes the driver's checks and fails in the workers.
+    with pytest.raises(RuntimeError, match="k must be an int.*the earlier output there is kept"):
+        distributed.predict_dataset(model[0], images, tmp_path / "out", params={"k": 10**6})
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_failed_run_into_a_new_folder_leaves_nothing(cluster, model, tmp_path):
+    images = [str(p) for p in sorted((BOTTLE / "test" / "good").iterdir())]
+    with pytest.raises(RuntimeError, match="failed in a Ray worker: ValueError: k must be an int") as error:
+        distributed.predict_dataset(model[0], images, tmp_path / "new", params={"k": 10**6})
+    assert str(tmp_path / "new") in str(error.value) and error.value.__context__ is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_dataset_checks_before_any_work(model, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an output of predict_dataset"):
+        distributed.predict_dataset(model[0], BOTTLE / "test" / "good", tmp_path / "mine")
+    with pytest.raises(FileNotFoundError, match="model"):
+        distributed.predict_dataset(tmp_path / "none.npz", BOTTLE / "test" / "good", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        distributed.predict_dataset(model[0], str(tmp_path / "*.png"), tmp_path / "out")
+    with pytest.raises(ValueError, match="predict-time"):
+        distributed.predict_dataset(model[0], BOTTLE / "test" / "good", tmp_path / "out",
+                                    params={"coreset": 0.5})
+    with pytest.raises(ValueError, match="batch_size"):
+        distributed.predict_dataset(model[0], BOTTLE / "test" / "good", tmp_path / "out", batch_size=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    pattern = str(BOTTLE / "test" / "*" / "0*5.png")
+    assert distributed._paths(pattern) == sorted(str(p) for p in (BOTTLE / "test").glob("*/005.png"))
+
+
+def test_a_killed_worker_is_restarted_and_every_image_scored_once(cluster, model, tmp_path):
+    import pandas as pd
+    from PIL import Image
+    from ray._private.state import actors
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sources = sorted((BOTTLE / "test").glob("*/*.png"))
+    for i in range(48):
+        Image.open(sources[i % len(sources)]).resize((160, 160)).rotate(7 * i).save(folder / f"{i:03d}.png")
+
+    def scorers(state="ALIVE"):
+        return [a for a in actors().values() if "_Scorer" in a["ActorClassName"] and a["State"] == state]
+
+    result = {}
+
+    def run():
+        try:
+            result["summary"] = distributed.predict_dataset(model[0], folder, tmp_path / "out",
+                                                            num_workers=1, batch_size=1)
+        except BaseException as error:  # reported by the assertions below
+            result["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed, deadline = None, time.time() + 120
+    while killed is None and thread.is_alive() and time.time() < deadline:
+        written = list(tmp_path.glob(".out.partial-*/*.parquet"))
+        if written and scorers():  # the actor is scoring: some images are written, not all
+            killed = scorers()[0]["Pid"]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.01)
+    thread.join(timeout=180)
+    assert killed is not None, "the run ended before the worker could be killed"
+    assert "error" not in result, result.get("error")
+    assert result["summary"]["scored"] == 48 and result["summary"]["skipped"] == 0
+    rows = pd.read_parquet(tmp_path / "out")
+    assert sorted(rows.path) == sorted(str(p) for p in folder.iterdir())  # no duplicate, no gap
+    restarted = [a for a in actors().values() if "_Scorer" in a["ActorClassName"] and a.get("NumRestarts")]
+    assert restarted and all(a["Pid"] != killed for a in restarted)
+    reference = model[1].predict(sorted(folder.iterdir()))
+    np.testing.assert_allclose(rows.set_index("path").loc[reference.paths].image_score,
+                               reference.image_scores, rtol=0, atol=1e-6)
+
+
+# --- ShardedIndex --------------------------------------------------------------------------
+
+def bank_with_ties(seed=0, n=3000, dim=24):
+    """Random rows, a hundred of them repeated in another shard's part, and one row 100 times;
+    queries: random, and some equal to stored rows (distance 0, tied with their copies)."""
+    rng = np.random.default_rng(seed)
+    bank = rng.normal(size=(n, dim)).astype(np.float32)
+    bank[1500:1600] = bank[100:200]
+    bank[n - 100:] = bank[0]
+    queries = np.concatenate([rng.normal(size=(200, dim)), bank[95:105], bank[:3]]).astype(np.float32)
+    return bank, queries
+
+
+def test_sharded_index_equals_a_flat_index_ties_included(cluster):
+    from knnad.index import FlatL2Index
+    bank, queries = bank_with_ties()
+    flat = FlatL2Index.of(bank, backend="faiss", device="cpu")
+    with distributed.ShardedIndex.of(bank[:1000], 3, backend="faiss", num_cpus_per_shard=0.25) as sharded:
+        sharded.add(bank[1000:])  # a second add: each shard holds two pieces
+        assert len(sharded) == 3000 and sharded.dim == 24 and sharded.shard_sizes() == [999, 1000, 1001]
+        assert (sharded.backend, sharded.device) == ("faiss", "cpu")
+        assert len(set(sharded.shard_pids())) == 3
+        for k in (1, 5, 120, 3000):
+            distances, indices = sharded.search(queries, k)
+            expected_d, expected_i = flat.search(queries, k)
+            assert distances.dtype == np.float32 and indices.dtype == np.int64
+            np.testing.assert_array_equal(distances, expected_d)
+            np.testing.assert_array_equal(indices, expected_i)
+        # The ties were there: a query equal to row 0 finds it and its 100 copies at distance 0,
+        # in ascending rows across the shards.
+        distances, indices = sharded.search(bank[:1], 101)
+        assert (distances == 0).all() and indices[0].tolist() == [0] + list(range(2900, 3000))
+        ranges = [(0, 10), (90, 1200), (1500, 1510), (2890, 3000)]
+        for k in (1, 7):
+            np.testing.assert_array_equal(sharded.search_among(queries, k, ranges)[0],
+                                          flat.search_among(queries, k, ranges)[0])
+            np.testing.assert_array_equal(sharded.search_among(queries, k, ranges)[1],
+                                          flat.search_among(queries, k, ranges)[1])
+        np.testing.assert_array_equal(sharded.vectors(), bank)
+        np.testing.assert_array_equal(sharded.rows(950, 1700).numpy(), bank[950:1700])
+        with pytest.raises(ValueError, match="k must be"):
+            sharded.search(queries, 3001)
+        with pytest.raises(ValueError, match="dimension"):
+            sharded.search(queries[:, :5], 1)
+
+
+def test_sharded_index_with_torch_finds_the_same_neighbours(cluster):
+    """The torch backend's topk keeps any of several rows tied at the k-th place (a
+    FlatL2Index with torch too): the distances are the same, and the rows are the same vectors."""
+    from knnad.index import FlatL2Index
+    bank, queries = bank_with_ties(seed=1)
+    flat = FlatL2Index.of(bank, backend="torch", device="cpu")
+    with distributed.ShardedIndex.of(bank, 2, backend="torch", num_cpus_per_shard=0.25) as sharded:
+        every = flat.search(queries, len(bank))[0]
+        for k in (1, 5, 120):
+            distances, indices = sharded.search(queries, k)
+            expected_d, expected_i = flat.search(queries, k)
+            np.testing.assert_array_equal(distances, expected_d)
+            np.testing.assert_array_equal(bank[indices], bank[expected_i])
+            untied = expected_d[:, -1] < every[:, k]  # no row left out at the k-th distance
+            assert untied.sum() > 150
+            np.testing.assert_array_equal(indices[untied], expected_i[untied])
+
+
+def test_a_detector_scores_the_same_with_a_sharded_index(cluster, model, tmp_path):
+    _, local = model
+    images = sorted((BOTTLE / "test").glob("*/*.png"))
+    detector = distributed.shard_detector(Detector.load(model[0]), 3, num_cpus_per_shard=0.25)
+    assert isinstance(detector.index_, distributed.ShardedIndex) and len(detector.index_) == len(local.index_)
+    for image_score in ("max", "spade"):
+        expected = Detector.load(model[0]).set_params(image_score=image_score).predict(images)
+        got = detector.set_params(image_score=image_score).predict(images)
+        np.testing.assert_allclose(got.image_scores, expected.image_scores, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got.anomaly_maps, expected.anomaly_maps, rtol=0, atol=1e-6)
+    saved = Detector.load(detector.set_params(image_score="max").save(tmp_path / "sharded.npz"))
+    np.testing.assert_array_equal(saved.index_.vectors(), local.index_.vectors())
+    detector.index_.close()
+
+
+# --- command line --------------------------------------------------------------------------
+
+def test_cli_predict_on_ray(cluster, model, tmp_path, capsys):
+    import pandas as pd
+    from knnad.cli import main
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for source in sorted((BOTTLE / "test" / "good").iterdir()):
+        shutil.copy(source, folder / source.name)
+    corrupt_file(folder)
+    status = main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "out"), "--k", "3",
+                   "--batch-size", "2", "--ray"])
+    assert status == 3  # PARTIAL: one image skipped
+    assert "scored 3 images on Ray" in capsys.readouterr().out
+    rows = pd.read_parquet(tmp_path / "out" / "scores.parquet").set_index("path")
+    expected = Detector.load(model[0]).set_params(k=3).predict(sorted(folder.glob("0*.png")))
+    np.testing.assert_allclose(rows.loc[expected.paths].image_score, expected.image_scores, rtol=0, atol=1e-6)
+    assert rows.loc[str(folder / "corrupt.png"), "status"] == "skipped"
+    # Flags that need --ray, and a wrong address: one line, exit 2, nothing written.
+    assert main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "b"), "--maps"]) == 2
+    assert "--maps: only with --ray" in capsys.readouterr().err
+    assert main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "b"), "--ray=127.0.0.1:1"]) == 2
+    assert "no Ray cluster answers at address='127.0.0.1:1'" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_fit_many(cluster, local_weights, tmp_path, capsys):
+    from knnad.cli import main
+    flags = ["--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--image-size", "128",
+             "--crop-size", "112", "--coreset", "none"]
+    assert main(["fit-many", "--dataset", "mvtec", "--root", str(demo_root()), "--out",
+                 str(tmp_path / "models"), *flags]) == 0
+    assert "bottle: saved" in capsys.readouterr().out
+    assert len(Detector.load(tmp_path / "models" / "bottle.npz").index_) == 16 * 14 * 14
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["fit-many", f"nothing={empty}", "--out", str(tmp_path / "models"), *flags]) == 2
+    captured = capsys.readouterr()
+    assert "nothing: failed: ValueError" in captured.out and "all 1 jobs failed" in captured.err
+
+
+# --- faults: Ray missing, wrong addresses --------------------------------------------------
+
+def test_without_ray_the_error_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    with pytest.raises(ImportError, match=r"pip install 'knnad\[ray\]'"):
+        distributed.fit_many([("a", BOTTLE)], tmp_path, **PARAMS)
+    with pytest.raises(ImportError, match=r"pip install 'knnad\[ray\]'"):
+        distributed.ShardedIndex(8)
+
+
+def test_a_wrong_address_is_named_with_what_to_do(cluster):
+    with pytest.raises(ConnectionError, match=r"address='127.0.0.1:1'.*ray start --head"):
+        distributed.connect("127.0.0.1:1")
+    with pytest.raises(ValueError, match=r"address='nowhere' is not a Ray cluster address"):
+        distributed.connect("nowhere")
+    # Something answers there, but this process is connected to another cluster.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with pytest.raises(ValueError, match=f"already connected .*not address='127.0.0.1:{port}'"):
+            distributed.connect(f"127.0.0.1:{port}")
+    assert distributed.connect(None) is ray and distributed.connect("auto") is ray
+    assert distributed.connect(ray.get_runtime_context().gcs_address) is ray
