@@ -586,6 +586,10 @@ class _Shard:
         return np.concatenate([self.index.rows(start, stop).cpu().numpy() for start, stop in ranges])
 
 
+#: Seconds after which a ShardedIndex whose shards are not all placed logs a warning.
+_PLACEMENT_WARNING_S = 30
+
+
 class ShardedIndex:
     """Exact Euclidean k-nearest-neighbour search over a bank split across Ray actors.
 
@@ -622,7 +626,13 @@ class ShardedIndex:
         ray = connect(address)
         shard = ray.remote(_Shard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
         self._actors = [shard.remote(self._dim, options) for _ in range(self.num_shards)]
-        self._backend, self._device = ray.get(self._actors[0].placement.remote())
+        placed = [actor.placement.remote() for actor in self._actors]
+        if len(ray.wait(placed, num_returns=len(placed), timeout=_PLACEMENT_WARNING_S)[0]) < len(placed):
+            logger.warning("ShardedIndex: %d shards of %g CPUs and %g GPUs each are not all placed "
+                           "after %d s; free now: %s. Waiting (an autoscaling cluster may add nodes)",
+                           self.num_shards, num_cpus, num_gpus, _PLACEMENT_WARNING_S,
+                           ray.available_resources())
+        self._backend, self._device = ray.get(placed)[0]
         self._count = 0
         # Per shard, its pieces of the bank: first global row, first local row, rows.
         self._pieces: List[List[Tuple[int, int, int]]] = [[] for _ in self._actors]
