@@ -13,7 +13,7 @@ from ._checks import check_choice, check_int
 from ._types import PathLike
 from .prediction import Prediction
 from .preprocessing import Preprocessor
-from .sources import ON_ERROR, batches, image_items
+from .sources import ON_ERROR, batches, check_finite, image_items
 from .thresholds import Thresholds
 
 #: The file format this module reads and :mod:`knnad.export` writes (defined here, on the
@@ -155,8 +155,6 @@ class OnnxDetector:
                              + (f"shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__))
         if not np.issubdtype(images.dtype, np.floating):
             raise ValueError(f"images must be floating-point (normalised RGB), got {images.dtype}")
-        bad = [i for i in range(len(images)) if not np.isfinite(images[i]).all()]
-        if bad:
-            raise ValueError(f"images {bad[:10]} of the batch hold NaN or inf; repair or remove them")
+        check_finite(images)
         scores, maps = self.session.run(list(OUTPUTS), {INPUT: images.astype(np.float32, copy=False)})
         return scores, maps

@@ -40,6 +40,15 @@ def _is_tensor(data: Any) -> bool:
     return torch is not None and isinstance(data, torch.Tensor)
 
 
+def check_finite(images: Any, prefix: str = "") -> None:
+    """ValueError (message after ``prefix``) naming the images of a float batch ``[N, ...]``
+    (numpy array or tensor) that hold NaN or inf."""
+    finite = images.isfinite() if _is_tensor(images) else np.isfinite(images)
+    bad = [i for i in range(len(images)) if not bool(finite[i].all())]
+    if bad:
+        raise ValueError(f"{prefix}images {bad[:10]} of the batch hold NaN or inf; repair or remove them")
+
+
 @dataclass
 class Batch:
     """Preprocessed ``images`` ``[B, 3, H, W]`` (a float32 numpy array; a slice of the
@@ -70,11 +79,7 @@ def image_items(data: Any, argument: str, normal_only: bool = False) -> Items:
         if data.ndim != 4 or data.shape[1] != 3 or not floating:
             raise ValueError(f"{argument}: an array must be a float batch [N, 3, H, W] of "
                              f"normalised images, got {data.dtype} {tuple(data.shape)}")
-        finite = data.isfinite() if _is_tensor(data) else np.isfinite(data)
-        bad = [i for i in range(len(data)) if not bool(finite[i].all())]
-        if bad:
-            raise ValueError(f"{argument}: images {bad[:10]} of the batch hold NaN or inf; "
-                             f"repair or remove them")
+        check_finite(data, f"{argument}: ")
         return data
     if isinstance(data, (str, os.PathLike)):
         try:
