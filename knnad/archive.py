@@ -119,9 +119,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
     return path
 
 
-def read_archive(path: PathLike, kind: str, max_version: int
+def read_archive(path: PathLike, kind: str, max_version: int, arrays: bool = True
                  ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], int]:
-    """Read a file written by :func:`write_archive`. Returns ``(meta, arrays, version)``.
+    """Read a file written by :func:`write_archive`. Returns ``(meta, arrays, version)``;
+    with ``arrays=False`` only the header is read (``arrays`` is then empty and no checksum
+    is verified: for a quick look at the settings, not for using the file's contents).
 
     Raises ModelFileError naming ``path`` for a missing, truncated, foreign or corrupted file,
     one of another kind, or one whose format version is newer than ``max_version``.
@@ -145,7 +147,8 @@ def read_archive(path: PathLike, kind: str, max_version: int
             if _META_KEY not in archive.files:
                 raise ModelFileError(f"{path} is not a knnad model file (no knnad header); {_NAME_ONE}")
             header = json.loads(archive[_META_KEY].tobytes().decode())
-            arrays = {name: archive[name] for name in archive.files if name != _META_KEY}
+            names = [name for name in archive.files if name != _META_KEY]
+            stored = {name: archive[name] for name in names} if arrays else {}
     except ModelFileError:
         raise
     except ValueError as error:
@@ -170,11 +173,11 @@ def read_archive(path: PathLike, kind: str, max_version: int
         raise ModelFileError(f"{path} has format version {version}; this knnad reads versions up "
                              f"to {max_version}: upgrade knnad to load it")
     expected = header.get("sha256", {})
-    if set(expected) != set(arrays):
-        raise ModelFileError(f"{path} is incomplete: arrays {sorted(set(expected) ^ set(arrays))} "
+    if set(expected) != set(names):
+        raise ModelFileError(f"{path} is incomplete: arrays {sorted(set(expected) ^ set(names))} "
                              f"missing or unexpected; {_RESTORE}")
-    for name, array in arrays.items():
+    for name, array in stored.items():
         if _digest(array) != expected[name]:
             raise ModelFileError(f"{path} is corrupted: checksum of array {name!r} does not match; "
                                  f"{_RESTORE}")
-    return header["meta"], arrays, version
+    return header["meta"], stored, version

@@ -44,10 +44,12 @@ import torch
 
 from ._checks import check_bool, check_int, check_number, check_output_folder
 from ._types import ArrayLike, PathLike
+from .archive import ModelFileError, read_archive
 from .detector import Detector
 from .index import DEFAULT_MEMORY_BUDGET, FlatL2Index, check_matrix, float32_rows
 from .options import OPTIONS, check, validate
-from .preprocessing import image_files
+from .persistence import FORMAT_VERSION, KIND
+from .preprocessing import ImageLoadError, Preprocessor, image_files
 from .sources import image_items
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def import_ray():
         import ray
         import ray.data  # noqa: F401 (Ray Data: pyarrow, pandas)
     except ImportError as error:
-        raise ImportError(f"knnad.distributed needs Ray with Ray Data (ray[data] >= 2.9): "
+        raise ImportError(f"knnad.distributed needs Ray with Ray Data (ray[data] >= 2.60, < 2.64): "
                           f"{RAY_EXTRA} ({error})") from error
     return ray
 
@@ -290,7 +292,7 @@ def _schema(maps: bool):
     import pyarrow as pa
 
     fields = [("path", pa.string()), ("image_score", pa.float32()), ("label", pa.bool_()),
-              ("map_max", pa.float32()), ("status", pa.string())]
+              ("map_max", pa.float32()), ("status", pa.string()), ("error", pa.string())]
     return pa.schema(fields + ([("map_file", pa.string())] if maps else []))
 
 
@@ -301,15 +303,51 @@ def _map_name(path: str) -> str:
     return f"{MAPS_FOLDER}/{Path(path).stem[:80]}-{digest}.npy"
 
 
+def _preprocessor(model: Path) -> Preprocessor:
+    """The preprocessing of the saved ``model``, from its file's header only (the scoring
+    actors read and check the whole file)."""
+    meta, _, _ = read_archive(model, KIND, FORMAT_VERSION, arrays=False)
+    saved = meta.get("params") if isinstance(meta.get("params"), dict) else {}
+    defaults = Detector().get_params()
+    geometry = {name: saved.get(name, defaults[name]) for name in ("image_size", "crop_size", "bit_depth")}
+    try:
+        return Preprocessor(**geometry)
+    except (TypeError, ValueError) as error:
+        raise ModelFileError(f"{model} holds an invalid setting ({error}); fit again and save a "
+                             f"new model file") from None
+
+
+def _decode(batch: Dict[str, np.ndarray], preprocessor: Preprocessor) -> Dict[str, np.ndarray]:
+    """predict_dataset's decoding, in Ray tasks: ``batch["path"]`` ``[B]`` to ``image``, float32
+    ``[B, 3, crop, crop]`` preprocessed as the model's own preprocessor does, and ``error``
+    ``[B]``: "" for a decoded image, else why it could not be read (its image is zeros)."""
+    paths = [str(path) for path in batch["path"]]
+    crop = preprocessor.crop_size
+    images = np.zeros((len(paths), 3, crop, crop), np.float32)
+    errors = np.full(len(paths), "", dtype=object)
+    for row, path in enumerate(paths):
+        try:
+            images[row] = preprocessor(path)
+        except ImageLoadError as error:
+            logger.warning("skipping %s", error)
+            errors[row] = str(error)
+    return {"path": np.array(paths, dtype=object), "image": images, "error": errors}
+
+
 class _Scorer:
     """The callable class of predict_dataset's actor pool: loads the model once, then scores
-    batches of paths with :meth:`Detector.predict_batches` (undecodable files skipped)."""
+    the decoded images of each batch (rows that could not be decoded become skipped rows)."""
 
-    def __init__(self, model: str, params: Dict[str, Any], batch_size: int, staging: Optional[str]):
+    def __init__(self, model: str, params: Dict[str, Any], batch_size: int, staging: Optional[str],
+                 preprocessor: Preprocessor):
         load = {name: params[name] for name in _LOAD_PARAMS if name in params}
         self.detector = Detector.load(model, **load)
         self.detector.set_params(**{name: value for name, value in params.items() if name not in load},
-                                 batch_size=batch_size, progress=False, on_error="skip")
+                                 batch_size=batch_size, progress=False)
+        if vars(self.detector.preprocessor_) != vars(preprocessor):
+            raise RuntimeError(f"the images were decoded with {preprocessor!r}, but {model} "
+                               f"prepares them with {self.detector.preprocessor_!r}; report this "
+                               f"knnad bug")
         self.staging = staging
 
     def _save_map(self, path: str, anomaly_map: np.ndarray) -> str:
@@ -324,19 +362,29 @@ class _Scorer:
     def __call__(self, batch: Dict[str, np.ndarray]):
         import pyarrow as pa
 
+        paths = [str(path) for path in batch["path"]]
+        decoded = [row for row, error in enumerate(batch["error"]) if not error]
         columns: Dict[str, list] = {name: [] for name in _schema(self.staging is not None).names}
-        for prediction in self.detector.predict_batches([str(path) for path in batch["path"]]):
-            for row, path in enumerate(prediction.paths):
+        # Indexing copies the images: Ray's arrays are read-only, torch wants writable ones.
+        predictions = self.detector.predict_batches(batch["image"][decoded]) if decoded else []
+        rows = iter(decoded)
+        for prediction in predictions:
+            labels = [None] * len(prediction) if prediction.labels is None else prediction.labels
+            for score, anomaly_map, label in zip(prediction.image_scores, prediction.anomaly_maps, labels):
+                path = paths[next(rows)]
                 columns["path"].append(path)
-                columns["image_score"].append(float(prediction.image_scores[row]))
-                columns["label"].append(None if prediction.labels is None else bool(prediction.labels[row]))
-                columns["map_max"].append(float(prediction.anomaly_maps[row].max()))
+                columns["image_score"].append(float(score))
+                columns["label"].append(None if label is None else bool(label))
+                columns["map_max"].append(float(anomaly_map.max()))
                 columns["status"].append("scored")
+                columns["error"].append(None)
                 if self.staging is not None:
-                    columns["map_file"].append(self._save_map(path, prediction.anomaly_maps[row]))
-            for path in prediction.skipped:
+                    columns["map_file"].append(self._save_map(path, anomaly_map))
+        for row, error in enumerate(batch["error"]):
+            if error:
                 for name, values in columns.items():
-                    values.append(path if name == "path" else "skipped" if name == "status" else None)
+                    values.append(paths[row] if name == "path" else "skipped" if name == "status"
+                                  else str(error) if name == "error" else None)
         return pa.Table.from_pydict(columns, schema=_schema(self.staging is not None))
 
 
@@ -424,52 +472,66 @@ def _put_in_place(staging: Path, output: Path) -> None:
 
 
 def predict_dataset(model: PathLike, images: Any, output: PathLike, *, num_workers: Optional[int] = None,
-                    num_gpus_per_worker: float = 0, batch_size: int = 8, maps: bool = False,
-                    address: Optional[str] = None, params: Optional[Dict[str, Any]] = None
-                    ) -> Dict[str, Any]:
+                    num_gpus_per_worker: float = 0, num_cpus_per_worker: float = 1, batch_size: int = 8,
+                    maps: bool = False, address: Optional[str] = None,
+                    params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Score ``images`` with the saved ``model`` on a Ray cluster; one Parquet row per image.
 
-    A Ray Data pipeline: the image paths flow in blocks to a pool of ``num_workers`` actors
-    (None: as many as the cluster lets Ray Data scale to), each with ``num_gpus_per_worker``
-    GPUs and one CPU, that load the model file once and decode and score batches of
-    ``batch_size`` images as :meth:`Detector.predict_batches` does, files that cannot be decoded
-    skipped. Ray Data streams the blocks, so the workers' memory stays bounded whatever the
-    number of images, and the driver holds no more than the list of paths (nothing, for a Ray
-    Dataset read lazily); Ray Data shows the progress. An actor that dies (killed, out of
-    memory) is restarted and its block scored again: every image gets exactly one row.
+    A Ray Data pipeline in two stages. Ray tasks (one CPU each, as many as the free CPUs
+    allow) decode the image files and preprocess them as the model does, in batches of
+    ``batch_size``; files that cannot be read are passed on as skipped. A pool of
+    ``num_workers`` actors (None: as many as Ray Data scales to), each with
+    ``num_cpus_per_worker`` CPUs (its torch threads) and ``num_gpus_per_worker`` GPUs, loads the
+    model file once and scores the decoded batches. Ray Data streams the blocks with
+    backpressure, so the workers' memory stays bounded whatever the number of images; the
+    driver holds the list of paths (about 100 bytes each; nothing for a Ray Dataset read
+    lazily). Ray Data shows the progress. An actor that dies (killed, out of memory) is
+    restarted and its block scored again: every image gets exactly one row. With a fixed
+    ``num_workers``, the workers must leave the decoding at least one of the cluster's CPUs.
 
     ``images``: a folder, an image file, a glob pattern (``"archive/**/*.png"``), a list of
     paths, a knnad dataset, or a ``ray.data.Dataset`` with a ``path`` column (any other column
-    is dropped; repartition it for parallelism). ``params``: overrides of the saved model's
-    ``weights``, ``backend``, ``device`` (by default the actor's GPU with
+    is dropped; repartition it for parallelism; its paths are read as the workers see them,
+    and its rows are not counted against the output). ``params``: overrides of the saved
+    model's ``weights``, ``backend``, ``device`` (by default the actor's GPU with
     ``num_gpus_per_worker``, else the CPU) and predict-time options (``k``, ``sigma`` ...).
 
     ``output``: a folder of Parquet files with the columns ``path`` (absolute), ``image_score``,
     ``label`` (True = anomalous; null when the model is not calibrated for its settings),
     ``map_max`` (the anomaly map's maximum), ``status`` (``"scored"`` or ``"skipped"``: the
-    file could not be decoded; the scores are then null) and, with ``maps=True``,
-    ``map_file``: the map as float32 ``[crop, crop]`` ``.npy`` file, relative to ``output``
-    (under ``_maps/``). Rows are in no particular order. Written complete-or-absent: into a
-    hidden folder next to ``output``, renamed to it at the end and removed on failure; an
-    earlier output of predict_dataset there is replaced, any other existing folder refused.
+    file could not be read; the scores are then null), ``error`` (why it was skipped; null for
+    a scored image) and, with ``maps=True``, ``map_file``: the map as float32 ``[crop, crop]``
+    ``.npy`` file, relative to ``output`` (under ``_maps/``). Rows are in no particular order.
+    Written complete-or-absent: into a hidden folder next to ``output``, renamed to it at the
+    end and removed on failure; an earlier output of predict_dataset there is replaced, any
+    other existing folder refused.
 
     Returns ``{"output", "images", "scored", "skipped", "seconds"}``.
     """
     batch_size = check_int(batch_size, "batch_size")
     num_workers = None if num_workers is None else check_int(num_workers, "num_workers")
     num_gpus_per_worker = check_number(num_gpus_per_worker, "num_gpus_per_worker", 0.0)
+    num_cpus_per_worker = check_number(num_cpus_per_worker, "num_cpus_per_worker", 0.0)
     maps = check_bool(maps, "maps")
     params = _checked_params(params, num_gpus_per_worker)
     model = Path(_absolute(model))
     if not model.is_file():
         raise FileNotFoundError(f"model {model} is not a file; name a model written by knnad "
                                 f"fit or Detector.save")
+    preprocessor = _preprocessor(model)
     output = Path(_absolute(output))
     _check_output(output)
     paths = None if _is_ray_dataset(images) else _paths(images)
     if paths is not None and not paths:
         raise ValueError(f"images: {images!r} holds no image")
     ray = connect(address)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if num_workers and cpus - num_workers * num_cpus_per_worker < 1:
+        raise ValueError(f"num_workers={num_workers} scoring workers of num_cpus_per_worker="
+                         f"{num_cpus_per_worker:g} CPUs leave none of the cluster's {cpus:g} CPUs "
+                         f"to the decoding tasks, and the run would wait forever: use fewer "
+                         f"workers, fewer CPUs per worker (e.g. num_cpus_per_worker=0.5) or "
+                         f"num_workers=None")
     import pyarrow as pa
 
     if paths is None:
@@ -478,7 +540,7 @@ def predict_dataset(model: PathLike, images: Any, output: PathLike, *, num_worke
                              f"{images.schema().names})")
         source = images.select_columns(["path"])
     else:
-        workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        workers = num_workers or max(1, int(cpus))
         blocks = max(-(-len(paths) // (batch_size * _BLOCK_BATCHES)),
                      min(-(-len(paths) // batch_size), _BLOCKS_PER_WORKER * workers))
         size = -(-len(paths) // blocks)  # one Arrow table per block: no repartition task
@@ -491,8 +553,9 @@ def predict_dataset(model: PathLike, images: Any, output: PathLike, *, num_worke
         if maps:
             (staging / MAPS_FOLDER).mkdir()
         try:
-            _score_into(ray, source, staging, str(model), params, num_workers, num_gpus_per_worker,
-                        batch_size, maps)
+            scored = _pipeline(ray, source, preprocessor, str(model), params, staging if maps else None,
+                               num_workers, num_cpus_per_worker, num_gpus_per_worker, batch_size)
+            scored.write_parquet(str(staging))
         except ray.exceptions.RayError as error:
             failure = _worker_failure(error, output)
         if failure is not None:
@@ -521,23 +584,28 @@ def predict_dataset(model: PathLike, images: Any, output: PathLike, *, num_worke
     return {**summary, "output": output}
 
 
-def _score_into(ray, source, staging: Path, model: str, params: Dict[str, Any],
-                num_workers: Optional[int], num_gpus: float, batch_size: int, maps: bool) -> None:
-    """The pipeline of :func:`predict_dataset`: ``source``'s paths scored by the actor pool
-    and written as Parquet files into ``staging``."""
+def _pipeline(ray, source, preprocessor: Preprocessor, model: str, params: Dict[str, Any],
+              staging: Optional[Path], num_workers: Optional[int], num_cpus: float, num_gpus: float,
+              batch_size: int):
+    """The Ray Dataset of :func:`predict_dataset`'s rows (lazy): ``source``'s paths decoded by
+    Ray tasks, then scored by the actor pool; the maps are saved into ``staging``'s
+    ``_maps/`` (None: no maps)."""
+    decoded = source.map_batches(_decode, batch_size=batch_size, batch_format="numpy",
+                                 fn_kwargs={"preprocessor": preprocessor}, num_cpus=1)
     pool = (ray.data.ActorPoolStrategy(size=num_workers) if num_workers
             else ray.data.ActorPoolStrategy(min_size=1, max_size=None))
     with warnings.catch_warnings():
         # The actors are restarted whenever they die (Ray Data's default too) and a batch is
-        # tried again at most MAX_RETRIES times. Ray 2.60 deprecates these ray_remote_args of
-        # map_batches without a named replacement; its warning is silenced here.
+        # tried again at most MAX_RETRIES times (Ray Data's default: without end). Ray 2.60
+        # deprecates these ray_remote_args of map_batches for removal in Ray 2.64, without a
+        # named replacement (hence knnad[ray] requires ray < 2.64); its warning is silenced here.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        scored = source.map_batches(
+        return decoded.map_batches(
             _Scorer, compute=pool, batch_size=batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model": model, "params": params, "batch_size": batch_size,
-                                   "staging": str(staging) if maps else None},
-            num_cpus=1, num_gpus=num_gpus, max_restarts=-1, max_task_retries=MAX_RETRIES)
-    scored.write_parquet(str(staging))
+                                   "staging": None if staging is None else str(staging),
+                                   "preprocessor": preprocessor},
+            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=MAX_RETRIES)
 
 
 #: The line of a worker's traceback that names the exception: ``ValueError: k must be ...``.
@@ -597,10 +665,18 @@ class ShardedIndex:
     GPU, or torch) of part of the rows; a search runs on all shards at once, each returning its
     own top k, and the lists are merged exactly: the same distances, the same neighbours and
     the same order (equal distances by ascending row) as one FlatL2Index over the whole bank,
-    with the same ``backend``, ``device``, ``memory_budget`` and ``rerank``. For banks that do not
-    fit one worker's memory. The surface :class:`~knnad.Detector` uses (``add``, ``search``,
-    ``search_among``, ``rows``, ``vectors``, ``len``, ``dim``, ``backend``, ``device``) is
-    FlatL2Index's, so ``detector.index_`` can be one (:func:`shard_detector`).
+    with the same ``backend``, ``device``, ``memory_budget`` and ``rerank``, exact ties
+    included (with ``backend="torch"``, rows tied at the k-th distance may be any of them, as
+    in a FlatL2Index with torch). One difference, in the search's favour: FlatL2Index keeps the
+    ``k + rerank`` candidates ranked by float32 matrix products, which can leave out a
+    neighbour nearer than the last one kept by less than that rounding (its ``rerank`` note);
+    the merge keeps the exactly nearest ``k`` of every shard's candidates, so it may find such
+    a neighbour where FlatL2Index does not.
+
+    For banks that do not fit one worker's (or GPU's) memory. The surface
+    :class:`~knnad.Detector` uses (``add``, ``search``, ``search_among``, ``rows``, ``vectors``,
+    ``len``, ``dim``, ``backend``, ``device``) is FlatL2Index's, so ``detector.index_`` can be
+    one (:func:`shard_detector`).
 
     Each :meth:`add` spreads its rows evenly over the shards (contiguous pieces; the driver
     keeps only their row numbers). A shard's actor takes ``num_cpus_per_shard`` CPUs and
@@ -673,8 +749,14 @@ class ShardedIndex:
 
     def shard_pids(self) -> List[int]:
         """The process id of each shard's actor."""
+        self._check_open("shard_pids")
         ray = import_ray()
         return ray.get([actor.pid.remote() for actor in self._actors])
+
+    def _check_open(self, action: str) -> None:
+        if not self._actors:
+            raise RuntimeError(f"{action} on a closed ShardedIndex: its shards' actors have ended; "
+                               f"build a new index")
 
     def close(self) -> None:
         """End the shards' actors (their memory is freed); the index is then empty and unusable."""
@@ -692,8 +774,7 @@ class ShardedIndex:
     def add(self, vectors: ArrayLike) -> None:
         """Append ``vectors`` ``[n, dim]`` (numpy or torch, any device; converted to float32),
         split into ``num_shards`` contiguous, nearly equal pieces, one per shard."""
-        if not self._actors:
-            raise RuntimeError("add on a closed ShardedIndex")
+        self._check_open("add")
         checked = check_matrix(vectors, "vectors", self._dim)
         n = checked.shape[0]
         bounds = [n * s // self.num_shards for s in range(self.num_shards + 1)]
@@ -743,6 +824,7 @@ class ShardedIndex:
         """As :meth:`FlatL2Index.search`: float32 ``[m, k]`` Euclidean distances, each row
         ascending, equal distances by ascending row; int64 ``[m, k]`` row numbers. The queries
         go to every shard at once (``progress`` is accepted and ignored)."""
+        self._check_open("search")
         if self._count == 0:
             raise ValueError("search on an empty index: add() normal vectors first")
         k = check_int(k, "k", 1, self._count, " (the index size)")
@@ -757,6 +839,7 @@ class ShardedIndex:
                      ) -> Tuple[np.ndarray, np.ndarray]:
         """As :meth:`FlatL2Index.search_among`: the search restricted to the global row
         ``ranges`` (ascending, disjoint ``(start, stop)`` pairs), each shard searching its part."""
+        self._check_open("search_among")
         previous = 0
         for pair in ranges:
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2
@@ -782,9 +865,13 @@ class ShardedIndex:
         return self._merge([(shard, result) for (shard, _), result in zip(calls, found)], k)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Stored vectors ``start:stop``, float32 ``[stop - start, dim]`` on the CPU (a copy)."""
+        """Stored vectors ``start:stop`` (``0 <= start <= stop <= len(self)``), float32
+        ``[stop - start, dim]`` on the CPU (a copy)."""
+        self._check_open("rows")
+        start = check_int(start, "start", 0, self._count, f" (rows stored: {self._count})")
+        stop = check_int(stop, "stop", start, self._count, f" (from start={start} to the {self._count} rows stored)")
         ray = import_ray()
-        out = np.empty((max(0, stop - start), self._dim), np.float32)
+        out = np.empty((stop - start, self._dim), np.float32)
         calls = []
         for shard in range(self.num_shards):
             pieces = self._local(shard, start, stop)

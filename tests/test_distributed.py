@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from knnad import Detector
+from knnad.archive import ModelFileError
 from knnad.cli import demo_root
 
 if os.environ.get("KNNAD_REQUIRE_SHARED") == "1":  # CI installs the test extra: Ray must be there
@@ -142,7 +143,7 @@ def sample_run(cluster, model, tmp_path_factory):
 def test_predict_dataset_scores_equal_detector_predict(sample_run, model):
     summary, rows, reference, folder = sample_run
     assert summary["images"] == 13 and summary["scored"] == 12 and summary["skipped"] == 1
-    assert list(rows.columns) == ["image_score", "label", "map_max", "status", "map_file"]
+    assert list(rows.columns) == ["image_score", "label", "map_max", "status", "error", "map_file"]
     scored = rows.loc[reference.paths]
     assert (scored.status == "scored").all()
     np.testing.assert_allclose(scored.image_score, reference.image_scores, rtol=0, atol=1e-6)
@@ -164,6 +165,28 @@ def test_a_corrupt_image_is_recorded_as_skipped(sample_run):
     skipped = rows[rows.status == "skipped"]
     assert skipped.index.tolist() == [str(folder / "corrupt.png")]
     assert skipped[["image_score", "label", "map_max", "map_file"]].isna().all(axis=None)
+    assert "corrupt.png" in skipped.error.iloc[0] and "not a decodable image" in skipped.error.iloc[0]
+    assert rows[rows.status == "scored"].error.isna().all()
+
+
+def test_images_are_decoded_in_tasks_apart_from_the_scoring_actors(cluster, model):
+    """Decoding runs in Ray tasks (on any free CPU), not fused into the model's actors."""
+    from pathlib import Path
+    images = sorted(str(p) for p in (BOTTLE / "test" / "good").iterdir())
+    source = ray.data.from_items([{"path": p} for p in images])
+    scored = distributed._pipeline(ray, source, distributed._preprocessor(Path(model[0])), str(model[0]),
+                                   {"device": "cpu"}, None, 1, 1, 0, 2).materialize()
+    stats = scored.stats()
+    assert "MapBatches(_decode):" in stats and "MapBatches(_Scorer):" in stats, stats
+    assert "_decode)->" not in stats  # fused, the actors would decode
+    np.testing.assert_allclose(scored.to_pandas().set_index("path").loc[images].image_score,
+                               model[1].predict(images).image_scores, rtol=0, atol=1e-6)
+
+
+def test_the_actors_refuse_images_decoded_otherwise(model):
+    from knnad.preprocessing import Preprocessor
+    with pytest.raises(RuntimeError, match="decoded with Preprocessor.image_size=200"):
+        distributed._Scorer(str(model[0]), {"device": "cpu"}, 2, None, Preprocessor(200, 112))
 
 
 def test_a_failed_run_leaves_the_earlier_output_and_nothing_else(cluster, model, sample_run, tmp_path):
@@ -199,9 +222,20 @@ def test_predict_dataset_checks_before_any_work(model, tmp_path):
                                     params={"coreset": 0.5})
     with pytest.raises(ValueError, match="batch_size"):
         distributed.predict_dataset(model[0], BOTTLE / "test" / "good", tmp_path / "out", batch_size=0)
+    not_a_model = tmp_path / "mine" / "notes.txt"
+    with pytest.raises(ModelFileError, match="not an .npz archive"):
+        distributed.predict_dataset(not_a_model, BOTTLE / "test" / "good", tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["mine"]
     pattern = str(BOTTLE / "test" / "*" / "0*5.png")
     assert distributed._paths(pattern) == sorted(str(p) for p in (BOTTLE / "test").glob("*/005.png"))
+
+
+def test_workers_that_take_every_cpu_are_refused(cluster, model, tmp_path):
+    """Two workers of one CPU on two CPUs would leave the decoding tasks none: the run would
+    wait forever."""
+    with pytest.raises(ValueError, match=r"num_workers=2 .* leave none of the cluster's 2 CPUs"):
+        distributed.predict_dataset(model[0], BOTTLE / "test" / "good", tmp_path / "out", num_workers=2)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_killed_worker_is_restarted_and_every_image_scored_once(cluster, model, tmp_path):
@@ -289,10 +323,18 @@ def test_sharded_index_equals_a_flat_index_ties_included(cluster):
                                           flat.search_among(queries, k, ranges)[1])
         np.testing.assert_array_equal(sharded.vectors(), bank)
         np.testing.assert_array_equal(sharded.rows(950, 1700).numpy(), bank[950:1700])
+        with pytest.raises(ValueError, match="stop must be"):  # not rows of garbage
+            sharded.rows(2990, 3010)
+        with pytest.raises(ValueError, match="start must be"):
+            sharded.rows(-1, 10)
         with pytest.raises(ValueError, match="k must be"):
             sharded.search(queries, 3001)
         with pytest.raises(ValueError, match="dimension"):
             sharded.search(queries[:, :5], 1)
+    for action in (lambda: sharded.search(queries, 1), lambda: sharded.rows(0, 1),
+                   lambda: sharded.search_among(queries, 1, [(0, 5)])):
+        with pytest.raises(RuntimeError, match="closed ShardedIndex"):
+            action()
 
 
 def test_sharded_index_with_torch_finds_the_same_neighbours(cluster):
@@ -318,7 +360,7 @@ def test_a_detector_scores_the_same_with_a_sharded_index(cluster, model, tmp_pat
     images = sorted((BOTTLE / "test").glob("*/*.png"))
     detector = distributed.shard_detector(Detector.load(model[0]), 3, num_cpus_per_shard=0.25)
     assert isinstance(detector.index_, distributed.ShardedIndex) and len(detector.index_) == len(local.index_)
-    for image_score in ("max", "spade"):
+    for image_score in ("max", "spade", "reweighted"):
         expected = Detector.load(model[0]).set_params(image_score=image_score).predict(images)
         got = detector.set_params(image_score=image_score).predict(images)
         np.testing.assert_allclose(got.image_scores, expected.image_scores, rtol=0, atol=1e-6)
