@@ -45,11 +45,12 @@ import torch
 from ._checks import check_bool, check_int, check_number, check_output_folder
 from ._types import ArrayLike, PathLike
 from .archive import ModelFileError, read_archive
+from .decoding import decode_batch
 from .detector import Detector
 from .index import DEFAULT_MEMORY_BUDGET, FlatL2Index, check_matrix, float32_rows
 from .options import OPTIONS, check, validate
 from .persistence import FORMAT_VERSION, KIND
-from .preprocessing import ImageLoadError, Preprocessor, image_files
+from .preprocessing import Preprocessor, image_files
 from .sources import image_items
 
 logger = logging.getLogger(__name__)
@@ -317,23 +318,6 @@ def _preprocessor(model: Path) -> Preprocessor:
                              f"new model file") from None
 
 
-def _decode(batch: Dict[str, np.ndarray], preprocessor: Preprocessor) -> Dict[str, np.ndarray]:
-    """predict_dataset's decoding, in Ray tasks: ``batch["path"]`` ``[B]`` to ``image``, float32
-    ``[B, 3, crop, crop]`` preprocessed as the model's own preprocessor does, and ``error``
-    ``[B]``: "" for a decoded image, else why it could not be read (its image is zeros)."""
-    paths = [str(path) for path in batch["path"]]
-    crop = preprocessor.crop_size
-    images = np.zeros((len(paths), 3, crop, crop), np.float32)
-    errors = np.full(len(paths), "", dtype=object)
-    for row, path in enumerate(paths):
-        try:
-            images[row] = preprocessor(path)
-        except ImageLoadError as error:
-            logger.warning("skipping %s", error)
-            errors[row] = str(error)
-    return {"path": np.array(paths, dtype=object), "image": images, "error": errors}
-
-
 class _Scorer:
     """The callable class of predict_dataset's actor pool: loads the model once, then scores
     the decoded images of each batch (rows that could not be decoded become skipped rows)."""
@@ -590,7 +574,7 @@ def _pipeline(ray, source, preprocessor: Preprocessor, model: str, params: Dict[
     """The Ray Dataset of :func:`predict_dataset`'s rows (lazy): ``source``'s paths decoded by
     Ray tasks, then scored by the actor pool; the maps are saved into ``staging``'s
     ``_maps/`` (None: no maps)."""
-    decoded = source.map_batches(_decode, batch_size=batch_size, batch_format="numpy",
+    decoded = source.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
                                  fn_kwargs={"preprocessor": preprocessor}, num_cpus=1)
     pool = (ray.data.ActorPoolStrategy(size=num_workers) if num_workers
             else ray.data.ActorPoolStrategy(min_size=1, max_size=None))

@@ -177,10 +177,17 @@ def test_images_are_decoded_in_tasks_apart_from_the_scoring_actors(cluster, mode
     scored = distributed._pipeline(ray, source, distributed._preprocessor(Path(model[0])), str(model[0]),
                                    {"device": "cpu"}, None, 1, 1, 0, 2).materialize()
     stats = scored.stats()
-    assert "MapBatches(_decode):" in stats and "MapBatches(_Scorer):" in stats, stats
-    assert "_decode)->" not in stats  # fused, the actors would decode
+    assert "MapBatches(decode_batch):" in stats and "MapBatches(_Scorer):" in stats, stats
+    assert "decode_batch)->" not in stats  # fused, the actors would decode
     np.testing.assert_allclose(scored.to_pandas().set_index("path").loc[images].image_score,
                                model[1].predict(images).image_scores, rtol=0, atol=1e-6)
+
+
+def test_the_decoding_workers_load_no_torch():
+    """Their processes stay small (one per CPU beside the scoring workers)."""
+    import subprocess
+    code = "import sys, knnad.decoding; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_the_actors_refuse_images_decoded_otherwise(model):

@@ -10,7 +10,7 @@ PACKAGE = Path(knnad.__file__).parent
 LAYERS = [
     ["_types", "_checks", "_version", "runtime"],
     ["archive", "preprocessing", "anomaly_map", "metrics", "thresholds", "prediction"],
-    ["sources", "backbones", "index", "datasets", "plots"],
+    ["sources", "decoding", "backbones", "index", "datasets", "plots"],
     ["embedding", "sampling", "scoring", "onnx_detector"],
     ["options"],
     ["persistence", "export"],
