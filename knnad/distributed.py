@@ -468,8 +468,8 @@ def predict_dataset(model: PathLike, images: Any, output: PathLike, *, num_worke
     ``num_cpus_per_worker`` CPUs (its torch threads) and ``num_gpus_per_worker`` GPUs, loads the
     model file once and scores the decoded batches. Ray Data streams the blocks with
     backpressure, so the workers' memory stays bounded whatever the number of images; the
-    driver holds the list of paths (about 100 bytes each; nothing for a Ray Dataset read
-    lazily). Ray Data shows the progress. An actor that dies (killed, out of memory) is
+    driver holds the list of paths (about 240 bytes each, with their Arrow copy; nothing for a
+    Ray Dataset read lazily). Ray Data shows the progress. An actor that dies (killed, out of memory) is
     restarted and its block scored again: every image gets exactly one row. With a fixed
     ``num_workers``, the workers must leave the decoding at least one of the cluster's CPUs.
 
@@ -883,7 +883,8 @@ def shard_detector(detector: Detector, num_shards: int = 2, **options: Any) -> D
     """Move a fitted ``detector``'s memory bank into a :class:`ShardedIndex` of ``num_shards``
     Ray actors (its ``index_``; the bank is sent in chunks, and the local index dropped).
     ``options`` as for ShardedIndex; ``backend``, ``device`` and ``rerank`` default to the
-    detector's. Predictions are unchanged. Returns ``detector``."""
+    detector's. Predictions are unchanged (but for the near-ties of :class:`ShardedIndex`'s
+    note). Returns ``detector``."""
     if not detector.is_fitted:
         raise RuntimeError("shard_detector before fit: call fit(normal_images) or Detector.load(path) first")
     config = detector.config_
