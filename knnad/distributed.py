@@ -227,7 +227,7 @@ def fit_many(jobs: Iterable[Tuple[str, Any]], output_dir: PathLike, *, address: 
     num_gpus_per_job = check_number(num_gpus_per_job, "num_gpus_per_job", 0.0)
     if params.get("device", "auto") == "auto" and not num_gpus_per_job:
         params["device"] = "cpu"  # Ray leaves every GPU visible to a task that asked for none
-    out = check_output_folder(output_dir, "output_dir")
+    out = Path(_absolute(check_output_folder(output_dir, "output_dir")))  # the tasks' cwd is not ours
     jobs = list(jobs)
     if not jobs:
         raise ValueError("fit_many: no jobs; give (name, images) pairs")
