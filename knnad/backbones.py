@@ -30,6 +30,17 @@ PRESET_LAYERS: Dict[str, Tuple[str, ...]] = {
     "resnet18": ("layer2", "layer3"),
     "mobilenet_v2": ("features.6", "features.13"),
 }
+#: Named layer presets (``layers="fine"``): ``"default"`` is :data:`PRESET_LAYERS`; ``"fine"``
+#: adds the last block at stride 4 (mobilenet_v2 ``features.3``, 24 channels; the resnets'
+#: ``layer1``), whose grid becomes the patch grid: 4× the patches of the default (56 × 56 at
+#: crop 224), and 24 (mobilenet_v2), 64 (resnet18) or 256 (wide_resnet50_2) more channels,
+#: which ``reduce_dim`` can take back to the default's dimension.
+LAYER_PRESETS: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "default": PRESET_LAYERS,
+    "fine": {"wide_resnet50_2": ("layer1", "layer2", "layer3"),
+             "resnet18": ("layer1", "layer2", "layer3"),
+             "mobilenet_v2": ("features.3", "features.6", "features.13")},
+}
 
 #: Images per forward pass on the CPU: with channels-last tensors, small passes stay in cache
 #: (measured in benchmarks/bench_truncation.py).
@@ -203,7 +214,8 @@ class FeatureExtractor:
         ``"mobilenet_v2"``, ``"resnet18"``, any of :func:`available_backbones`) or an
         ``nn.Module``.
     layers: module names as in ``model.named_modules()`` (``"layer2"``, ``"features.6"``);
-        ``None`` takes :data:`PRESET_LAYERS` for the backbone.
+        ``None`` takes :data:`PRESET_LAYERS` for the backbone; a preset name of
+        :data:`LAYER_PRESETS` (``"default"``, ``"fine"``) takes that preset.
     weights: ``"DEFAULT"`` (torchvision's best ImageNet weights), a weight name such as
         ``"IMAGENET1K_V1"`` or a torchvision weight enum, ``None`` (seeded random init), or a
         path to a local ``.pth`` state dict. Ignored (unless a path) for an ``nn.Module``.
@@ -218,11 +230,14 @@ class FeatureExtractor:
                  device: Union[str, torch.device] = "cpu"):
         self.device = resolve_device(device)
         model, self.backbone_name, self.weights_id = build_backbone(backbone, weights)
-        if layers is None:
-            if self.backbone_name not in PRESET_LAYERS:
-                raise ValueError(f"no preset layers for backbone {self.backbone_name!r}; pass "
-                                 f"layers=[...] with module names such as: {_layer_choices(model)}")
-            layers = PRESET_LAYERS[self.backbone_name]
+        preset = "default" if layers is None else layers if isinstance(layers, str) and layers in LAYER_PRESETS else None
+        if preset is not None:
+            if self.backbone_name not in LAYER_PRESETS[preset]:
+                named = "" if preset == "default" else f" {preset!r}"
+                raise ValueError(f"no preset layers{named} for backbone {self.backbone_name!r} "
+                                 f"(presets for {sorted(LAYER_PRESETS[preset])}); pass layers=[...] with "
+                                 f"module names such as: {_layer_choices(model)}")
+            layers = LAYER_PRESETS[preset][self.backbone_name]
         if isinstance(layers, str):
             layers = [layers]
         self.layers = tuple(layers)

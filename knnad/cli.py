@@ -21,7 +21,7 @@ from .detector import Detector
 from .distributed import fit_many, predict_dataset
 from .export import MIN_OPSET, import_onnx
 from .options import OPTIONS, SCORING, Option, defaults, validate
-from .preprocessing import IMAGE_SUFFIXES, ImageLoadError, denormalise, image_files
+from .preprocessing import IMAGE_SUFFIXES, ImageLoadError, image_files
 from .runtime import backend_info
 from .thresholds import check_quantile
 
@@ -247,7 +247,8 @@ class _ScoresWriter:
         target = self.heatmaps / f"{self.scored + row:04d}_{Path(path).stem}.png"
         if not target.exists():
             self.created.append(target)
-        image = denormalise(detector.preprocessor_(path))
+        # The image under the map: as the model saw it, or as given (map_size="original").
+        image = detector.preprocessor_.rgb(path, original=detector.map_size == "original")
         threshold = detector.thresholds_.pixel if batch.masks is not None else None
         # Colour scale: twice the pixel threshold when calibrated, else the image's own.
         heatmap_grid([image], batch.anomaly_maps[row:row + 1], target, threshold=threshold,
@@ -297,7 +298,7 @@ def command_export(args: argparse.Namespace) -> None:
     changed = thresholds.changed(detector.set_params(**overrides).get_params()) if thresholds else []
     path = detector.export_onnx(target, batch_size=args.batch_size, opset=args.opset)
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB): images float32 "
-          f"[{args.batch_size or 'N'}, 3, {detector.crop_size}, {detector.crop_size}] -> image_scores, "
+          f"[{args.batch_size or 'N'}, 3, {', '.join(map(str, detector.preprocessor_.frame))}] -> image_scores, "
           f"anomaly_maps; " + ("no thresholds: the model is not calibrated" if not thresholds else
                                f"no thresholds: they were calibrated with {', '.join(changed)}; "
                                f"export without those options, or fit again with --calibrate"

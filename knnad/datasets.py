@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ._types import PathLike
-from .preprocessing import IMAGE_SUFFIXES, Preprocessor
+from .preprocessing import IMAGE_SUFFIXES, Preprocessor, upright_size
 
 logger = logging.getLogger(__name__)
 
@@ -263,14 +263,24 @@ def dataset_pairs(kind: str, root: PathLike, categories: Optional[Sequence[str]]
     return [(name, loaders[kind](root, name, "train"), loaders[kind](root, name, "test")) for name in names]
 
 
-def load_masks(dataset: ImageDataset, preprocessor: Preprocessor) -> Optional[np.ndarray]:
-    """Ground-truth masks ``[N, crop, crop]`` (bool) with the detector's geometry: all False
-    for good images. None when a defect image has no mask (pixel metrics are then undefined)."""
+def load_masks(dataset: ImageDataset, preprocessor: Preprocessor, original: bool = False
+               ) -> Optional[np.ndarray]:
+    """Ground-truth masks ``[N, H, W]`` (bool) with the detector's geometry (the crop, or in
+    whole-image mode the whole resized frame; with ``original`` the images' own size): all
+    False for good images. None when a defect image has no mask (pixel metrics are then
+    undefined); a ValueError when the masks do not share one size."""
     if any(s.label == 1 and s.mask_path is None for s in dataset.samples):
         return None
-    crop = preprocessor.crop_size
-    masks = np.zeros((len(dataset), crop, crop), dtype=bool)
-    for row, sample in enumerate(dataset.samples):
+    masks = []
+    for sample in dataset.samples:
         if sample.mask_path is not None:
-            masks[row] = preprocessor.mask(sample.mask_path)
-    return masks
+            masks.append(preprocessor.mask(sample.mask_path, original))
+        else:
+            width, height = upright_size(sample.path)
+            masks.append(np.zeros((height, width) if original else preprocessor.frame_of(width, height), bool))
+    shapes = sorted({mask.shape for mask in masks})
+    if len(shapes) > 1:
+        raise ValueError(f"the masks of {dataset!r} have several sizes ({', '.join(f'{w}x{h}' for h, w in shapes)}) "
+                         f"and cannot share one array: the images have several "
+                         f"{'sizes' if original else 'aspect ratios'}; evaluate each shape apart")
+    return np.stack(masks) if masks else np.zeros((0, 0, 0), bool)

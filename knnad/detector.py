@@ -16,7 +16,7 @@ from .embedding import PatchEmbedder, embed_images, patch_features
 from .export import MIN_OPSET, export_onnx
 from .index import FlatL2Index
 from .options import Parameters, check_unchanged, describe, scoring_settings, validate
-from .persistence import check_identity, checked_settings, read_detector, saved_thresholds, write_detector
+from .persistence import check_identity, checked_settings, read_detector, saved_frame, saved_thresholds, write_detector
 from .preprocessing import Preprocessor
 from .runtime import backbone_device
 from .sampling import subsample
@@ -38,13 +38,13 @@ class Detector(Parameters):
     refuse until the next fit. The others may change between predicts and are saved as set."""
 
     def __init__(self, backbone="wide_resnet50_2", layers=None, weights="DEFAULT", k=1,
-                 image_score="max", image_k=50, reweight_k=9, coreset=0.1, backend="auto",
+                 image_score="max", image_k=50, reweight_k=9, coreset=0.1, augment=None, backend="auto",
                  device="auto", rerank=0, image_size=256, crop_size=224, bit_depth=None,
                  aggregation_size=3, reduce_dim=None, sigma=4.0, upsampling="bilinear",
-                 batch_size=8, progress=True, on_error="raise", seed=0):
+                 map_size="processed", batch_size=8, progress=True, on_error="raise", seed=0):
         self.backbone, self.layers, self.weights, self.k = backbone, layers, weights, k
         self.image_score, self.image_k, self.reweight_k = image_score, image_k, reweight_k
-        self.coreset = coreset
+        self.coreset, self.augment, self.map_size = coreset, augment, map_size
         self.backend, self.device, self.rerank = backend, device, rerank
         self.image_size, self.crop_size, self.bit_depth = image_size, crop_size, bit_depth
         self.aggregation_size, self.reduce_dim, self.sigma = aggregation_size, reduce_dim, sigma
@@ -64,28 +64,26 @@ class Detector(Parameters):
         if len(items) == 0:
             raise ValueError(f"fit needs at least one normal image; {data!r} holds none")
         self._build_parts(config)
-        embeddings, pooled, paths, skipped = embed_images(
-            batches(items, self.preprocessor_, config["batch_size"], config["on_error"],
-                    config["progress"], "fit: features"), self.extractor_, self.embedder_)
-        n_images, height, width, dim = embeddings.shape
-        bank = embeddings.reshape(-1, dim).numpy()
-        image_ids = np.repeat(np.arange(n_images, dtype=np.int64), height * width)
+        images = batches(items, self.preprocessor_, config["batch_size"], config["on_error"], config["progress"], "fit: features")
+        found = embed_images(images, self.extractor_, self.embedder_, config["augment"])
+        bank, image_ids = found.bank, found.image_ids
         picks = subsample(bank, config["coreset"], config["seed"], self.extractor_.device,
                           config["progress"])
         if len(picks) < len(bank):  # all rows kept: no copy
             bank, image_ids = bank[picks], image_ids[picks]
         check_int(config["k"], "k", 1, len(bank), f" (the {len(bank)} patches in the memory bank; "
                                                   f"use a smaller k or a larger coreset)")
-        self._set_bank(config, bank, image_ids, pooled.numpy())
-        self.train_paths_, self.skipped_, self.thresholds_ = paths, skipped, None
-        logger.info("fitted on %d images: memory bank %d x %d (%s on %s)", n_images, len(bank),
-                    dim, self.index_.backend, self.index_.device)
+        self._set_bank(config, bank, image_ids, found.global_features)
+        self.preprocessor_.frame = found.frame if config["crop_size"] is None else None  # whole image: fixed
+        self.train_paths_, self.skipped_, self.thresholds_ = found.paths, found.skipped, None
+        logger.info("fitted on %d images: memory bank %d x %d (%s on %s)", len(found.paths), len(bank),
+                    bank.shape[1], self.index_.backend, self.index_.device)
         return self
 
     def predict(self, data: Any) -> Prediction:
         """Anomaly scores and maps for ``data`` (same kinds as :meth:`fit`). Pixel score: mean
-        Euclidean distance of the patch to its ``k`` nearest normal patches, upsampled to the
-        crop (``upsampling``) and smoothed (``sigma``); image score per ``image_score``."""
+        Euclidean distance of the patch to its ``k`` nearest normal patches, upsampled to the crop
+        or whole frame (``upsampling``), smoothed (``sigma``), sized per ``map_size``; image score per ``image_score``."""
         return Prediction.concatenate(list(self.predict_batches(data)), "predict")
 
     def predict_batches(self, data: Any) -> Iterator[Prediction]:
@@ -95,6 +93,8 @@ class Detector(Parameters):
         settings = self._settings("predict")
         thresholds = self.thresholds_ if self.thresholds_ and self.thresholds_.usable(settings) else None
         for prediction in self._scores(data, settings):
+            if settings["map_size"] == "original":
+                prediction.anomaly_maps = self.preprocessor_.original_maps(prediction.anomaly_maps, prediction.image_sizes)
             yield prediction if thresholds is None else thresholds.apply(prediction)
 
     def _scores(self, data: Any, settings: Dict[str, Any]) -> Iterator[Prediction]:
@@ -111,7 +111,7 @@ class Detector(Parameters):
                                 settings["upsampling"])
             scores = maps.amax(dim=(1, 2)).numpy() if spade is None else spade
             yield Prediction(scores.astype(np.float32, copy=False), maps.numpy(), batch.paths,
-                             skipped=batch.skipped)
+                             skipped=batch.skipped, image_sizes=batch.sizes)
 
     def calibrate(self, normal_data: Any, quantile: float = 0.99) -> "Detector":
         """Set deployment thresholds (``thresholds_``) from defect-free images only: the
@@ -137,14 +137,14 @@ class Detector(Parameters):
         arrays = {"memory_bank": self.index_.vectors(), "patch_image_ids": self.patch_image_ids_,
                   "global_features": self.global_features_}
         return write_detector(path, settings, self.extractor_, arrays, self.train_paths_,
-                              self.skipped_, self.thresholds_)
+                              self.skipped_, self.thresholds_, self.preprocessor_.frame)
 
     def export_onnx(self, path: PathLike, *, batch_size: Optional[int] = None, opset: int = MIN_OPSET) -> Path:
         """Write the fitted detector to one self-contained ONNX file (see :mod:`knnad.export`):
-        float32 images ``[N, 3, crop, crop]`` in, ``image_scores`` and ``anomaly_maps`` out,
-        thresholds in its metadata; ``batch_size`` None: any. Load it with ``knnad.OnnxDetector``."""
+        float32 images ``[N, 3, H, W]`` (crop or whole-image frame) in, ``image_scores`` and ``anomaly_maps``
+        out, thresholds in its metadata; ``batch_size`` None: any. Load it with ``knnad.OnnxDetector``."""
         return export_onnx(path, self._settings("export"), self.extractor_, self.embedder_, self.index_,
-                           self.thresholds_, batch_size=batch_size, opset=opset)
+                           self.thresholds_, self.preprocessor_.frame, batch_size=batch_size, opset=opset)
 
     @classmethod
     def load(cls, path: PathLike, backbone: Any = None, weights: Any = None, backend: Optional[str] = None,
@@ -158,8 +158,8 @@ class Detector(Parameters):
         detector = cls(**params)
         config = checked_settings(path, detector.get_params())
         detector._build_parts(config)
-        check_identity(path, detector.extractor_, detector.embedder_, config["crop_size"], meta,
-                       arrays)
+        detector.preprocessor_.frame = saved_frame(path, config, meta)
+        check_identity(path, detector.extractor_, detector.embedder_, detector.preprocessor_.frame, meta, arrays)
         detector._set_bank(config, arrays["memory_bank"], arrays["patch_image_ids"], arrays["global_features"])
         detector.train_paths_, detector.skipped_ = meta["train_paths"], meta["skipped"]
         detector.thresholds_ = saved_thresholds(meta)

@@ -3,16 +3,58 @@
 Each layer's map is averaged over a local neighbourhood (3×3 by default), resized bilinearly to
 the finest hooked resolution, and the layers are concatenated along channels; optionally the
 channels are reduced by adaptive average pooling to a fixed dimension.
+
+Memory-bank augmentation (``augment``): each training image also enters the bank as rotated or
+flipped views of it (:data:`VIEWS`), each view as a training image of its own (its patches, its
+global feature), so that a part that appears rotated or flipped finds its normal patches.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._checks import check_int
 from .sources import Batch
+
+
+#: Views of an image ``[..., H, W]`` a memory bank can be augmented with: the seven
+#: non-identity symmetries of the square (rotations counter-clockwise, as numpy's rot90).
+VIEWS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "hflip": lambda x: torch.flip(x, (-1,)),  # mirrored left-right
+    "vflip": lambda x: torch.flip(x, (-2,)),  # mirrored top-bottom
+    "rot90": lambda x: torch.rot90(x, 1, (-2, -1)),
+    "rot180": lambda x: torch.rot90(x, 2, (-2, -1)),
+    "rot270": lambda x: torch.rot90(x, 3, (-2, -1)),
+    "transpose": lambda x: x.transpose(-2, -1),  # mirrored about the main diagonal
+    "antitranspose": lambda x: torch.rot90(x.transpose(-2, -1), 2, (-2, -1)),  # the other diagonal
+}
+#: Named sets of views (``augment="rotations"``).
+VIEW_SETS: Dict[str, Tuple[str, ...]] = {
+    "flips": ("hflip", "vflip"),
+    "rotations": ("rot90", "rot180", "rot270"),
+    "dihedral": tuple(VIEWS),
+}
+
+
+def check_augment(value: Any, name: str = "augment") -> Optional[Tuple[str, ...]]:
+    """``value`` as the tuple of view names it means, in :data:`VIEWS` order (None: no
+    augmentation): a view or set name, several joined by ``+``, or a list of them. A
+    ValueError naming ``name`` otherwise."""
+    if value is None:
+        return None
+    parts = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    tokens = [token.strip() for part in parts or [] if isinstance(part, str) for token in part.split("+")]
+    unknown = [token for token in tokens if token not in VIEWS and token not in VIEW_SETS]
+    if not parts or len(tokens) < len(parts) or not tokens or unknown:
+        raise ValueError(f"{name}={value!r}" + (f": unknown {unknown}" if unknown else "")
+                         + f"; choose None, views {tuple(VIEWS)} or sets {tuple(VIEW_SETS)}, joined by "
+                         f"'+' or as a list, e.g. 'flips', 'rotations', 'hflip+rot180'")
+    chosen = {view for token in tokens for view in VIEW_SETS.get(token, (token,))}
+    return tuple(view for view in VIEWS if view in chosen)
 
 
 def check_aggregation_size(value: Any, name: str = "aggregation_size") -> int:
@@ -75,19 +117,46 @@ def patch_features(extractor: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
     return embedder(features).cpu(), extractor.global_features(features).cpu()
 
 
+@dataclass
+class Embedded:
+    """What :func:`embed_images` gives: the ``bank`` float32 ``[R, D]`` (the patches of each
+    training image, then those of its views, in order), ``image_ids`` int64 ``[R]`` (sorted:
+    the bank row's image, each view counting as an image), ``global_features`` float32
+    ``[images × views, G]``, the ``paths`` read, the ``skipped`` ones, and the ``frame``
+    ``(height, width)`` of the images."""
+
+    bank: np.ndarray
+    image_ids: np.ndarray
+    global_features: np.ndarray
+    paths: List[Optional[str]]
+    skipped: List[str]
+    frame: Tuple[int, int]
+
+
 def embed_images(batches: Iterable[Batch], extractor: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
-                 embedder: PatchEmbedder) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[str]], List[str]]:
-    """:func:`patch_features` of every image of ``batches`` (from :func:`knnad.sources.batches`):
-    ``(embeddings [N, h, w, D], global features [N, G], paths, skipped paths)``; a ValueError
-    when no image could be read."""
-    patches, pooled, paths, skipped = [], [], [], []
+                 embedder: PatchEmbedder, augment: Optional[Tuple[str, ...]] = None) -> Embedded:
+    """:func:`patch_features` of every image of ``batches`` (from :func:`knnad.sources.batches`)
+    and of its ``augment`` views (names of :data:`VIEWS`); a ValueError when no image could be
+    read, or when the images do not share one size."""
+    transforms = [lambda x: x] + [VIEWS[name] for name in check_augment(augment) or ()]
+    patches, pooled, counts, paths, skipped, frame = [], [], [], [], [], None
     for batch in batches:
         skipped += batch.skipped
-        if len(batch.images):
-            embedding, global_features = patch_features(extractor, embedder, batch.images)
-            patches.append(embedding)
-            pooled.append(global_features)
-            paths += batch.paths
+        if not len(batch.images):
+            continue
+        images = torch.as_tensor(batch.images)
+        if frame is not None and tuple(images.shape[-2:]) != frame:
+            raise ValueError(f"fit: images of {images.shape[-1]}x{images.shape[-2]} pixels after "
+                             f"preprocessing among images of {frame[1]}x{frame[0]}; give images of one size")
+        frame = tuple(images.shape[-2:])
+        views = [patch_features(extractor, embedder, transform(images)) for transform in transforms]
+        for image in range(len(images)):  # each image's views in turn: image ids stay sorted
+            for embedding, global_features in views:
+                patches.append(embedding[image].reshape(-1, embedding.shape[-1]))
+                pooled.append(global_features[image])
+                counts.append(len(patches[-1]))
+        paths += batch.paths
     if not patches:
         raise ValueError(f"fit: none of the {len(skipped)} images could be read (skipped: {skipped})")
-    return torch.cat(patches), torch.cat(pooled), paths, skipped
+    image_ids = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    return Embedded(torch.cat(patches).numpy(), image_ids, torch.stack(pooled).numpy(), paths, skipped, frame)

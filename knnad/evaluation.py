@@ -43,7 +43,8 @@ def evaluate(detector: Detector, test_dataset: ImageDataset, *, fpr_limit: float
     """Predict ``test_dataset`` (good and defect images) and compute every metric.
 
     Returns a dict: ``image_auroc``, ``image_f1_max``, ``pixel_auroc``, ``aupro`` (pixel metrics
-    None when masks are missing), ``per_defect`` {defect: same keys}, ``images``,
+    None when masks are missing; on the pixels of the maps: the crop, the whole resized frame
+    with ``crop_size=None``, or every pixel of the images with ``map_size="original"``), ``per_defect`` {defect: same keys}, ``images``,
     ``predict_seconds`` and ``images_per_second``. With ``return_prediction=True`` returns
     ``(results, prediction, masks)``.
     """
@@ -56,7 +57,7 @@ def evaluate(detector: Detector, test_dataset: ImageDataset, *, fpr_limit: float
     if prediction.skipped:
         raise ValueError(f"evaluate: {len(prediction.skipped)} test images could not be read: "
                          f"{prediction.skipped[:5]}; fix or remove them")
-    masks = load_masks(test_dataset, detector.preprocessor_)
+    masks = load_masks(test_dataset, detector.preprocessor_, original=detector.map_size == "original")
     results = score_prediction(prediction, test_dataset.labels, test_dataset.defects, masks, fpr_limit)
     results.update(predict_seconds=seconds, images_per_second=len(prediction) / seconds)
     return (results, prediction, masks) if return_prediction else results

@@ -10,11 +10,12 @@ maximum. Settings, thresholds and the backbone's identity go into the file's met
 (``metadata_props``, each value JSON), never into the graph; a digest of the metadata in the
 graph's ``doc_string`` lets readers refuse an edited or stripped file.
 
-Input ``images``: float32 ``[N, 3, crop_size, crop_size]``, RGB, prepared as
+Input ``images``: float32 ``[N, 3, H, W]``, RGB, prepared as
 :class:`~knnad.preprocessing.Preprocessor` does (shorter side resized to ``image_size`` with
 Pillow's bilinear filter, centre crop, values / 255, then ``(x − mean) / std`` per channel with
-ImageNet's mean and std). Outputs ``image_scores`` ``[N]`` and ``anomaly_maps``
-``[N, crop_size, crop_size]`` (float32, Euclidean distance units).
+ImageNet's mean and std); ``H = W = crop_size``, or in whole-image mode (``crop_size=None``, no
+crop) the frame the model was fit on. Outputs ``image_scores`` ``[N]`` and ``anomaly_maps``
+``[N, H, W]`` (float32, Euclidean distance units).
 """
 from __future__ import annotations
 
@@ -77,11 +78,11 @@ class _Embedding(nn.Module):
         return self.embedder({name: outputs[name].float() for name in self.extractor.layers})
 
 
-def _export_embedding(extractor: FeatureExtractor, embedder: PatchEmbedder, crop: int,
+def _export_embedding(extractor: FeatureExtractor, embedder: PatchEmbedder, frame: Tuple[int, int],
                       batch_size: Optional[int], opset: int):
-    """The backbone and patch embedding as an ONNX ModelProto (input ``images``, output
-    ``embedding``); a ValueError naming the backbone when torch.onnx cannot export it."""
-    example = torch.zeros(batch_size or 2, 3, crop, crop, device=extractor.device)
+    """The backbone and patch embedding as an ONNX ModelProto (input ``images`` of ``frame``
+    size, output ``embedding``); a ValueError naming the backbone when torch.onnx cannot export it."""
+    example = torch.zeros(batch_size or 2, 3, *frame, device=extractor.device)
     dynamic = None if batch_size else ({0: torch.export.Dim("batch", min=1)},)
     quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
     levels = [noisy.level for noisy in quiet]
@@ -146,7 +147,7 @@ def _squared_norms(bank: torch.Tensor, chunk: int = 65536) -> np.ndarray:
 
 
 def _add_scoring(writer: _GraphWriter, embedding: str, bank: torch.Tensor, grid: Tuple[int, int],
-                 crop: int, settings: Dict[str, Any]) -> None:
+                 frame: Tuple[int, int], settings: Dict[str, Any]) -> None:
     """Nodes from ``embedding`` ``[N, h, w, D]`` to the outputs ``image_scores`` and
     ``anomaly_maps`` (see the module docstring).
 
@@ -180,7 +181,7 @@ def _add_scoring(writer: _GraphWriter, embedding: str, bank: torch.Tensor, grid:
     nearest, _ = writer.top(best[1], k)
     patch_scores = writer.node("ReduceMean", [nearest, axis_1], keepdims=0)
     patch_scores = writer.node("Reshape", [patch_scores, writer.constant("shape", np.array([-1, *grid], np.int64))])
-    rows_matrix, columns_matrix = map_matrices(grid, crop, settings["sigma"], settings["upsampling"])
+    rows_matrix, columns_matrix = map_matrices(grid, frame, settings["sigma"], settings["upsampling"])
     half = writer.node("MatMul", [writer.constant("map_rows", rows_matrix.numpy()), patch_scores])
     writer.node("MatMul", [half, writer.constant("map_columns", columns_matrix.T.contiguous().numpy())],
                 name=OUTPUTS[1])
@@ -189,10 +190,11 @@ def _add_scoring(writer: _GraphWriter, embedding: str, bank: torch.Tensor, grid:
 
 
 def export_onnx(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtractor,
-                embedder: PatchEmbedder, index: FlatL2Index, thresholds: Optional[Thresholds], *,
-                batch_size: Optional[int] = None, opset: int = MIN_OPSET) -> Path:
-    """Write a fitted detector's parts (``settings``: its checked parameters) to one ONNX file
-    at ``path`` (``.onnx``), atomically; returns the path. ``batch_size`` None: any batch size.
+                embedder: PatchEmbedder, index: FlatL2Index, thresholds: Optional[Thresholds],
+                frame: Tuple[int, int], *, batch_size: Optional[int] = None, opset: int = MIN_OPSET) -> Path:
+    """Write a fitted detector's parts (``settings``: its checked parameters; ``frame``: the
+    ``(height, width)`` of its input images) to one ONNX file at ``path`` (``.onnx``),
+    atomically; returns the path. ``batch_size`` None: any batch size.
 
     Memory at inference: the weights and the bank (ONNX Runtime holds the bank twice: it
     prepacks the tiles for its matrix product, unless ``session.disable_prepacking`` is set)
@@ -215,17 +217,17 @@ def export_onnx(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtr
     if batch_size is not None:
         check_int(batch_size, "batch_size", hint=" or None (any batch size)")
     check_int(opset, "opset", MIN_OPSET, onnx.defs.onnx_opset_version())
-    crop = settings["crop_size"]
-    model = _export_embedding(extractor, embedder, crop, batch_size, opset)
+    frame = tuple(frame)
+    model = _export_embedding(extractor, embedder, frame, batch_size, opset)
     grid = tuple(model.graph.output[0].type.tensor_type.shape.dim[i].dim_value for i in (1, 2))
     del model.graph.output[:]
     bank = index.rows(0, len(index)).cpu()
-    _add_scoring(_GraphWriter(onnx, model.graph), "embedding", bank, grid, crop, settings)
+    _add_scoring(_GraphWriter(onnx, model.graph), "embedding", bank, grid, frame, settings)
     batch = batch_size if batch_size else "batch"
     model.graph.output.extend([
         onnx.helper.make_tensor_value_info(OUTPUTS[0], onnx.TensorProto.FLOAT, [batch]),
-        onnx.helper.make_tensor_value_info(OUTPUTS[1], onnx.TensorProto.FLOAT, [batch, crop, crop])])
-    metadata = _metadata(settings, extractor, embedder, bank.shape, grid, thresholds, batch_size)
+        onnx.helper.make_tensor_value_info(OUTPUTS[1], onnx.TensorProto.FLOAT, [batch, *frame])])
+    metadata = _metadata(settings, extractor, embedder, bank.shape, grid, frame, thresholds, batch_size)
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
@@ -241,22 +243,23 @@ def export_onnx(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtr
 
 
 def _metadata(settings: Dict[str, Any], extractor: FeatureExtractor, embedder: PatchEmbedder,
-              bank_shape: Tuple[int, int], grid: Tuple[int, int], thresholds: Optional[Thresholds],
-              batch_size: Optional[int]) -> Dict[str, str]:
+              bank_shape: Tuple[int, int], grid: Tuple[int, int], frame: Tuple[int, int],
+              thresholds: Optional[Thresholds], batch_size: Optional[int]) -> Dict[str, str]:
     """The file's ``metadata_props``: what a reader needs to prepare images and label scores."""
     usable = thresholds if thresholds is not None and thresholds.usable(settings) else None
     entries = {
         "format": FORMAT, "version": __version__, "backbone": extractor.backbone_name,
         "weights": extractor.weights_id, "layers": list(extractor.layers),
         "preprocessing": {"image_size": settings["image_size"], "crop_size": settings["crop_size"],
-                          "bit_depth": settings["bit_depth"], "mean": list(IMAGENET_MEAN),
+                          "bit_depth": settings["bit_depth"], "frame": list(frame), "mean": list(IMAGENET_MEAN),
                           "std": list(IMAGENET_STD)},
         "scoring": {"k": settings["k"], "rerank": settings["rerank"], "image_score": settings["image_score"],
                     "image_k": settings["image_k"], "sigma": settings["sigma"],
                     "upsampling": settings["upsampling"], "aggregation_size": embedder.aggregation_size,
                     "reduce_dim": embedder.reduce_dim},
         "bank": {"rows": int(bank_shape[0]), "dim": int(bank_shape[1]), "grid": list(grid),
-                 "coreset": settings["coreset"] if not isinstance(settings["coreset"], tuple) else list(settings["coreset"])},
+                 "coreset": settings["coreset"] if not isinstance(settings["coreset"], tuple) else list(settings["coreset"]),
+                 "augment": list(settings["augment"] or [])},
         "io": {"input": INPUT, "outputs": list(OUTPUTS), "batch_size": batch_size},
         "thresholds": asdict(usable) if usable is not None else None}
     return {METADATA_PREFIX + key: json.dumps(value) for key, value in entries.items()}

@@ -12,7 +12,7 @@ import numpy as np
 from ._checks import check_choice, check_int
 from ._types import PathLike
 from .prediction import Prediction
-from .preprocessing import Preprocessor
+from .preprocessing import MAP_SIZES, Preprocessor
 from .sources import ON_ERROR, batches, check_finite, image_items
 from .thresholds import Thresholds
 
@@ -53,7 +53,7 @@ class OnnxDetector:
     is tight, ``options.add_session_config_entry("session.disable_prepacking", "1")`` keeps one
     (``benchmarks/results/export-bottle-cpu2.md``: a few % slower). :meth:`predict` takes what
     ``Detector.predict`` takes (paths, folders, PIL images, knnad datasets, float batches
-    ``[N, 3, crop, crop]`` as numpy arrays), prepares images with knnad's
+    ``[N, 3, H, W]`` as numpy arrays), prepares images with knnad's
     :class:`~knnad.preprocessing.Preprocessor`, and returns the same
     :class:`~knnad.prediction.Prediction`, with labels and masks from the thresholds in the
     file's metadata when the detector was calibrated.
@@ -80,7 +80,8 @@ class OnnxDetector:
                              f"({str(error).strip()[:200]}){advice}") from None
         self.metadata = self._read_metadata()
         geometry = self.metadata["preprocessing"]
-        self.preprocessor = Preprocessor(geometry["image_size"], geometry["crop_size"], geometry["bit_depth"])
+        self.preprocessor = Preprocessor(geometry["image_size"], geometry["crop_size"], geometry["bit_depth"],
+                                         geometry.get("frame") if geometry["crop_size"] is None else None)
         saved = self.metadata["thresholds"]
         self.thresholds = None if saved is None else Thresholds(**saved)
         self.batch_size = self.metadata["io"]["batch_size"]
@@ -112,23 +113,28 @@ class OnnxDetector:
 
     @property
     def input_shape(self) -> tuple:
-        """``(batch, 3, crop, crop)``; batch None where the file takes any batch size."""
-        crop = self.metadata["preprocessing"]["crop_size"]
-        return (self.batch_size, 3, crop, crop)
+        """``(batch, 3, H, W)``: ``H = W =`` the crop, or the whole-image frame; batch None where
+        the file takes any batch size."""
+        return (self.batch_size, 3, *self.preprocessor.frame)
 
     def predict(self, data: Any, batch_size: int = 8, on_error: str = "raise",
-                progress: bool = False) -> Prediction:
+                progress: bool = False, map_size: str = "processed") -> Prediction:
         """Image scores, maps (and labels, masks when calibrated) of ``data``; see the class.
-        ``batch_size`` is ignored where the file was exported with a fixed one."""
-        return Prediction.concatenate(list(self.predict_batches(data, batch_size, on_error, progress)),
+        ``batch_size`` is ignored where the file was exported with a fixed one; ``map_size`` as
+        ``Detector``'s (``"original"``: maps at each image's size, whole-image models only)."""
+        return Prediction.concatenate(list(self.predict_batches(data, batch_size, on_error, progress, map_size)),
                                       "predict")
 
     def predict_batches(self, data: Any, batch_size: int = 8, on_error: str = "raise",
-                        progress: bool = False) -> Iterator[Prediction]:
+                        progress: bool = False, map_size: str = "processed") -> Iterator[Prediction]:
         """:meth:`predict` one batch at a time, so that memory stays flat in the number of images."""
         step = check_int(batch_size, "batch_size")
         step = self.batch_size or step
         check_choice(on_error, "on_error", ON_ERROR)
+        if check_choice(map_size, "map_size", MAP_SIZES) == "original" and self.preprocessor.crop_size is not None:
+            raise ValueError(f"map_size='original' needs a whole-image model (fit with crop_size=None): "
+                             f"the map of this file's {self.preprocessor.crop_size} px crop does not "
+                             f"cover the image's border; use map_size='processed'")
         for batch in batches(image_items(data, "predict data"), self.preprocessor, step, on_error,
                              progress, "predict"):
             if not len(batch.images):
@@ -140,12 +146,13 @@ class OnnxDetector:
             if self.batch_size and count < self.batch_size:  # a fixed-size file: pad the last batch
                 images = np.concatenate([images, np.repeat(images[-1:], self.batch_size - count, axis=0)])
             scores, maps = self.run(images)
-            prediction = Prediction(scores[:count], maps[:count], batch.paths, skipped=batch.skipped)
+            maps = maps[:count] if map_size == "processed" else self.preprocessor.original_maps(maps[:count], batch.sizes)
+            prediction = Prediction(scores[:count], maps, batch.paths, skipped=batch.skipped, image_sizes=batch.sizes)
             yield prediction if self.thresholds is None else self.thresholds.apply(prediction)
 
     def run(self, images: np.ndarray) -> tuple:
-        """``(image_scores [N], anomaly_maps [N, crop, crop])`` of a prepared float batch
-        ``images`` ``[N, 3, crop, crop]``; a ValueError naming the expected shape otherwise."""
+        """``(image_scores [N], anomaly_maps [N, H, W])`` of a prepared float batch ``images``
+        ``[N, 3, H, W]`` (:attr:`input_shape`); a ValueError naming the expected shape otherwise."""
         expected = self.input_shape
         if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1:] != expected[1:] \
                 or (expected[0] is not None and images.shape[0] != expected[0]) or not len(images):

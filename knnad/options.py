@@ -21,9 +21,9 @@ from torch import nn
 
 from ._checks import check_bool, check_choice, check_int, check_number
 from .anomaly_map import UPSAMPLING, gaussian_kernel_size
-from .backbones import PRESET_LAYERS
-from .embedding import check_aggregation_size
-from .preprocessing import check_bit_depth, check_geometry
+from .backbones import LAYER_PRESETS, PRESET_LAYERS
+from .embedding import VIEW_SETS, VIEWS, check_aggregation_size, check_augment
+from .preprocessing import MAP_SIZES, check_bit_depth, check_geometry
 from .runtime import BACKENDS, check_device
 from .sampling import parse_coreset
 from .scoring import IMAGE_SCORES
@@ -71,13 +71,16 @@ def _backbone(value: Any, name: str) -> Any:
     raise TypeError(f"{name} must be a torchvision model name or an nn.Module, got {type(value).__name__}")
 
 
-def _layers(value: Any, name: str) -> Optional[tuple]:
+def _layers(value: Any, name: str) -> Any:
+    """None, a preset name of :data:`LAYER_PRESETS` (alone, or the one item of a list), or a
+    tuple of module names."""
     if value is None:
         return None
     names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
     if not names or not all(isinstance(item, str) for item in names):
-        raise ValueError(f"{name} must be None or a non-empty list of module names, got {value!r}")
-    return names
+        raise ValueError(f"{name} must be None, a preset ({', '.join(map(repr, LAYER_PRESETS))}) "
+                         f"or a non-empty list of module names, got {value!r}")
+    return names[0] if len(names) == 1 and names[0] in LAYER_PRESETS else names
 
 
 def _weights(value: Any, name: str) -> Any:
@@ -87,7 +90,9 @@ def _weights(value: Any, name: str) -> Any:
 OPTIONS: Dict[str, Option] = {
     "backbone": Option(f"torchvision model name (presets: {', '.join(PRESET_LAYERS)}) or your "
                        f"own nn.Module", _backbone),
-    "layers": Option("module names to hook, e.g. layer2 layer3 (default: the backbone's preset)",
+    "layers": Option("module names to hook, e.g. layer2 layer3, or a preset of the backbone: "
+                     "'default' (the same as none), 'fine' (adds the stride-4 block: "
+                     "mobilenet_v2 features.3, resnets layer1; a 4x larger patch grid)",
                      _layers, nargs="+"),
     "weights": Option("'DEFAULT', a torchvision weight name such as IMAGENET1K_V1, none "
                       "(seeded random initialisation) or a .pth state-dict path", _weights,
@@ -115,7 +120,10 @@ OPTIONS: Dict[str, Option] = {
     "rerank": Option("extra candidates per patch whose exact distances are checked (0: fastest)",
                      _int(0), parse=int),
     "image_size": Option("side the shorter image side is resized to, pixels", _int(1), parse=int),
-    "crop_size": Option("side of the centre crop, pixels (at most image_size)", _int(1), parse=int),
+    "crop_size": Option("side of the centre crop, pixels (at most image_size); none: whole-image "
+                        "mode, no crop: the whole image, its shorter side resized to image_size and "
+                        "its aspect ratio kept, is scored (one aspect ratio per model)",
+                        _optional(_int(1)), parse=_none_or(int)),
     "bit_depth": Option("bits per sample of 16-bit and float images, e.g. 12 for 12-bit data in "
                         "16-bit files (none: 16 for integer images, float images as they are)",
                         check_bit_depth,
@@ -129,6 +137,15 @@ OPTIONS: Dict[str, Option] = {
                     refit=False, scoring=True),
     "upsampling": Option("patch scores to pixels: 'bilinear', or 'nearest' (anomalib's maps)",
                          _choice(UPSAMPLING), refit=False, scoring=True),
+    "map_size": Option("size of the maps predict returns: 'processed' (the crop, or the whole "
+                       "resized image), or 'original' (each image's own size, its map lying over "
+                       "it pixel for pixel; needs crop_size=none)", _choice(MAP_SIZES), refit=False),
+    "augment": Option("memory-bank augmentation, for parts that appear rotated or flipped: each "
+                      "training image also enters the bank as these views of it: none; views ("
+                      + ", ".join(VIEWS) + "), or sets ("
+                      + "; ".join(f"{key}: {'+'.join(views)}" for key, views in VIEW_SETS.items())
+                      + "), joined by '+' (e.g. hflip+rot180); fit, bank and search grow with "
+                        "the number of views", check_augment, parse=_none_or(str)),
     "batch_size": Option("images per backbone call", _int(1), parse=int, refit=False),
     "progress": Option("show tqdm progress bars", check_bool, refit=False),
     "on_error": Option("an image that cannot be decoded: 'raise' stops with its name, 'skip' "
@@ -150,9 +167,14 @@ def check(name: str, value: Any) -> Any:
 
 def validate(params: Mapping[str, Any]) -> Dict[str, Any]:
     """Every parameter checked and normalised, and the checks between parameters
-    (``crop_size <= image_size``); raises ValueError or TypeError naming the parameter."""
+    (``crop_size <= image_size``, ``map_size="original"`` only without a crop); raises
+    ValueError or TypeError naming the parameter."""
     checked = {name: check(name, value) for name, value in params.items()}
     check_geometry(checked["image_size"], checked["crop_size"])
+    if checked.get("map_size") == "original" and checked["crop_size"] is not None:
+        raise ValueError(f"map_size='original' needs whole-image mode: the map of a crop_size="
+                         f"{checked['crop_size']} crop does not cover the image's border; set "
+                         f"crop_size=None (and fit again), or map_size='processed'")
     _check_against_sizes(checked)
     return checked
 
@@ -160,15 +182,17 @@ def validate(params: Mapping[str, Any]) -> Dict[str, Any]:
 def _check_against_sizes(checked: Mapping[str, Any]) -> None:
     """The checks of one parameter against another's size that can be made before fit: ``k``
     against a coreset given as a count (the memory bank holds at most that many patches) and
-    ``sigma`` against the maps (``crop_size`` pixels), which its ±4σ window must fit in."""
+    ``sigma`` against the maps (``crop_size`` pixels, or a shorter side of ``image_size`` in
+    whole-image mode), which its ±4σ window must fit in."""
     k, coreset, sigma, crop = checked["k"], checked["coreset"], checked["sigma"], checked["crop_size"]
     if isinstance(coreset, int) and k > coreset:
         raise ValueError(f"k={k} is more than the {coreset} patches that coreset={coreset} keeps "
                          f"in the memory bank; use k <= {coreset} or a larger coreset")
-    if gaussian_kernel_size(sigma) // 2 >= crop:
-        raise ValueError(f"sigma={sigma:g} is too large for maps of crop_size={crop} pixels (the "
+    side, name = (crop, "crop_size") if crop is not None else (checked["image_size"], "image_size")
+    if gaussian_kernel_size(sigma) // 2 >= side:
+        raise ValueError(f"sigma={sigma:g} is too large for maps of {name}={side} pixels (the "
                          f"Gaussian's ±4 sigma window must fit in them); use sigma < "
-                         f"{(crop - 0.5) / 4:g} or a larger crop_size")
+                         f"{(side - 0.5) / 4:g} or a larger {name}")
 
 
 def scoring_settings(settings: Mapping[str, Any]) -> Dict[str, Any]:

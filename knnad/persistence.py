@@ -35,9 +35,11 @@ FORMAT_VERSION = 2
 
 def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtractor,
                    arrays: Dict[str, np.ndarray], train_paths: list, skipped: list,
-                   thresholds: Optional[Thresholds]) -> Path:
+                   thresholds: Optional[Thresholds], frame: Tuple[int, int]) -> Path:
     """Write a fitted detector atomically; returns the path. ``settings``: its validated
-    parameters; ``arrays``: ``memory_bank``, ``patch_image_ids``, ``global_features``."""
+    parameters; ``arrays``: ``memory_bank``, ``patch_image_ids``, ``global_features``;
+    ``frame``: ``(height, width)`` of the images the model takes (fixed at fit in whole-image
+    mode)."""
     params = dict(settings)
     params["backbone"] = extractor.backbone_name
     # Only torchvision weight names can be rebuilt without help; see read_detector().
@@ -50,7 +52,8 @@ def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureE
             "image_threshold": thresholds.image if thresholds else None,
             "pixel_threshold": thresholds.pixel if thresholds else None,
             "calibration_quantile": thresholds.quantile if thresholds else None,
-            "calibration_settings": thresholds.scored_with if thresholds else None}
+            "calibration_settings": thresholds.scored_with if thresholds else None,
+            "frame": list(frame)}
     return write_archive(path, KIND, FORMAT_VERSION, meta, arrays)
 
 
@@ -135,7 +138,7 @@ def _check_contents(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.n
 
 
 def check_identity(path: PathLike, extractor: FeatureExtractor, embedder: PatchEmbedder,
-                   crop_size: int, meta: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
+                   frame: Tuple[int, int], meta: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
     """ValueError unless ``extractor`` has the weights the saved bank was built with;
     ModelFileError unless its features have the saved bank's dimensions (one forward pass)."""
     if extractor.weights_id != meta["weights_id"]:
@@ -143,7 +146,7 @@ def check_identity(path: PathLike, extractor: FeatureExtractor, embedder: PatchE
                          f"given backbone/weights are {extractor.weights_id}; scores would be "
                          f"wrong: pass the ones it was fit with (weights=PATH; knnad predict: "
                          f"--weights PATH) or fit a new model")
-    patches, pooled = patch_features(extractor, embedder, torch.zeros(1, 3, crop_size, crop_size))
+    patches, pooled = patch_features(extractor, embedder, torch.zeros(1, 3, *frame))
     found = (patches.shape[-1], pooled.shape[-1])
     saved = (arrays["memory_bank"].shape[1], arrays["global_features"].shape[1])
     if found != saved:
@@ -161,6 +164,21 @@ def checked_settings(path: PathLike, params: Dict[str, Any]) -> Dict[str, Any]:
     except (ValueError, TypeError) as error:
         raise ModelFileError(f"{path} holds an invalid setting ({error}); fit again and save a new "
                              f"model file") from None
+
+
+def saved_frame(path: PathLike, settings: Dict[str, Any], meta: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+    """The whole-image frame ``(height, width)`` a model file fixes (None in crop mode, where
+    the crop is the frame; older files, all of crop mode, hold none); a ModelFileError naming
+    the file when a whole-image model's frame is missing or malformed."""
+    if settings["crop_size"] is not None:
+        return None
+    frame = meta.get("frame")
+    if not (isinstance(frame, list) and len(frame) == 2
+            and all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in frame)):
+        raise ModelFileError(f"{path} is not a consistent knnad detector: a whole-image model "
+                             f"(crop_size=None) without a valid frame ({frame!r}); restore it from "
+                             f"a good copy or fit again")
+    return tuple(frame)
 
 
 def saved_thresholds(meta: Dict[str, Any]) -> Optional[Thresholds]:

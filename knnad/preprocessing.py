@@ -1,5 +1,6 @@
-"""Images and masks to arrays: decode any PIL mode, resize the shorter side, centre crop,
-ImageNet normalisation. Masks get the same geometry with nearest-neighbour interpolation.
+"""Images and masks to arrays: decode any PIL mode, resize the shorter side, centre crop (or,
+with ``crop_size=None``, the whole resized image), ImageNet normalisation. Masks get the same
+geometry with nearest-neighbour interpolation; maps of the whole image go back to its size.
 
 numpy and Pillow only (no torch), so that :class:`~knnad.onnx_detector.OnnxDetector` prepares
 images exactly as :class:`~knnad.Detector` does where torch is not installed."""
@@ -10,7 +11,7 @@ import os
 import struct
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -30,6 +31,10 @@ _STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
 #: Largest image after resizing, in pixels (2**24: 192 MiB as float32 RGB); a longer strip
 #: (aspect ratio beyond 256:1 at image_size 256) is refused instead of exhausting memory.
 MAX_RESIZED_PIXELS = 2**24
+
+#: Sizes of the maps predict returns: those of the arrays the model sees (``"processed"``: the
+#: crop, or the whole resized image), or each image's own (``"original"``, whole-image mode).
+MAP_SIZES = ("processed", "original")
 
 #: File suffixes treated as images when a folder is scanned.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -82,13 +87,30 @@ def open_image(image: ImageInput) -> Image.Image:
         raise ImageLoadError(path, f"not a decodable image ({error})") from error
 
 
-def _resize_shorter_side(image: Image.Image, size: int, resample: int = Image.BILINEAR) -> Image.Image:
-    """Shorter side to ``size``, the longer one truncated as torchvision's Resize does."""
-    width, height = image.size
+def resized_size(width: int, height: int, size: int) -> Tuple[int, int]:
+    """``(width, height)`` of an image of ``width`` x ``height`` pixels with its shorter side
+    resized to ``size``, the longer one truncated as torchvision's Resize does."""
     if width <= height:
-        target = (size, max(1, int(size * height / width)))
-    else:
-        target = (max(1, int(size * width / height)), size)
+        return size, max(1, int(size * height / width))
+    return max(1, int(size * width / height)), size
+
+
+def upright_size(path: PathLike) -> Tuple[int, int]:
+    """``(width, height)`` of an image file as viewers show it (its EXIF orientation applied),
+    read from its header without decoding the pixels."""
+    with Image.open(path) as opened:
+        width, height = opened.size
+        try:
+            orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
+        except (SyntaxError, ValueError, OSError, struct.error):
+            orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _resize_shorter_side(image: Image.Image, size: Optional[int], resample: int = Image.BILINEAR
+                         ) -> Image.Image:
+    """Shorter side to ``size`` (None: as it is), the longer one truncated as torchvision's Resize does."""
+    target = image.size if size is None else resized_size(*image.size, size)
     return image if target == image.size else image.resize(target, resample)
 
 
@@ -101,10 +123,10 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-def resized_rgb(image: Image.Image, size: int, bit_depth: Optional[int] = None) -> np.ndarray:
+def resized_rgb(image: Image.Image, size: Optional[int], bit_depth: Optional[int] = None) -> np.ndarray:
     """Float32 array ``[3, H, W]`` in [0, 1] of ``image`` (any PIL mode) with its shorter side
     resized to ``size`` (PIL's antialiased bilinear filter, as torchvision's Resize on PIL
-    images).
+    images; None: not resized).
 
     8-bit images map 0..255 to 0..1. 16- and 32-bit integer images (``I;16*``, ``I``) map
     0..2**bit_depth - 1 to 0..1 (``bit_depth`` None: 16, the container's depth; cameras often
@@ -150,9 +172,12 @@ def check_bit_depth(value: Any, name: str = "bit_depth") -> Optional[int]:
 
 
 def check_geometry(image_size: Any, crop_size: Any) -> None:
-    """ValueError naming the argument unless both are ints >= 1 and ``crop_size <= image_size``."""
+    """ValueError naming the argument unless both are ints >= 1 and ``crop_size <= image_size``
+    (``crop_size`` None: whole-image mode)."""
     check_int(image_size, "image_size")
-    check_int(crop_size, "crop_size")
+    if crop_size is None:
+        return
+    check_int(crop_size, "crop_size", hint=" or None (the whole image)")
     if crop_size > image_size:
         raise ValueError(f"crop_size={crop_size} is larger than image_size={image_size}; "
                          f"the crop is taken from the resized image, so choose "
@@ -167,43 +192,135 @@ def denormalise(image: np.ndarray) -> np.ndarray:
 
 
 class Preprocessor:
-    """Resize the shorter side to ``image_size`` pixels, centre crop ``crop_size`` × ``crop_size``.
+    """Resize the shorter side to ``image_size`` pixels, centre crop ``crop_size`` × ``crop_size``;
+    or, with ``crop_size=None`` (whole-image mode), keep the whole resized image.
 
-    ``preprocessor(image)`` gives the normalised float32 array ``[3, crop_size, crop_size]``
-    (``(rgb - IMAGENET_MEAN) / IMAGENET_STD`` per channel, rgb in [0, 1]) for a path or PIL
-    image; :meth:`mask` gives the matching bool array ``[crop_size, crop_size]`` for a mask
-    (any non-zero pixel is anomalous).
+    ``preprocessor(image)`` gives the normalised float32 array ``[3, H, W]`` (``(rgb -
+    IMAGENET_MEAN) / IMAGENET_STD`` per channel, rgb in [0, 1]) for a path or PIL image, of the
+    :attr:`frame` size; :meth:`mask` gives the matching bool array ``[H, W]`` for a mask (any
+    non-zero pixel is anomalous).
+
+    Whole-image mode keeps the aspect ratio: a 1000 × 750 image at ``image_size=256`` becomes
+    a 341 × 256 frame, the whole image, undistorted, at the scale of the crop mode's resize.
+    One model takes one frame size (its feature grid and maps have one shape): ``frame`` is
+    set from the images of fit, and an image that resizes to another frame is refused with an
+    ImageLoadError naming it (a skippable error: ``on_error="skip"``).
     """
 
-    def __init__(self, image_size: int = 256, crop_size: int = 224, bit_depth: Optional[int] = None):
+    def __init__(self, image_size: int = 256, crop_size: Optional[int] = 224,
+                 bit_depth: Optional[int] = None, frame: Optional[Sequence[int]] = None):
         check_geometry(image_size, crop_size)
         self.image_size = image_size
         self.crop_size = crop_size
         self.bit_depth = check_bit_depth(bit_depth)
+        self.frame = frame
 
     def __repr__(self) -> str:
         return (f"Preprocessor(image_size={self.image_size}, crop_size={self.crop_size}, "
-                f"bit_depth={self.bit_depth})")
+                f"bit_depth={self.bit_depth}" + (f", frame={self.frame}" if self.crop_size is None else "") + ")")
+
+    @property
+    def frame(self) -> Optional[Tuple[int, int]]:
+        """``(height, width)`` of the arrays it gives: ``(crop_size, crop_size)``; in whole-image
+        mode the frame of the images a model was fit on, None where not fixed yet (any)."""
+        return self._frame if self.crop_size is None else (self.crop_size, self.crop_size)
+
+    @frame.setter
+    def frame(self, value: Optional[Sequence[int]]) -> None:
+        if value is not None:
+            if not (isinstance(value, (tuple, list)) and len(value) == 2):
+                raise ValueError(f"frame must be None or (height, width), got {value!r}")
+            value = (check_int(value[0], "frame height"), check_int(value[1], "frame width"))
+            if self.crop_size is not None and value != self.frame:
+                raise ValueError(f"frame={value} differs from the crop, {self.frame}; a frame "
+                                 f"is fixed only in whole-image mode (crop_size=None)")
+        self._frame = value
+
+    def _decode(self, image: ImageInput) -> Tuple[Image.Image, Any]:
+        return open_image(image), "an in-memory image" if isinstance(image, Image.Image) else image
+
+    def _rgb(self, opened: Image.Image, source: Any, size: Optional[int]) -> np.ndarray:
+        try:
+            return resized_rgb(opened, size, self.bit_depth)
+        except ValueError as error:
+            raise ImageLoadError(source, str(error)) from None
 
     def __call__(self, image: ImageInput) -> np.ndarray:
-        opened = open_image(image)
-        source = "an in-memory image" if isinstance(image, Image.Image) else image
+        return self.prepare(image)[0]
+
+    def prepare(self, image: ImageInput) -> Tuple[np.ndarray, Tuple[int, int]]:
+        """``(array, (height, width))``: ``preprocessor(image)`` and the size of the image as
+        given (after its EXIF orientation), which maps of the whole image go back to."""
+        opened, source = self._decode(image)
         width, height = opened.size
         if self.image_size ** 2 * max(width, height) / max(1, min(width, height)) > MAX_RESIZED_PIXELS:
             raise ImageLoadError(source, f"{width}x{height} pixels is too elongated to resize to a "
                                          f"shorter side of {self.image_size} (over "
                                          f"{MAX_RESIZED_PIXELS} pixels); cut it into tiles first")
-        try:
-            rgb = resized_rgb(opened, self.image_size, self.bit_depth)
-        except ValueError as error:
-            raise ImageLoadError(source, str(error)) from None
-        return (center_crop(rgb, self.crop_size) - _MEAN) / _STD
+        if self.crop_size is None and self._frame is not None:
+            new_width, new_height = resized_size(width, height, self.image_size)
+            if (new_height, new_width) != self._frame:
+                fit_height, fit_width = self._frame
+                raise ImageLoadError(source, f"{width}x{height} pixels resize to a {new_width}x"
+                                             f"{new_height} frame (shorter side {self.image_size}), but "
+                                             f"this whole-image model (crop_size=None) was fit on "
+                                             f"{fit_width}x{fit_height} frames: one aspect ratio per "
+                                             f"model; bring the image to {fit_width}:{fit_height} "
+                                             f"first, or fit a model on images of its shape")
+        rgb = self._rgb(opened, source, self.image_size)
+        if self.crop_size is not None:
+            rgb = center_crop(rgb, self.crop_size)
+        return (rgb - _MEAN) / _STD, (height, width)
 
-    def mask(self, mask: ImageInput) -> np.ndarray:
-        """Bool array ``[crop_size, crop_size]``: True where the mask is non-zero."""
-        binary = Image.fromarray((np.asarray(open_image(mask).convert("L")) > 0).astype(np.uint8))
-        resized = np.asarray(_resize_shorter_side(binary, self.image_size, Image.NEAREST))
-        return center_crop(resized, self.crop_size) > 0
+    def rgb(self, image: ImageInput, original: bool = False) -> np.ndarray:
+        """RGB ``[H, W, 3]`` in [0, 1] of ``image`` for display: as the model sees it (resized,
+        cropped), or with ``original`` as given (decoded, upright, not resized)."""
+        opened, source = self._decode(image)
+        rgb = self._rgb(opened, source, None if original else self.image_size)
+        if not original and self.crop_size is not None:
+            rgb = center_crop(rgb, self.crop_size)
+        return rgb.transpose(1, 2, 0)
+
+    def mask(self, mask: ImageInput, original: bool = False) -> np.ndarray:
+        """Bool array ``[H, W]`` of the :attr:`frame`'s geometry (``original``: of the mask as
+        given): True where the mask is non-zero."""
+        binary = np.asarray(open_image(mask).convert("L")) > 0
+        if original:
+            return binary
+        resized = np.asarray(_resize_shorter_side(Image.fromarray(binary.astype(np.uint8)),
+                                                  self.image_size, Image.NEAREST))
+        return (resized if self.crop_size is None else center_crop(resized, self.crop_size)) > 0
+
+    def frame_of(self, width: int, height: int) -> Tuple[int, int]:
+        """``(height, width)`` of the array an image of ``width`` x ``height`` pixels (upright)
+        becomes."""
+        if self.crop_size is not None:
+            return self.crop_size, self.crop_size
+        new_width, new_height = resized_size(width, height, self.image_size)
+        return new_height, new_width
+
+    def original_maps(self, maps: np.ndarray, sizes: Sequence[Tuple[int, int]]) -> np.ndarray:
+        """Maps ``[N, H, W]`` of whole-image frames resized to their images' ``sizes``
+        (``(height, width)`` each, as :meth:`prepare` gives them) with Pillow's bilinear filter,
+        the inverse of the images' resize: each map then lies over its image pixel for pixel.
+        Whole-image mode only (a crop's map does not cover the image's border)."""
+        if self.crop_size is not None:
+            raise ValueError(f"maps at the original image size need whole-image mode: the map of a "
+                             f"crop_size={self.crop_size} crop does not cover the image's border; "
+                             f"set crop_size=None (and fit again), or map_size='processed'")
+        sizes = [tuple(int(side) for side in size) for size in sizes]
+        if len(sizes) != len(maps):
+            raise ValueError(f"{len(maps)} maps but {len(sizes)} image sizes")
+        if len(set(sizes)) > 1:
+            shown = ", ".join(f"{width}x{height}" for height, width in sorted(set(sizes))[:4])
+            raise ValueError(f"maps at the original image size: images of different sizes ({shown}) "
+                             f"cannot share one array of maps; predict each size in its own call "
+                             f"(or predict_batches with batch_size=1), or use map_size='processed'")
+        if not sizes:
+            return maps
+        height, width = sizes[0]
+        return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(one, np.float32))
+                                    .resize((width, height), Image.BILINEAR)) for one in maps])
 
 
 def image_files(path: PathLike) -> List[Path]:

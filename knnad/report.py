@@ -16,7 +16,6 @@ from .plots import heatmap_grid, pro_plot, roc_plot
 from .datasets import DatasetPair, ImageDataset
 from .detector import Detector
 from .evaluation import evaluate
-from .preprocessing import denormalise
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,8 @@ def _heatmaps(name: str, test: ImageDataset, prediction, masks, detector: Detect
     rows = defect_rows + good_rows
     if not rows:
         return None
-    images = [denormalise(detector.preprocessor_(test.samples[i].path)) for i in rows]
+    original = detector.map_size == "original"
+    images = [detector.preprocessor_.rgb(test.samples[i].path, original) for i in rows]
     titles = [f"{test.samples[i].defect} {prediction.image_scores[i]:.2f}" for i in rows]
     return heatmap_grid(images, prediction.anomaly_maps[rows], out / f"heatmaps_{name}.png",
                               masks=None if masks is None else masks[rows],

@@ -15,8 +15,8 @@ import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -53,11 +53,13 @@ def check_finite(images: Any, prefix: str = "") -> None:
 class Batch:
     """Preprocessed ``images`` ``[B, 3, H, W]`` (a float32 numpy array; a slice of the
     caller's float batch, of its type and dtype, when given one), their ``paths`` (None for
-    in-memory images) and the ``skipped`` paths of this batch that could not be decoded."""
+    in-memory images), the ``skipped`` paths of this batch that could not be decoded, and the
+    ``sizes`` ``(height, width)`` of the images as given (of the arrays, for a float batch)."""
 
     images: Any
     paths: List[Optional[str]]
     skipped: List[str]
+    sizes: List[Tuple[int, int]] = field(default_factory=list)
 
 
 def image_items(data: Any, argument: str, normal_only: bool = False) -> Items:
@@ -103,17 +105,19 @@ def batches(items: Items, preprocessor: Preprocessor, batch_size: int, on_error:
     """Preprocessed batches of at most ``batch_size`` images of ``items`` (from
     :func:`image_items`), in order. The next batch is decoded in worker threads while the
     caller works on the current one. ``on_error="skip"`` skips undecodable files with a warning
-    (a batch may then hold no image, only ``skipped``); ``"raise"`` raises ImageLoadError."""
+    (a batch may then hold no image, only ``skipped``); ``"raise"`` raises ImageLoadError.
+    Images whose arrays differ in size (whole-image mode, where the preprocessor's frame is not
+    fixed yet, and images of several aspect ratios) raise a ValueError naming two of them."""
     if not isinstance(items, list):  # a batch of preprocessed images
         for start in tqdm(range(0, len(items), batch_size), desc=description,
                           disable=not progress, unit="batch"):
             chunk = items[start:start + batch_size]
-            yield Batch(chunk, [None] * len(chunk), [])
+            yield Batch(chunk, [None] * len(chunk), [], [tuple(chunk.shape[-2:])] * len(chunk))
         return
 
-    def load(item: Any) -> Optional[np.ndarray]:
+    def load(item: Any) -> Optional[Tuple[np.ndarray, Tuple[int, int]]]:
         try:
-            return preprocessor(item)
+            return preprocessor.prepare(item)
         except ImageLoadError as error:
             if on_error == "raise":
                 raise
@@ -121,7 +125,7 @@ def batches(items: Items, preprocessor: Preprocessor, batch_size: int, on_error:
             return None
 
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    crop = preprocessor.crop_size
+    frame, first = preprocessor.frame, None  # first: the image that set the frame
     with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool, \
             tqdm(total=len(items), desc=description, disable=not progress, unit="img") as bar:
         pending = deque([[pool.submit(load, item) for item in chunks[0]]] if chunks else [])
@@ -131,7 +135,23 @@ def batches(items: Items, preprocessor: Preprocessor, batch_size: int, on_error:
             loaded = [future.result() for future in pending.popleft()]
             paths = [None if isinstance(item, Image.Image) else str(item) for item in chunk]
             kept = [i for i, image in enumerate(loaded) if image is not None]
+            for i in kept:
+                shape = loaded[i][0].shape[-2:]
+                if frame is None:
+                    frame, first = shape, _shown(chunk[i])
+                elif shape != frame:
+                    raise ValueError(f"{_shown(chunk[i])} gives a {shape[1]}x{shape[0]} image after "
+                                     f"resizing, but {first or 'the model'} {'gave' if first else 'takes'} "
+                                     f"{frame[1]}x{frame[0]}: in whole-image mode (crop_size=None) "
+                                     f"the images of a model must have one aspect ratio; fit one model "
+                                     f"per image shape, bring them to one aspect ratio first, or set crop_size")
             bar.update(len(chunk))
-            yield Batch(np.stack([loaded[i] for i in kept]) if kept else np.empty((0, 3, crop, crop), np.float32),
+            yield Batch(np.stack([loaded[i][0] for i in kept]) if kept else
+                        np.empty((0, 3, *(frame or (0, 0))), np.float32),
                         [paths[i] for i in kept],
-                        [paths[i] for i, image in enumerate(loaded) if image is None])
+                        [paths[i] for i, image in enumerate(loaded) if image is None],
+                        [loaded[i][1] for i in kept])
+
+
+def _shown(item: Any) -> str:
+    return "an in-memory image" if isinstance(item, Image.Image) else str(item)
