@@ -27,6 +27,13 @@ logger = logging.getLogger(__name__)
 #: Above this share of candidate points, one dense pass over all points is cheaper than
 #: gathering the candidates (measured on MVTec features and on Gaussian noise).
 _DENSE_FRACTION = 0.25
+#: Above this share of points listed in the near cells, the dense pass is taken at once.
+_LISTED_FRACTION = 0.5
+#: Slack on the cell tests, relative to the squared norms: above float32's rounding of
+#: |a|² − 2a·c + |c|², so that rounding never drops a cell or a point.
+_SLACK = 2e-5
+#: Dimension of the projection in which the cell test is screened first.
+_SCREEN_DIM = 32
 
 
 CoresetSpec = Union[None, float, int]
@@ -143,53 +150,177 @@ class _ThreadTuner:
         self.started = time.perf_counter()
 
 
-def _greedy_k_center(points: torch.Tensor, count: int, first: int, progress: bool) -> torch.Tensor:
-    """Selection loop with triangle-inequality pruning.
+class _Cells:
+    """Which points each pick owns (its cell), listed per pick: the points a pick took over when
+    it was made, in one flat array of row numbers (``flat[starts[j]:starts[j] + lengths[j]]``
+    for pick ``j``). A point only ever moves to the newest pick, so a pick's list is written once
+    and afterwards only goes stale (points that moved on are skipped when read: their owner is
+    checked). When the flat array is full, it is rebuilt from the owners, without stale rows."""
 
-    Each point remembers its nearest pick ``a`` and the squared distance ``u²`` to it. A new
-    pick ``c`` can only come closer than ``u`` if ``d(a, c) < 2u``, so only those points are
-    measured against ``c``: nearly all of them early on, a small neighbourhood once many picks
-    exist (on data without such structure every step falls back to one dense pass). Squared
-    distances use |x|² − 2x·c + |c|² (one matrix-vector product).
-    """
+    SPACE = 2.0  # room in the flat array, in rows per point
+
+    def __init__(self, total: int, count: int, device: torch.device):
+        self.flat = torch.empty(max(int(self.SPACE * total), total), dtype=torch.int64, device=device)
+        self.starts = torch.zeros(count, dtype=torch.int64, device=device)
+        self.lengths = torch.zeros(count, dtype=torch.int64, device=device)
+        self.fill = 0
+
+    def add(self, step: int, moved: torch.Tensor, owner: torch.Tensor) -> None:
+        """Record that pick ``step`` took over the rows ``moved`` (``owner`` already updated)."""
+        if self.fill + len(moved) > len(self.flat):
+            order = torch.argsort(owner, stable=True)
+            self.flat[:len(order)] = order
+            self.lengths[:step + 1] = torch.bincount(owner, minlength=step + 1)
+            self.starts[:step + 1] = torch.cumsum(self.lengths[:step + 1], 0) - self.lengths[:step + 1]
+            self.fill = len(order)
+            return
+        self.starts[step], self.lengths[step] = self.fill, len(moved)
+        self.flat[self.fill:self.fill + len(moved)] = moved
+        self.fill += len(moved)
+
+    def listed(self, cells: torch.Tensor) -> int:
+        """How many rows the lists of ``cells`` hold, stale ones included."""
+        return int(self.lengths.index_select(0, cells).sum())
+
+    def members(self, cells: torch.Tensor, owner: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, cell of each row)``: the points that ``cells`` own now."""
+        lengths = self.lengths.index_select(0, cells)
+        shift = self.starts.index_select(0, cells) - (torch.cumsum(lengths, 0) - lengths)
+        positions = torch.repeat_interleave(shift, lengths)
+        positions += torch.arange(len(positions), device=positions.device)
+        rows, row_cells = self.flat.index_select(0, positions), torch.repeat_interleave(cells, lengths)
+        current = torch.nonzero(owner.index_select(0, rows) == row_cells).squeeze(1)
+        return rows.index_select(0, current), row_cells.index_select(0, current)
+
+
+def _rows(values: torch.Tensor, rows: Union[slice, torch.Tensor]) -> torch.Tensor:
+    """``values[rows]``; ``index_select`` for row numbers, several times faster than indexing."""
+    return values[rows] if isinstance(rows, slice) else values.index_select(0, rows)
+
+
+def _screening_basis(points: torch.Tensor) -> Optional[torch.Tensor]:
+    """Orthonormal ``[dim, _SCREEN_DIM]`` basis of the bank's main directions (PCA of a sample),
+    or None when ``dim`` is too small for it to pay. Distances between projections never exceed
+    the true ones, so a cell that the projection puts too far away is too far away."""
     total, dim = points.shape
+    if dim < 2 * _SCREEN_DIM:
+        return None
+    sample = points[::max(1, total // 20000)].double()
+    sample = sample - sample.mean(dim=0)
+    _, vectors = torch.linalg.eigh(sample.T @ sample)
+    return vectors[:, -_SCREEN_DIM:].to(points.dtype).contiguous()
+
+
+class _Centres:
+    """The picks so far and the squared radius of each one's cell (the largest ``u²`` of its
+    members: exact, or an upper bound while ``exact`` is False), with the cell test: which cells
+    a new pick ``c`` can take points from (``d(a, c) < 2R``)."""
+
+    def __init__(self, points: torch.Tensor, count: int):
+        self.basis = _screening_basis(points)
+        self.vectors = torch.empty(count, points.shape[1], dtype=points.dtype, device=points.device)
+        self.norms = torch.empty(count, dtype=points.dtype, device=points.device)
+        self.radii = torch.full((count,), float("-inf"), dtype=points.dtype, device=points.device)
+        self.gaps = torch.empty(count, dtype=points.dtype, device=points.device)
+        if self.basis is not None:
+            self.projected = torch.empty(count, self.basis.shape[1], dtype=points.dtype, device=points.device)
+            self.projected_norms = torch.empty(count, dtype=points.dtype, device=points.device)
+        self.exact = True
+
+    def add(self, step: int, centre: torch.Tensor, norm: torch.Tensor) -> None:
+        self.vectors[step], self.norms[step] = centre, norm
+        if self.basis is not None:
+            projected = centre @ self.basis
+            self.projected[step], self.projected_norms[step] = projected, projected @ projected
+
+    def near(self, step: int) -> torch.Tensor:
+        """The cells, among picks ``0 .. step-1``, that pick ``step`` may take points from;
+        ``gaps[cell]`` then holds a lower bound of ``d(a, c)²`` (float32 rounding taken off)."""
+        everyone = slice(0, step)
+        if self.basis is None:
+            return self._closer(everyone, self.vectors, self.norms, step)
+        # A cheap test first, in the projection, then the exact one for the cells it keeps.
+        cells = self._closer(everyone, self.projected, self.projected_norms, step)
+        return cells[self._closer(cells, self.vectors, self.norms, step)]
+
+    def _closer(self, cells, vectors, norms, step) -> torch.Tensor:
+        """Positions in ``cells`` (a slice or row numbers) of those that pass the cell test."""
+        lower = _rows(norms, cells) - 2.0 * (_rows(vectors, cells) @ vectors[step]) + norms[step]
+        lower -= _SLACK * (_rows(self.norms, cells) + self.norms[step])  # the bank's norms, in both tests
+        self.gaps[cells] = lower
+        return torch.nonzero(lower < 4.0 * _rows(self.radii, cells)).squeeze(1)
+
+
+def _greedy_k_center(points: torch.Tensor, count: int, first: int, progress: bool) -> torch.Tensor:
+    """Selection loop with triangle-inequality pruning over the picks' cells.
+
+    Each point remembers its nearest pick ``a`` (its owner; the points a pick owns are its cell)
+    and the squared distance ``u²`` to it; each cell the largest ``u²`` of its members, ``R²``.
+    A new pick ``c`` can only come closer to a point than ``u`` if ``d(a, c) < 2u <= 2R``: only
+    the members of cells with ``d(a, c) < 2R`` that pass ``d(a, c) < 2u`` are measured against
+    ``c`` — nearly all points early on, a small neighbourhood once many picks exist. When more
+    than a quarter of the bank would be measured, one dense pass over all points is cheaper than
+    gathering them. The next pick, the point with the largest ``u``, is found among the members
+    of the cells with the largest ``R``. Squared distances use |x|² − 2x·c + |c|².
+    """
+    total = len(points)
+    device = points.device
     squared_norms = (points * points).sum(dim=1)
     nearest = torch.full_like(squared_norms, float("inf"))
-    owner = torch.zeros(total, dtype=torch.int64, device=points.device)
-    centres = torch.empty(count, dim, dtype=points.dtype, device=points.device)
-    picks = torch.empty(count, dtype=torch.int64, device=points.device)
+    owner = torch.zeros(total, dtype=torch.int64, device=device)
+    picks = torch.empty(count, dtype=torch.int64, device=device)
     distances = torch.empty_like(squared_norms)
-    pick = torch.tensor(first, device=points.device)
-    next_check = 1
-    tuner = _ThreadTuner(torch.get_num_threads() if points.device.type == "cpu" else 1)
+    centres, cells = _Centres(points, count), _Cells(total, count, device)
+    pick = torch.tensor(first, device=device)
+    tuner = _ThreadTuner(torch.get_num_threads() if device.type == "cpu" else 1)
     for step in tqdm(range(count), desc="coreset", unit="pt", disable=not progress, mininterval=1.0):
         tuner.tick(step)
         picks[step] = pick
-        centre = points[pick]
-        centres[step] = centre
-        centre_norm = squared_norms[pick]
-        dense = True
-        if step >= next_check:
-            centre_gaps = squared_norms[picks[:step]] - 2.0 * (centres[:step] @ centre) + centre_norm
-            candidates = torch.nonzero(centre_gaps[owner] < 4.0 * nearest).squeeze(1)
-            dense = candidates.numel() > _DENSE_FRACTION * total
-            if dense:  # pruning does not pay yet: look again a little later
-                next_check = step + 1 + step // 16
-        if dense:
-            # Most points are candidates: a full pass beats gathering them.
+        centre, centre_norm = points[pick], squared_norms[pick]
+        centres.add(step, centre, centre_norm)
+        rows = candidates = None
+        near_cells = centres.near(step)
+        if step and cells.listed(near_cells) <= _LISTED_FRACTION * total:  # the first pick: dense
+            rows, row_cells = cells.members(near_cells, owner)
+            passed = centres.gaps.index_select(0, row_cells) < 4.0 * nearest.index_select(0, rows)
+            candidates = rows.index_select(0, torch.nonzero(passed).squeeze(1))
+            if len(candidates) > _DENSE_FRACTION * total:
+                rows = None
+        if rows is None:  # most points may come closer: a full pass beats gathering them
             torch.mv(points, centre, out=distances)
             distances.mul_(-2.0).add_(squared_norms).add_(centre_norm)
-            owner.masked_fill_(distances < nearest, step)
-            torch.minimum(nearest, distances, out=nearest)
+            moved = torch.nonzero(distances < nearest).squeeze(1)
+            moved_distances = distances[moved]
         else:
-            near = squared_norms[candidates] - 2.0 * (points[candidates] @ centre) + centre_norm
-            closer = near < nearest[candidates]
-            moved = candidates[closer]
-            nearest[moved] = near[closer]
-            owner[moved] = step
+            near = squared_norms.index_select(0, candidates) - 2.0 * (points.index_select(0, candidates) @ centre) \
+                + centre_norm
+            closer = torch.nonzero(near < nearest.index_select(0, candidates)).squeeze(1)
+            moved, moved_distances = candidates.index_select(0, closer), near.index_select(0, closer)
+        nearest[moved] = moved_distances
+        owner[moved] = step
         nearest[pick] = float("-inf")  # never picked again, even among duplicate rows
-        pick = torch.argmax(nearest)
+        cells.add(step, moved, owner)
+        if rows is None:  # cells far away lost points too: all radii again
+            centres.radii[:step + 1] = float("-inf")
+            centres.radii.scatter_reduce_(0, owner, nearest, "amax")
+        else:  # only the measured cells changed, and the new one
+            stay = torch.nonzero(owner.index_select(0, rows) == row_cells).squeeze(1)
+            centres.radii[near_cells] = float("-inf")
+            centres.radii.scatter_reduce_(0, row_cells.index_select(0, stay),
+                                          nearest.index_select(0, rows.index_select(0, stay)), "amax")
+            if len(moved):
+                centres.radii[step] = nearest[moved].max()
+        if step + 1 < count:
+            pick = _farthest(centres.radii[:step + 1], cells, owner, nearest)
     return picks
+
+
+def _farthest(radii: torch.Tensor, cells: _Cells, owner: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    """The row with the largest ``nearest``, the first one if several: among the members of the
+    cells whose radius is the largest."""
+    largest = radii.max()
+    rows, _ = cells.members(torch.nonzero(radii == largest).squeeze(1), owner)
+    return rows[nearest.index_select(0, rows) == largest].min()
 
 
 def subsample(bank: ArrayLike, spec: CoresetSpec, seed: int = 0,

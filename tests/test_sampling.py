@@ -149,3 +149,43 @@ def test_thread_tuning_changes_no_pick_and_restores_the_thread_count(monkeypatch
     assert torch.get_num_threads() == threads
     if threads > 1:
         assert set(switches) >= {1, threads}
+
+
+PATHS = {  # module settings that force each code path of the selection loop
+    "dense passes only": {"_DENSE_FRACTION": -1.0},
+    "pruned steps only": {"_DENSE_FRACTION": 1.0, "_LISTED_FRACTION": 1.0},
+    "pruned, no screening projection": {"_DENSE_FRACTION": 1.0, "_LISTED_FRACTION": 1.0, "_SCREEN_DIM": 1000},
+    "cell lists rebuilt often": {"_DENSE_FRACTION": 1.0, "_LISTED_FRACTION": 1.0, "_Cells.SPACE": 1.02},
+    "default switching": {},
+}
+
+
+def force_path(monkeypatch, path):
+    for name, value in PATHS[path].items():
+        owner, _, attribute = name.rpartition(".")
+        monkeypatch.setattr(getattr(sampling, owner) if owner else sampling, attribute, value)
+
+
+def integer_clusters(dim=64, seed=7):
+    """Clustered points with small integer coordinates: every squared distance is computed
+    exactly in float32 too, so paths can only differ by a wrong pick, and exact ties abound."""
+    rng = np.random.default_rng(seed)
+    centres = rng.integers(-20, 21, (25, dim))
+    points = np.concatenate([c + rng.integers(-3, 4, (rng.integers(20, 200), dim)) for c in centres])
+    points = np.concatenate([points, points[rng.integers(0, len(points), 500)]])  # duplicate rows
+    return points.astype(np.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_code_path_and_thread_count_picks_the_textbook_greedy(monkeypatch, path, threads):
+    points = integer_clusters()  # 64 dimensions: the cell test is screened in a projection
+    force_path(monkeypatch, path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        picks = coreset(points, n=400, projection_dim=None, seed=11)
+    finally:
+        torch.set_num_threads(before)
+    # Ties included: the textbook takes the first of the farthest rows (np.argmax).
+    np.testing.assert_array_equal(picks, brute_force_greedy(points, 400, first=int(picks[0])))
