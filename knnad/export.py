@@ -38,7 +38,7 @@ from .archive import atomic_write, check_target
 from .backbones import FeatureExtractor
 from .embedding import PatchEmbedder
 from .index import FlatL2Index
-from .onnx_detector import DIGEST_PREFIX, FORMAT, INPUT, METADATA_PREFIX, OUTPUTS, metadata_digest
+from .onnx_detector import DIGEST_PREFIX, FORMAT, INPUT, METADATA_PREFIX, OUTPUTS, WHOLE_IMAGE_FORMAT, metadata_digest
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .thresholds import Thresholds
 
@@ -248,7 +248,7 @@ def _metadata(settings: Dict[str, Any], extractor: FeatureExtractor, embedder: P
     """The file's ``metadata_props``: what a reader needs to prepare images and label scores."""
     usable = thresholds if thresholds is not None and thresholds.usable(settings) else None
     entries = {
-        "format": FORMAT, "version": __version__, "backbone": extractor.backbone_name,
+        "format": FORMAT if settings["crop_size"] is not None else WHOLE_IMAGE_FORMAT, "version": __version__, "backbone": extractor.backbone_name,
         "weights": extractor.weights_id, "layers": list(extractor.layers),
         "preprocessing": {"image_size": settings["image_size"], "crop_size": settings["crop_size"],
                           "bit_depth": settings["bit_depth"], "frame": list(frame), "mean": list(IMAGENET_MEAN),

@@ -20,6 +20,9 @@ from .thresholds import Thresholds
 #: torch-free side): metadata keys start with METADATA_PREFIX, each value JSON; the graph's
 #: doc_string is DIGEST_PREFIX + :func:`metadata_digest` of them.
 FORMAT = "knnad-onnx/1"
+#: The format of whole-image exports (``crop_size`` None, ``preprocessing.frame`` the input's
+#: height and width), which readers of FORMAT alone cannot prepare images for.
+WHOLE_IMAGE_FORMAT = "knnad-onnx/2"
 METADATA_PREFIX = "knnad."
 DIGEST_PREFIX = "knnad metadata sha256:"
 INPUT, OUTPUTS = "images", ("image_scores", "anomaly_maps")
@@ -98,9 +101,9 @@ class OnnxDetector:
         if METADATA_PREFIX + "format" not in raw:
             raise ValueError(f"{self.path} is not a knnad export (no knnad metadata); export it "
                              f"with knnad.Detector.export_onnx or `knnad export`")
-        if raw[METADATA_PREFIX + "format"] != json.dumps(FORMAT):
+        if raw[METADATA_PREFIX + "format"] not in (json.dumps(FORMAT), json.dumps(WHOLE_IMAGE_FORMAT)):
             raise ValueError(f"{self.path} is a {raw[METADATA_PREFIX + 'format']} export; this knnad "
-                             f"reads {FORMAT!r}: upgrade knnad")
+                             f"reads {FORMAT!r} and {WHOLE_IMAGE_FORMAT!r}: upgrade knnad")
         digest = (meta.graph_description or "").removeprefix(DIGEST_PREFIX)
         if metadata_digest(raw) != digest:
             raise ValueError(f"{self.path}: its knnad metadata was edited or stripped (the digest in "

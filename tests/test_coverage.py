@@ -211,6 +211,7 @@ def test_whole_image_export_scores_like_the_detector(whole, tmp_path):
     path = whole.export_onnx(tmp_path / "whole.onnx")
     exported = OnnxDetector(path)
     assert exported.input_shape == (None, 3, 72, 96)
+    assert exported.metadata["format"] == "knnad-onnx/2"  # readers of knnad-onnx/1 refuse it plainly
     for map_size in ("processed", "original"):
         whole.set_params(map_size=map_size)
         try:
