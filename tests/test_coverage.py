@@ -98,6 +98,8 @@ def test_one_aspect_ratio_per_whole_image_model(normal, whole, tmp_path):
     assert whole.predict(striped(1, seed=3, width=240, height=180)).anomaly_maps.shape == (1, 72, 96)
     with pytest.raises(ValueError, match="map_size='original' needs whole-image mode.*crop_size=None"):
         Detector(**CROP).set_params(map_size="original")
+    with pytest.raises(ValueError, match=r"sigma=20 is too large for maps of image_size=72 .*use sigma < 17\.875"):
+        Detector(**WHOLE, sigma=20).fit(tmp_path / "no-images-here")  # the maps' shorter side: 72
     whole.set_params(map_size="original")
     try:
         with pytest.raises(ValueError, match="images of different sizes.*240x180"):
