@@ -91,7 +91,11 @@ def coreset(features: ArrayLike, ratio: Optional[float] = None, n: Optional[int]
     seeded random point; the result is deterministic for a ``seed``.
 
     Returns int64 ``[count]``: unique row numbers in selection order (every prefix is itself a
-    greedy coreset).
+    greedy coreset). The picks are the textbook greedy's on float32 squared distances
+    (|x|² − 2x·c + |c|²), the first of the farthest rows on a tie, whatever the code path or
+    thread count. Working memory beyond ``features`` (and its projection): about 36 bytes per
+    row, 132 more when ``dim`` >= 64 (the rows' 32-dim PCA projection, for pruning), and
+    ``4 * (dim + 37)`` bytes per pick (``dim`` after projection).
     """
     points = as_float32_matrix(features, "features")
     total, dim = points.shape
@@ -118,7 +122,7 @@ class _ThreadTuner:
     """Chooses torch's CPU thread count for the selection loop by timing it. Each pick is a few
     small operations (a matrix-vector product over the bank): on a quiet machine two threads
     are faster, but when another process competes for the cores they wait on each other and
-    the loop slows several-fold, while one thread keeps its pace (``bench_coreset_sharing.py``).
+    the loop slows several-fold, while one thread keeps its pace (``bench_coreset.py``).
     So every few blocks of picks it times one block with each candidate count and runs the
     faster until the next probe. The picks do not depend on the thread count."""
 
@@ -213,19 +217,18 @@ def _screening_basis(points: torch.Tensor) -> Optional[torch.Tensor]:
 
 class _Centres:
     """The picks so far and the squared radius of each one's cell (the largest ``u²`` of its
-    members: exact, or an upper bound while ``exact`` is False), with the cell test: which cells
-    a new pick ``c`` can take points from (``d(a, c) < 2R``)."""
+    members), with the cell test: which cells a new pick ``c`` can take points from
+    (``d(a, c) < 2R``), screened first in the projection when there is one."""
 
-    def __init__(self, points: torch.Tensor, count: int):
-        self.basis = _screening_basis(points)
+    def __init__(self, points: torch.Tensor, basis: Optional[torch.Tensor], count: int):
+        self.basis = basis
         self.vectors = torch.empty(count, points.shape[1], dtype=points.dtype, device=points.device)
         self.norms = torch.empty(count, dtype=points.dtype, device=points.device)
         self.radii = torch.full((count,), float("-inf"), dtype=points.dtype, device=points.device)
         self.gaps = torch.empty(count, dtype=points.dtype, device=points.device)
-        if self.basis is not None:
-            self.projected = torch.empty(count, self.basis.shape[1], dtype=points.dtype, device=points.device)
+        if basis is not None:
+            self.projected = torch.empty(count, basis.shape[1], dtype=points.dtype, device=points.device)
             self.projected_norms = torch.empty(count, dtype=points.dtype, device=points.device)
-        self.exact = True
 
     def add(self, step: int, centre: torch.Tensor, norm: torch.Tensor) -> None:
         self.vectors[step], self.norms[step] = centre, norm
@@ -251,56 +254,89 @@ class _Centres:
         return torch.nonzero(lower < 4.0 * _rows(self.radii, cells)).squeeze(1)
 
 
+class _Points:
+    """The bank's side of the loop: its rows, their squared norms and, when there is a
+    projection, their projections, in which most candidates are ruled out by a lower bound of
+    their distance before the exact one is computed."""
+
+    def __init__(self, points: torch.Tensor, basis: Optional[torch.Tensor]):
+        self.vectors = points
+        self.norms = (points * points).sum(dim=1)
+        self.distances = torch.empty_like(self.norms)
+        self.projected = None if basis is None else points @ basis
+        if basis is not None:
+            self.projected_norms = (self.projected * self.projected).sum(dim=1)
+
+    def closer(self, pick: torch.Tensor, candidates: Optional[torch.Tensor],
+               nearest: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, squared distances)`` of the points, among ``candidates`` (None: all), to
+        which the point ``pick`` is strictly closer than their ``nearest``."""
+        if self.projected is not None:
+            candidates = self._bounded(pick, candidates, nearest)
+        centre, centre_norm = self.vectors[pick], self.norms[pick]
+        if candidates is None or len(candidates) > _DENSE_FRACTION * len(self.vectors):
+            # Most points may come closer: one pass over all beats gathering them.
+            torch.mv(self.vectors, centre, out=self.distances)
+            self.distances.mul_(-2.0).add_(self.norms).add_(centre_norm)
+            moved = torch.nonzero(self.distances < nearest).squeeze(1)
+            return moved, self.distances.index_select(0, moved)
+        near = self.norms.index_select(0, candidates) + centre_norm \
+            - 2.0 * (self.vectors.index_select(0, candidates) @ centre)
+        closer = torch.nonzero(near < nearest.index_select(0, candidates)).squeeze(1)
+        return candidates.index_select(0, closer), near.index_select(0, closer)
+
+    def _bounded(self, pick, candidates, nearest) -> torch.Tensor:
+        """The ``candidates`` (None: all rows) whose distance to ``pick`` in the projection,
+        a lower bound of the true one, is below their ``nearest``."""
+        rows = slice(None) if candidates is None else candidates
+        lower = _rows(self.projected_norms, rows) + self.projected_norms[pick] \
+            - 2.0 * (_rows(self.projected, rows) @ self.projected[pick])
+        lower -= _SLACK * (_rows(self.norms, rows) + self.norms[pick])
+        passed = torch.nonzero(lower < _rows(nearest, rows)).squeeze(1)
+        return passed if candidates is None else candidates.index_select(0, passed)
+
+
 def _greedy_k_center(points: torch.Tensor, count: int, first: int, progress: bool) -> torch.Tensor:
     """Selection loop with triangle-inequality pruning over the picks' cells.
 
     Each point remembers its nearest pick ``a`` (its owner; the points a pick owns are its cell)
     and the squared distance ``u²`` to it; each cell the largest ``u²`` of its members, ``R²``.
     A new pick ``c`` can only come closer to a point than ``u`` if ``d(a, c) < 2u <= 2R``: only
-    the members of cells with ``d(a, c) < 2R`` that pass ``d(a, c) < 2u`` are measured against
-    ``c`` — nearly all points early on, a small neighbourhood once many picks exist. When more
-    than a quarter of the bank would be measured, one dense pass over all points is cheaper than
-    gathering them. The next pick, the point with the largest ``u``, is found among the members
-    of the cells with the largest ``R``. Squared distances use |x|² − 2x·c + |c|².
+    the members of cells with ``d(a, c) < 2R`` that pass ``d(a, c) < 2u`` are candidates —
+    nearly all points early on, a small neighbourhood once many picks exist (when the near cells
+    list more than half the bank, or more than a quarter passes, all points are). Candidates
+    whose distance in a PCA projection (a lower bound) is already ``u`` or more are left out;
+    the rest are measured exactly. The next pick, the point with the largest ``u``, is found
+    among the members of the cells with the largest ``R``. Squared distances use
+    |x|² − 2x·c + |c|².
     """
     total = len(points)
-    device = points.device
-    squared_norms = (points * points).sum(dim=1)
-    nearest = torch.full_like(squared_norms, float("inf"))
-    owner = torch.zeros(total, dtype=torch.int64, device=device)
-    picks = torch.empty(count, dtype=torch.int64, device=device)
-    distances = torch.empty_like(squared_norms)
-    centres, cells = _Centres(points, count), _Cells(total, count, device)
-    pick = torch.tensor(first, device=device)
-    tuner = _ThreadTuner(torch.get_num_threads() if device.type == "cpu" else 1)
+    basis = _screening_basis(points)
+    bank, centres = _Points(points, basis), _Centres(points, basis, count)
+    cells = _Cells(total, count, points.device)
+    nearest = torch.full_like(bank.norms, float("inf"))
+    owner = torch.zeros(total, dtype=torch.int64, device=points.device)
+    picks = torch.empty(count, dtype=torch.int64, device=points.device)
+    pick = torch.tensor(first, device=points.device)
+    tuner = _ThreadTuner(torch.get_num_threads() if points.device.type == "cpu" else 1)
     for step in tqdm(range(count), desc="coreset", unit="pt", disable=not progress, mininterval=1.0):
         tuner.tick(step)
         picks[step] = pick
-        centre, centre_norm = points[pick], squared_norms[pick]
-        centres.add(step, centre, centre_norm)
-        rows = candidates = None
+        centres.add(step, bank.vectors[pick], bank.norms[pick])
+        rows = candidates = None  # rows: the near cells' members, when measured through them
         near_cells = centres.near(step)
-        if step and cells.listed(near_cells) <= _LISTED_FRACTION * total:  # the first pick: dense
+        if step and cells.listed(near_cells) <= _LISTED_FRACTION * total:  # the first pick: all
             rows, row_cells = cells.members(near_cells, owner)
             passed = centres.gaps.index_select(0, row_cells) < 4.0 * nearest.index_select(0, rows)
             candidates = rows.index_select(0, torch.nonzero(passed).squeeze(1))
             if len(candidates) > _DENSE_FRACTION * total:
-                rows = None
-        if rows is None:  # most points may come closer: a full pass beats gathering them
-            torch.mv(points, centre, out=distances)
-            distances.mul_(-2.0).add_(squared_norms).add_(centre_norm)
-            moved = torch.nonzero(distances < nearest).squeeze(1)
-            moved_distances = distances[moved]
-        else:
-            near = squared_norms.index_select(0, candidates) - 2.0 * (points.index_select(0, candidates) @ centre) \
-                + centre_norm
-            closer = torch.nonzero(near < nearest.index_select(0, candidates)).squeeze(1)
-            moved, moved_distances = candidates.index_select(0, closer), near.index_select(0, closer)
+                rows = candidates = None
+        moved, moved_distances = bank.closer(pick, candidates, nearest)
         nearest[moved] = moved_distances
         owner[moved] = step
         nearest[pick] = float("-inf")  # never picked again, even among duplicate rows
         cells.add(step, moved, owner)
-        if rows is None:  # cells far away lost points too: all radii again
+        if rows is None:  # cells far away may have lost points too: all radii again
             centres.radii[:step + 1] = float("-inf")
             centres.radii.scatter_reduce_(0, owner, nearest, "amax")
         else:  # only the measured cells changed, and the new one
