@@ -173,3 +173,35 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, self.resident())
         self.bytes = self._peak - self._start
+
+
+def _busy_loop(stop) -> None:
+    """One CPU-bound thread: a numpy matrix product, again and again."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):
+        matrix = np.random.default_rng(0).random((600, 600))
+        while not stop.is_set():
+            matrix @ matrix
+
+
+class CompetingProcess:
+    """``with CompetingProcess(): ...``: one other CPU-bound process (a one-thread numpy matrix
+    product loop) runs for the duration, as on a shared inspection PC or CI runner.
+    ``CompetingProcess(False)`` does nothing, for the quiet case of the same code."""
+
+    def __init__(self, active: bool = True):
+        self.active = active
+
+    def __enter__(self) -> "CompetingProcess":
+        if self.active:
+            import multiprocessing
+            self._stop = multiprocessing.Event()
+            self._process = multiprocessing.Process(target=_busy_loop, args=(self._stop,), daemon=True)
+            self._process.start()
+            time.sleep(1.0)  # running before the measurement starts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            self._stop.set()
+            self._process.join()
