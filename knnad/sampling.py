@@ -4,6 +4,8 @@ Greedy k-center picks, one at a time, the point farthest from everything picked 
 keeps the covering radius (the largest distance from any point to its nearest pick) within a
 factor of two of the optimum. Distances for the selection can be computed on a random
 Johnson–Lindenstrauss projection to speed it up; the picks are points of the original bank.
+The loop is exact: triangle-inequality bounds over the picks' cells (and a PCA projection's
+lower bounds) only skip points that cannot come closer (``bench_coreset.py`` measures it).
 """
 from __future__ import annotations
 
@@ -93,9 +95,11 @@ def coreset(features: ArrayLike, ratio: Optional[float] = None, n: Optional[int]
     Returns int64 ``[count]``: unique row numbers in selection order (every prefix is itself a
     greedy coreset). The picks are the textbook greedy's on float32 squared distances
     (|x|² − 2x·c + |c|²), the first of the farthest rows on a tie, whatever the code path or
-    thread count. Working memory beyond ``features`` (and its projection): about 36 bytes per
-    row, 132 more when ``dim`` >= 64 (the rows' 32-dim PCA projection, for pruning), and
-    ``4 * (dim + 37)`` bytes per pick (``dim`` after projection).
+    thread count. Working memory beyond ``features`` (and its projection): a temporary of their
+    size while the squared norms are computed, then about 36 bytes per row, 132 more when
+    ``dim`` >= 64 (the rows' 32-dim PCA projection, for pruning), and ``4 * (dim + 37)`` bytes
+    per pick (``dim`` after projection); ``bench_coreset.py`` measured a peak of 1.15 times the
+    bank's bytes above it at 10 % of 270,864 x 128 rows.
     """
     points = as_float32_matrix(features, "features")
     total, dim = points.shape
@@ -120,9 +124,9 @@ def coreset(features: ArrayLike, ratio: Optional[float] = None, n: Optional[int]
 
 class _ThreadTuner:
     """Chooses torch's CPU thread count for the selection loop by timing it. Each pick is a few
-    small operations (a matrix-vector product over the bank): on a quiet machine two threads
-    are faster, but when another process competes for the cores they wait on each other and
-    the loop slows several-fold, while one thread keeps its pace (``bench_coreset.py``).
+    small operations (products over the picks so far or, early on, the whole bank): on a quiet
+    machine two threads can be faster, but when another process competes for the cores they
+    wait on each other and the loop slows several-fold, while one thread keeps its pace.
     So every few blocks of picks it times one block with each candidate count and runs the
     faster until the next probe. The picks do not depend on the thread count."""
 
