@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument("--coreset", type=float, default=0.1)
     parser.add_argument("--repeat", type=int, default=4, help="N2 = the test images this many times")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--memory-repeats", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--memory-repeats", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--query-images", type=int, default=16,
                         help="test images whose patches are the search's queries")
@@ -287,9 +287,10 @@ def main() -> None:
         "Ray fixed start-up s, one worker (actor start, model load)": one["fixed s"],
         "2 workers / 1 worker, steady images/s": two["steady images/s"] / one["steady images/s"],
         "largest |predict_dataset - Detector.predict| image score": difference,
-        "driver VmHWM growth MiB, first to last count": memory[-1]["driver VmHWM MiB"] - memory[0]["driver VmHWM MiB"],
-        "scoring actor VmHWM growth MiB": memory[-1]["scoring actor VmHWM MiB"] - memory[0]["scoring actor VmHWM MiB"],
-        "decoding workers VmHWM growth MiB": memory[-1]["decoding tasks VmHWM MiB"] - memory[0]["decoding tasks VmHWM MiB"]}
+        **{f"{process} VmHWM growth MiB, {memory[first]['images']} to {memory[last]['images']} images":
+            memory[last][f"{process} VmHWM MiB"] - memory[first][f"{process} VmHWM MiB"]
+            for process in ("driver", "scoring actor", "decoding tasks")
+            for first, last in sorted({(0, len(memory) - 1), (max(0, len(memory) - 2), len(memory) - 1)})}}
     summary.update({f"ShardedIndex {row['shards']} shards / FlatL2Index": row["time / FlatL2Index"]
                     for row in shards[1:]})
     if args.quick:
