@@ -18,7 +18,9 @@ with a MobileNetV2 model (IMAGENET1K_V1 weights, 10 % coreset) fitted on its tra
    images times it), a fresh process starts its own Ray cluster and runs predict_dataset with
    one worker; the driver's VmHWM (``/proc/self/status``) and the largest VmHWM of the scoring
    actor and of the decoding workers (``/proc/<pid>/status``, polled while it runs; the peak
-   of a process's whole life, not ru_maxrss, which misses other processes) must stay flat.
+   of a process's whole life, not ru_maxrss, which misses other processes), and their largest
+   RssAnon: a worker's VmHWM also counts the pages of Ray's shared object store it has read,
+   bounded by the store's size, while its private memory must level off.
 3. ShardedIndex: the full memory bank of the training images (no coreset, 163,856 x 128 on
    bottle) searched with the patches of ``--query-images`` test images (k = 1; 784 patches
    each) by one FlatL2Index in this process
@@ -51,11 +53,13 @@ from knnad.datasets import MVTecAD
 ROLES = {"scoring actor": "_Scorer", "decoding tasks": "decode_batch"}
 
 
-def vm_hwm(pid="self") -> int:
-    """Peak resident memory (VmHWM) of process ``pid`` in bytes; 0 once it has ended."""
+def vm_hwm(pid="self", field: str = "VmHWM") -> int:
+    """Peak resident memory (VmHWM) of process ``pid`` in bytes, or another field of its
+    /proc status such as RssAnon (its private memory now: what is not the pages of Ray's
+    shared object store that it has read); 0 once it has ended."""
     try:
         with open(f"/proc/{pid}/status") as handle:
-            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(f"{field}:"))
     except (OSError, StopIteration, ValueError):
         return 0
 
@@ -64,10 +68,12 @@ class RayWorkerPeaks:
     """Polls this machine's Ray worker processes (command line ``ray::...``) every
     ``interval`` seconds and keeps, per role of :data:`ROLES`, the largest VmHWM seen. A worker
     process runs tasks of several kinds in its life (and idles as ``ray::IDLE``): it counts in
-    every role it was seen in."""
+    every role it was seen in. ``private`` keeps, per role, the largest RssAnon seen: VmHWM
+    also counts the object store's shared pages a worker has touched."""
 
     def __init__(self, interval: float = 0.1):
         self.interval, self.peaks, self.titles = interval, {role: 0 for role in ROLES}, {}
+        self.private = {role: 0 for role in ROLES}
 
     def _poll(self) -> None:
         for entry in os.listdir("/proc"):
@@ -83,6 +89,7 @@ class RayWorkerPeaks:
                 for role, mark in ROLES.items():
                     if any(mark in seen for seen in self.titles[int(entry)]):
                         self.peaks[role] = max(self.peaks[role], vm_hwm(entry))
+                        self.private[role] = max(self.private[role], vm_hwm(entry, "RssAnon"))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -118,6 +125,7 @@ def memory_child(model: str, paths_file: str, out: str, cpus: int) -> None:
         summary = predict_dataset(model, paths, Path(folder) / "out", num_workers=1)
     Path(out).write_text(json.dumps({"images": summary["images"], "seconds": summary["seconds"],
                                      "driver": vm_hwm(), **workers.peaks,
+                                     "private": workers.private,
                                      "titles": sorted({t for ts in workers.titles.values() for t in ts})}))
 
 
@@ -136,6 +144,7 @@ def memory_rows(model: Path, test: List[str], repeats: List[int], cpus: int, fol
             raise RuntimeError(f"no Ray worker seen for {missing}; titles seen: {found['titles']}")
         rows.append({"images": found["images"], "driver VmHWM MiB": found["driver"] / 2**20,
                      **{f"{role} VmHWM MiB": found[role] / 2**20 for role in ROLES},
+                     **{f"{role} largest RssAnon MiB": found["private"][role] / 2**20 for role in ROLES},
                      "seconds": found["seconds"]})
     return rows
 
@@ -231,7 +240,7 @@ def main() -> None:
     parser.add_argument("--coreset", type=float, default=0.1)
     parser.add_argument("--repeat", type=int, default=4, help="N2 = the test images this many times")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--memory-repeats", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--memory-repeats", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--query-images", type=int, default=16,
                         help="test images whose patches are the search's queries")
