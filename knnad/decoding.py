@@ -18,12 +18,12 @@ logger = logging.getLogger(__name__)
 
 def decode_batch(batch: Dict[str, np.ndarray], preprocessor: Preprocessor) -> Dict[str, np.ndarray]:
     """A Ray Data batch of image paths, ``batch["path"]`` ``[B]``, decoded: ``path`` ``[B]``
-    (str), ``image`` float32 ``[B, 3, crop, crop]`` as ``preprocessor`` prepares it, and
+    (str), ``image`` float32 ``[B, 3, H, W]`` as ``preprocessor`` prepares it (``H, W``: its
+    frame, the crop or a whole-image model's frame), and
     ``error`` ``[B]`` (str): "" where the image was read, else why it could not be (its
     ``image`` is then zeros)."""
     paths = [str(path) for path in batch["path"]]
-    crop = preprocessor.crop_size
-    images = np.zeros((len(paths), 3, crop, crop), np.float32)
+    images = np.zeros((len(paths), 3, *preprocessor.frame), np.float32)
     errors = np.full(len(paths), "", dtype=object)
     for row, path in enumerate(paths):
         try:

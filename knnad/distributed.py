@@ -49,7 +49,7 @@ from .decoding import decode_batch
 from .detector import Detector
 from .index import DEFAULT_MEMORY_BUDGET, FlatL2Index, check_matrix, float32_rows
 from .options import OPTIONS, check, validate
-from .persistence import FORMAT_VERSION, KIND
+from .persistence import FORMAT_VERSION, KIND, saved_frame
 from .preprocessing import Preprocessor, image_files
 from .sources import image_items
 
@@ -312,7 +312,7 @@ def _preprocessor(model: Path) -> Preprocessor:
     defaults = Detector().get_params()
     geometry = {name: saved.get(name, defaults[name]) for name in ("image_size", "crop_size", "bit_depth")}
     try:
-        return Preprocessor(**geometry)
+        return Preprocessor(**geometry, frame=saved_frame(model, geometry, meta))
     except (TypeError, ValueError) as error:
         raise ModelFileError(f"{model} holds an invalid setting ({error}); fit again and save a "
                              f"new model file") from None
@@ -326,8 +326,9 @@ class _Scorer:
                  preprocessor: Preprocessor):
         load = {name: params[name] for name in _LOAD_PARAMS if name in params}
         self.detector = Detector.load(model, **load)
+        # Maps at the model's frame: the decoded arrays no longer know their images' sizes.
         self.detector.set_params(**{name: value for name, value in params.items() if name not in load},
-                                 batch_size=batch_size, progress=False)
+                                 batch_size=batch_size, progress=False, map_size="processed")
         if vars(self.detector.preprocessor_) != vars(preprocessor):
             raise RuntimeError(f"the images were decoded with {preprocessor!r}, but {model} "
                                f"prepares them with {self.detector.preprocessor_!r}; report this "
@@ -484,7 +485,8 @@ def predict_dataset(model: PathLike, images: Any, output: PathLike, *, num_worke
     ``label`` (True = anomalous; null when the model is not calibrated for its settings),
     ``map_max`` (the anomaly map's maximum), ``status`` (``"scored"`` or ``"skipped"``: the
     file could not be read; the scores are then null), ``error`` (why it was skipped; null for
-    a scored image) and, with ``maps=True``, ``map_file``: the map as float32 ``[crop, crop]``
+    a scored image) and, with ``maps=True``, ``map_file``: the map as float32 ``[H, W]`` (the
+    model's frame: its crop, or a whole-image model's frame, whatever its ``map_size``)
     ``.npy`` file, relative to ``output`` (under ``_maps/``). Rows are in no particular order.
     Written complete-or-absent: into a hidden folder next to ``output``, renamed to it at the
     end and removed on failure; an earlier output of predict_dataset there is replaced, any

@@ -441,3 +441,18 @@ def test_a_wrong_address_is_named_with_what_to_do(cluster):
             distributed.connect(f"127.0.0.1:{port}")
     assert distributed.connect(None) is ray and distributed.connect("auto") is ray
     assert distributed.connect(ray.get_runtime_context().gcs_address) is ray
+
+
+def test_a_whole_image_model_scores_on_ray_as_in_one_process(cluster, single_thread, torch_home, tmp_path):
+    """crop_size=None: the decoding tasks prepare the model's own frame (from its file)."""
+    import pandas as pd
+    detector = Detector(**{**PARAMS, "crop_size": None, "map_size": "original"}).fit(BOTTLE / "train" / "good")
+    path = detector.save(tmp_path / "whole.npz")
+    images = sorted(str(p) for p in (BOTTLE / "test").glob("*/*.png"))[:4]
+    distributed.predict_dataset(path, images, tmp_path / "out", batch_size=2, maps=True)
+    rows = pd.read_parquet(tmp_path / "out").set_index("path").loc[images]
+    reference = detector.set_params(map_size="processed").predict(images)
+    assert reference.anomaly_maps.shape[1:] == detector.preprocessor_.frame != (PARAMS["crop_size"],) * 2
+    np.testing.assert_allclose(rows.image_score, reference.image_scores, rtol=0, atol=1e-6)
+    for map_file, expected in zip(rows.map_file, reference.anomaly_maps):
+        np.testing.assert_allclose(np.load(tmp_path / "out" / map_file), expected, rtol=0, atol=1e-6)
