@@ -47,7 +47,7 @@ from ._types import ArrayLike, PathLike
 from .archive import ModelFileError, read_archive
 from .decoding import decode_batch
 from .detector import Detector
-from .index import DEFAULT_MEMORY_BUDGET, FlatL2Index, check_matrix, float32_rows
+from .index import DEFAULT_MEMORY_BUDGET, ExactIndex, FlatL2Index, check_matrix, float32_rows
 from .options import OPTIONS, check, validate
 from .persistence import FORMAT_VERSION, KIND, saved_frame
 from .preprocessing import Preprocessor, image_files
@@ -644,7 +644,7 @@ class _Shard:
 _PLACEMENT_WARNING_S = 30
 
 
-class ShardedIndex:
+class ShardedIndex(ExactIndex):
     """Exact Euclidean k-nearest-neighbour search over a bank split across Ray actors.
 
     Each of ``num_shards`` actors holds a :class:`~knnad.index.FlatL2Index` (faiss on CPU or
@@ -712,22 +712,6 @@ class ShardedIndex:
     def __repr__(self) -> str:
         return (f"ShardedIndex(dim={self._dim}, shards={self.num_shards}, backend={self._backend!r}, "
                 f"device={self._device!r}, size={self._count}, rows per shard={self._sizes})")
-
-    def __len__(self) -> int:
-        return self._count
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @property
-    def device(self) -> str:
-        """The shards' device, as their actors resolved it (``"cpu"``, ``"cuda:0"`` ...)."""
-        return self._device
 
     def shard_sizes(self) -> List[int]:
         """Rows held by each shard."""

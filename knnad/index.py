@@ -100,7 +100,34 @@ def _shard_over_gpus(vectors: np.ndarray):
     return faiss.index_cpu_to_all_gpus(cpu_index, co=options)
 
 
-class FlatL2Index:
+class ExactIndex:
+    """What every exact index of knnad reports: its size, dimension, backend and device
+    (``_count``, ``_dim``, ``_backend``, ``_device``, set by the subclass)."""
+
+    _count: int
+    _dim: int
+    _backend: str
+    _device: str
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def backend(self) -> str:
+        """``"faiss"`` or ``"torch"``: what ``"auto"`` resolved to."""
+        return self._backend
+
+    @property
+    def device(self) -> str:
+        """``"cpu"``, ``"cuda:N"`` or ``"cuda:all"``, as resolved where the vectors live."""
+        return self._device
+
+
+class FlatL2Index(ExactIndex):
     """Exact Euclidean k-nearest-neighbour search, faiss-style ``add``/``search``.
 
     Parameters
@@ -158,23 +185,6 @@ class FlatL2Index:
     def __repr__(self) -> str:
         return (f"FlatL2Index(dim={self._dim}, backend={self._backend!r}, "
                 f"device={self._device!r}, size={self._count})")
-
-    def __len__(self) -> int:
-        return self._count
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def backend(self) -> str:
-        """``"faiss"`` or ``"torch"``: what ``"auto"`` resolved to."""
-        return self._backend
-
-    @property
-    def device(self) -> str:
-        """``"cpu"``, ``"cuda:N"`` or ``"cuda:all"``."""
-        return self._device
 
     def add(self, vectors: ArrayLike) -> None:
         """Append ``vectors`` ``[n, dim]`` (numpy or torch, any device; converted to float32)."""
