@@ -97,8 +97,9 @@ def bank_of(name: str, mvtec_root: Path) -> np.ndarray:
 def run_peer(python: str, name: str, bank: np.ndarray, load: str) -> dict:
     """anomalib's KCenterGreedy on ``bank`` (bank ``name``), ``PEER_PICKS`` picks, in its
     interpreter. Its random projection is unseeded: each run keeps its own projected features."""
-    source = CACHE / f"{name}-{len(bank)}.npy"
-    if not source.is_file():
+    source = CACHE / f"{name}.npy"  # the whole bank, or (--quick) its first rows
+    if len(np.load(source, mmap_mode="r")) != len(bank):
+        source = CACHE / f"{name}-{len(bank)}.npy"
         np.save(source, bank)
     out = str(CACHE / f"{name}-{len(bank)}-{'quiet' if load == 'quiet' else 'loaded'}.anomalib")
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
