@@ -206,6 +206,16 @@ def _rows(values: torch.Tensor, rows: Union[slice, torch.Tensor]) -> torch.Tenso
     return values[rows] if isinstance(rows, slice) else values.index_select(0, rows)
 
 
+def _lower_gaps(vectors: torch.Tensor, norms: torch.Tensor, rows: Union[slice, torch.Tensor],
+                at: Union[int, torch.Tensor], bank_norms: torch.Tensor) -> torch.Tensor:
+    """Lower bounds of the squared distances from ``vectors[rows]`` to ``vectors[at]``
+    (``norms``: their squared norms), as |x|² + |c|² − 2x·c less a slack above float32's
+    rounding of it, relative to the bank's squared norms ``bank_norms`` of the same rows (the
+    same slack whether ``vectors`` are the bank's rows or their projections)."""
+    lower = _rows(norms, rows) + norms[at] - 2.0 * (_rows(vectors, rows) @ vectors[at])
+    return lower.sub_(_SLACK * (_rows(bank_norms, rows) + bank_norms[at]))
+
+
 def _screening_basis(points: torch.Tensor) -> Optional[torch.Tensor]:
     """Orthonormal ``[dim, _SCREEN_DIM]`` basis of the bank's main directions (PCA of a sample),
     or None when ``dim`` is too small for it to pay. Distances between projections never exceed
@@ -252,8 +262,7 @@ class _Centres:
 
     def _closer(self, cells, vectors, norms, step) -> torch.Tensor:
         """Positions in ``cells`` (a slice or row numbers) of those that pass the cell test."""
-        lower = _rows(norms, cells) - 2.0 * (_rows(vectors, cells) @ vectors[step]) + norms[step]
-        lower -= _SLACK * (_rows(self.norms, cells) + self.norms[step])  # the bank's norms, in both tests
+        lower = _lower_gaps(vectors, norms, cells, step, self.norms)
         self.gaps[cells] = lower
         return torch.nonzero(lower < 4.0 * _rows(self.radii, cells)).squeeze(1)
 
@@ -293,9 +302,7 @@ class _Points:
         """The ``candidates`` (None: all rows) whose distance to ``pick`` in the projection,
         a lower bound of the true one, is below their ``nearest``."""
         rows = slice(None) if candidates is None else candidates
-        lower = _rows(self.projected_norms, rows) + self.projected_norms[pick] \
-            - 2.0 * (_rows(self.projected, rows) @ self.projected[pick])
-        lower -= _SLACK * (_rows(self.norms, rows) + self.norms[pick])
+        lower = _lower_gaps(self.projected, self.projected_norms, rows, pick, self.norms)
         passed = torch.nonzero(lower < _rows(nearest, rows)).squeeze(1)
         return passed if candidates is None else candidates.index_select(0, passed)
 
