@@ -89,12 +89,12 @@ def best_time(function: Callable[[], object], repeats: int = 3, warmup: int = 1)
     return min(times)
 
 
-def category_parser(description: str) -> argparse.ArgumentParser:
-    """Arguments of the detector benchmarks on one MVTec AD category: --mvtec-root, --category,
-    --weights (MobileNetV2's) and --coreset."""
+def category_parser(description: str, root: Path = None) -> argparse.ArgumentParser:
+    """Arguments of the detector benchmarks on one MVTec AD category: --mvtec-root (required,
+    unless a default ``root`` is given), --category, --weights (MobileNetV2's) and --coreset."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mvtec-root", type=Path, required=True)
+    parser.add_argument("--mvtec-root", type=Path, required=root is None, default=root)
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--weights", default="IMAGENET1K_V1")
     parser.add_argument("--coreset", type=float, default=0.1)
@@ -122,19 +122,21 @@ def markdown_table(rows: List[Dict[str, object]]) -> str:
 
 
 def write_results(name: str, tables: Dict[str, List[Dict[str, object]]],
-                  summary: Dict[str, object] = None) -> Path:
+                  summary: Dict[str, object] = None, tag: str = None) -> Path:
     """Print the tables (title -> rows) and a summary, and write them to
-    ``results/<name>-<machine>.md`` and ``.json``. Returns the .md path."""
+    ``results/<name>-<tag>.md`` and ``.json`` (``tag``: :func:`machine_tag` unless given).
+    Returns the .md path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = machine_description()
-    text = f"# {name} on {machine_tag()}\n\nMachine: {json.dumps(machine)}\n"
+    tag = tag or machine_tag()
+    text = f"# {name} on {tag}\n\nMachine: {json.dumps(machine)}\n"
     for title, rows in tables.items():
         text += f"\n## {title}\n\n" + markdown_table(rows)
     if summary:
         text += "\n## Summary\n\n" + "".join(f"- {key}: {value:.4g}\n" if isinstance(value, float)
                                               else f"- {key}: {value}\n" for key, value in summary.items())
     print(text)
-    stem = RESULTS / f"{name}-{machine_tag()}"
+    stem = RESULTS / f"{name}-{tag}"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "tables": tables,
                                                      "summary": summary or {}}, indent=2))
