@@ -97,7 +97,7 @@ TITLES = {"search": "1. Exact search: FlatL2Index (torch) against the torch.mm f
           "coreset": "2. Coreset on the device against the CPU",
           "detector": "3. Detector end to end on bottle",
           "stages": "3. Stage costs of Detector.predict, one after another",
-          "ray": "3. predict_dataset with one worker on a local Ray cluster",
+          "ray": "3. predict_dataset with one worker on a local Ray cluster (seconds include its start)",
           "decoding": "4. Decoding ceiling: knnad's decoding and preprocessing on this CPU"}
 
 
@@ -166,6 +166,7 @@ def nvidia_driver() -> str:
 def git_commit() -> str:
     """The checkout's HEAD commit, marked when tracked files differ from it, or why unknown."""
     def git(*arguments: str) -> str:
+        """git's output for ``arguments`` in this checkout; raises where git fails."""
         return subprocess.run(["git", "-C", str(REPOSITORY), *arguments], capture_output=True,
                               text=True, timeout=60, check=True).stdout.strip()
     try:
@@ -205,6 +206,7 @@ def product_floor(queries: torch.Tensor, bank: torch.Tensor) -> Callable[[], Non
     transposed = bank.T
 
     def run() -> None:
+        """One pass over the queries."""
         for start in range(0, len(queries), step):
             block = queries[start:start + step]
             torch.mm(block, transposed, out=out[:len(block)])
@@ -439,11 +441,13 @@ def decoding_rows(paths: List[str], preprocessor: Preprocessor, batch_size: int,
     cores = os.cpu_count() or 1
 
     def images_for(workers: int) -> List[str]:
+        """``paths`` repeated to at least ``sizes.decode_images`` per worker."""
         return paths * -(-sizes.decode_images * workers // len(paths))
 
     rows = []
 
     def add(how: str, workers: int, images: List[str], run: Callable[[], object]) -> None:
+        """Time ``run``, which decodes ``images``, once, and add its row."""
         seconds = best_time(run, repeats=1, warmup=0)
         rows.append({"decoding": how, "workers": workers, "images": len(images), "seconds": seconds,
                      "images/s": len(images) / seconds})
@@ -498,7 +502,10 @@ def main() -> None:
                                                  "with --quick a new temporary folder)")
     parser.add_argument("--commit", help="the commit to record where the copy has no git checkout")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would make the search inexact
     torch.backends.cudnn.allow_tf32 = False
     if device.type == "cuda":
@@ -517,6 +524,7 @@ def main() -> None:
     say(f"on {device}: {summary}")
 
     def save() -> Path:
+        """Write the tables and summary measured so far; returns the .md path."""
         summary["total seconds"] = time.perf_counter() - _STARTED
         tag = "gpu" if device.type == "cuda" else f"cpu{os.cpu_count()}"
         return write_results(f"gpu-{args.category}", tables, summary, tag=tag)
@@ -537,6 +545,7 @@ def run_checks(args, sizes: Sizes, device: torch.device, train: List[str], test:
     """Items 1 to 4 in turn, each table's rows appended as they are measured; ``save`` writes
     the results so far (quietly before Ray, so that they outlast a run killed there)."""
     def detector(coreset=args.coreset, **params) -> Detector:
+        """An unfitted Detector of the run's backbone, weights and coreset on the device."""
         return Detector("mobilenet_v2", weights=args.weights, coreset=coreset, backend="torch",
                         device=str(device), progress=False, **params)
 
