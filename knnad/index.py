@@ -214,8 +214,16 @@ class FlatL2Index(ExactIndex):
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Stored vectors ``start:stop`` as float32 ``[stop - start, dim]``: on the index's
-        device for the torch backend, on the CPU for faiss. A read-only view where the storage
-        allows one (valid until the next :meth:`add`), else a copy."""
+        device for the torch backend, on the CPU for faiss. Read-only: a copy made as an
+        inference tensor, so that writing to it in place raises torch's RuntimeError (outside
+        ``torch.inference_mode``) and nothing written to it reaches the index; ``clone()`` it
+        for a writable copy."""
+        with torch.inference_mode():
+            return self._rows(start, stop).clone()
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        """Stored vectors ``start:stop``: a view of the storage where it allows one (valid
+        until the next :meth:`add`; not to be written), else a copy."""
         view = self._view()
         if view is not None:
             return view[start:stop]
@@ -223,7 +231,7 @@ class FlatL2Index(ExactIndex):
 
     def vectors(self) -> np.ndarray:
         """A copy of the stored vectors, float32 ``[len(self), dim]``, in insertion order."""
-        return self.rows(0, self._count).cpu().numpy().copy()
+        return self._rows(0, self._count).cpu().numpy().copy()
 
     def _stored(self, rows: torch.Tensor) -> torch.Tensor:
         """Stored vectors at ``rows`` (int64, any shape), float32 ``[*rows.shape, dim]``."""
@@ -298,7 +306,7 @@ class FlatL2Index(ExactIndex):
         rows once (never the whole bank) and searches them on the CPU with ``faiss.knn`` or on
         the index's device with the torch kernel."""
         self._check_ranges(ranges)
-        gallery = torch.cat([self.rows(start, stop) for start, stop in ranges] or [torch.empty(0, self._dim)])
+        gallery = torch.cat([self._rows(start, stop) for start, stop in ranges] or [torch.empty(0, self._dim)])
         if len(gallery) == 0:
             raise ValueError("search_among: the ranges hold no stored vectors")
         k = check_int(k, "k", 1, len(gallery), " (the rows in the ranges)")

@@ -336,3 +336,19 @@ def test_gpu_search_matches_the_cpu(backend):
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
     np.testing.assert_array_equal(gpu.vectors(), bank)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_rows_are_read_only(backend):
+    """Writing to what rows() returns raises, and the index keeps its vectors (issue #21)."""
+    bank = np.random.default_rng(12).standard_normal((50, 8)).astype(np.float32)
+    index = FlatL2Index.of(bank, backend=backend, device="cpu")
+    rows = index.rows(10, 20)
+    for write in (lambda: rows.__setitem__(0, 1.0), lambda: rows.add_(1.0), lambda: rows[2:5].zero_()):
+        with pytest.raises(RuntimeError, match="[Ii]nplace"):
+            write()
+    index.rows(10, 20).numpy()[:] = 0  # numpy's view of the result: not the index's storage
+    writable = index.rows(10, 20).clone()
+    writable += 1
+    np.testing.assert_array_equal(index.vectors(), bank)
+    np.testing.assert_array_equal(index.search(bank[:5], 1)[1][:, 0], np.arange(5))
