@@ -7,6 +7,7 @@ warning that lists them. Detectors accept these datasets directly.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,7 +212,8 @@ class BTAD(ImageDataset):
 class ImageFolder(ImageDataset):
     """Your own data: ``normal_dir`` (good images), optional ``abnormal_dir`` (defect images)
     and ``mask_dir`` (a mask per defect image named ``<stem>.<ext>`` or ``<stem>_mask.<ext>``).
-    Without ``mask_dir`` defect images have no mask."""
+    Without ``mask_dir`` defect images have no mask. The folders must be distinct (a folder
+    inside another is another folder: only the files directly in each are read)."""
 
     def __init__(self, normal_dir: PathLike, abnormal_dir: Optional[PathLike] = None,
                  mask_dir: Optional[PathLike] = None, allow_missing_masks: bool = False):
@@ -219,6 +221,12 @@ class ImageFolder(ImageDataset):
         for argument, folder in folders:
             if folder is not None and not Path(folder).is_dir():
                 raise FileNotFoundError(f"{argument} {folder} does not exist")
+        given = [(argument, Path(folder)) for argument, folder in folders if folder is not None]
+        for (first, folder), (second, other) in itertools.combinations(given, 2):
+            if folder.samefile(other):
+                raise ValueError(f"{first} and {second} are the same folder {folder}: each file "
+                                 f"there would play both roles; put the normal images, the "
+                                 f"defect images and the masks in separate folders")
         if mask_dir is not None and abnormal_dir is None:
             raise ValueError("mask_dir is given without abnormal_dir: masks belong to defect images")
         self.category = Path(normal_dir).name

@@ -169,3 +169,23 @@ def test_category_must_be_a_name(btad_root, mvtec_root):
         BTAD(btad_root, 1)
     with pytest.raises(ValueError, match="category must be a folder name"):
         MVTecAD(mvtec_root, None)
+
+
+def test_image_folder_refuses_one_folder_in_two_roles(tmp_path):
+    """The same folder as normal and abnormal images (or as masks) would label each image
+    twice (issue #21); a folder inside another holds other images, and is accepted."""
+    images = tmp_path / "images"
+    for i in range(2):
+        write_image(images / f"{i}.png")
+    bad = tmp_path / "bad"
+    write_image(bad / "b.png")
+    (tmp_path / "link").symlink_to(images)
+    for arguments, roles, folder in [((images, images), "normal_dir and abnormal_dir", images),
+                                     ((str(images), tmp_path / "link" / "."), "normal_dir and abnormal_dir", images),
+                                     ((images, bad, bad), "abnormal_dir and mask_dir", bad),
+                                     ((images, bad, images), "normal_dir and mask_dir", images)]:
+        with pytest.raises(ValueError, match=rf"{roles} are the same folder {folder}.*separate folders"):
+            ImageFolder(*arguments)
+    write_image(images / "defects" / "d.png")
+    nested = ImageFolder(images, images / "defects")
+    assert list(nested.labels) == [0, 0, 1]
