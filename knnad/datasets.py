@@ -1,9 +1,9 @@
 """Image datasets with labels and masks: MVTec AD, BTAD, and users' own folders.
 
 Each dataset is a list of :class:`Sample` (``ds.samples``) built and checked at construction:
-a missing root or category, an empty split, a defect image without a mask, or a mask whose size
-differs from its image raise a clear error; files that are not images are skipped with a
-warning that lists them. Detectors accept these datasets directly.
+a missing root or category, an empty split, a defect image without a mask, a mask whose size
+differs from its image, or a broken symbolic link raise a clear error; files that are not
+images are skipped with a warning that lists them. Detectors accept these datasets directly.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ._types import PathLike
-from .preprocessing import IMAGE_SUFFIXES, Preprocessor, upright_size
+from .preprocessing import IMAGE_SUFFIXES, Preprocessor, broken_link, upright_size
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +50,22 @@ def _image_size(path: Path) -> Optional[Tuple[int, int]]:
         return None
 
 
+def _check_link(path: Path) -> None:
+    """FileNotFoundError naming ``path`` and its target when it is a broken symbolic link."""
+    broken = broken_link(path)
+    if broken:
+        raise FileNotFoundError(f"{path} is {broken}")
+
+
 def _images_in(folder: Path, not_images: List[Path]) -> List[Path]:
-    """Sorted image files in ``folder``; other files are appended to ``not_images``."""
+    """Sorted image files in ``folder``; other files are appended to ``not_images``. A broken
+    symbolic link raises FileNotFoundError naming it."""
     found = []
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
+        if path.name.startswith("."):
+            continue
+        _check_link(path)
+        if not path.is_file():
             continue
         if path.suffix.lower() in IMAGE_SUFFIXES and _image_size(path) is not None:
             found.append(path)
@@ -142,9 +153,12 @@ def _split_folders(root: Path, category: str, split: str, known: Sequence[str], 
 
 
 def _find_mask(folder: Path, stems: Sequence[str]) -> Optional[Path]:
+    """The first mask file in ``folder`` named after one of ``stems``, or None; a broken
+    symbolic link in its place raises FileNotFoundError naming it."""
     for stem in stems:
         for suffix in (".png", ".bmp", ".PNG", ".BMP", ".tif", ".tiff"):
             candidate = folder / f"{stem}{suffix}"
+            _check_link(candidate)
             if candidate.is_file():
                 return candidate
     return None

@@ -50,7 +50,7 @@ from .detector import Detector
 from .index import DEFAULT_MEMORY_BUDGET, ExactIndex, FlatL2Index, check_matrix, float32_rows
 from .options import OPTIONS, check, validate
 from .persistence import FORMAT_VERSION, KIND, saved_frame
-from .preprocessing import Preprocessor, image_files
+from .preprocessing import Preprocessor, broken_link, image_files
 from .sources import image_items
 
 logger = logging.getLogger(__name__)
@@ -380,11 +380,12 @@ def _is_ray_dataset(images: Any) -> bool:
 
 def _paths(images: Any) -> List[str]:
     """Absolute paths of ``images``: a folder, an image file, a glob pattern, a list of paths or
-    a knnad dataset."""
+    a knnad dataset. Broken symbolic links are kept: their rows are skipped, naming them."""
     if isinstance(images, (str, os.PathLike)):
         text = os.fspath(images)
         if not os.path.exists(text) and glob.has_magic(text):
-            found = sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p))
+            found = sorted(p for p in glob.glob(text, recursive=True)
+                           if os.path.isfile(p) or broken_link(Path(p)))
             if not found:
                 raise FileNotFoundError(f"images: no file matches the pattern {text!r}")
             return [_absolute(p) for p in found]

@@ -60,6 +60,14 @@ def _upright(image: Image.Image) -> Image.Image:
     return image if orientation in (0, 1) else ImageOps.exif_transpose(image)
 
 
+def broken_link(path: Path) -> Optional[str]:
+    """What is wrong with ``path`` when it is a symbolic link whose target is gone ("a broken
+    symbolic link to TARGET", and what to do), else None."""
+    if path.is_symlink() and not path.exists():
+        return f"a broken symbolic link to {os.readlink(path)}; restore its target or remove the link"
+    return None
+
+
 def open_image(image: ImageInput) -> Image.Image:
     """Open ``image`` (a path or a PIL image), decode it fully and apply its EXIF orientation.
 
@@ -70,6 +78,9 @@ def open_image(image: ImageInput) -> Image.Image:
     if not isinstance(image, (str, os.PathLike)):
         raise TypeError(f"expected an image path or a PIL.Image, got {type(image).__name__}")
     path = Path(image)
+    broken = broken_link(path)
+    if broken:
+        raise ImageLoadError(path, broken)
     if not path.is_file():
         raise ImageLoadError(path, "no such file")
     opened = None
@@ -324,19 +335,23 @@ class Preprocessor:
 
 
 def image_files(path: PathLike) -> List[Path]:
-    """``[path]`` for an image file, the sorted images of a folder (:func:`list_images`); a
-    FileNotFoundError naming ``path`` when it is neither."""
+    """``[path]`` for an image file (or a broken symbolic link, which reading names), the
+    sorted images of a folder (:func:`list_images`); a FileNotFoundError naming ``path`` when
+    it is none of these."""
     path = Path(path)
     if path.is_dir():
         return list_images(path)
-    if path.is_file():
+    if path.is_file() or broken_link(path):
         return [path]
     raise FileNotFoundError(f"{path} is neither an image file nor a folder")
 
 
 def list_images(folder: PathLike) -> List[Path]:
-    """Sorted paths of the image files (by suffix, see IMAGE_SUFFIXES) directly in ``folder``."""
+    """Sorted paths of the image files (by suffix, see IMAGE_SUFFIXES) directly in ``folder``,
+    broken symbolic links among them: reading one then raises ImageLoadError naming it (or, with
+    ``on_error="skip"``, it is skipped with a warning and listed), instead of its being left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                  and (p.is_file() or broken_link(p)))

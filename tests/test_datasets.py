@@ -189,3 +189,20 @@ def test_image_folder_refuses_one_folder_in_two_roles(tmp_path):
     write_image(images / "defects" / "d.png")
     nested = ImageFolder(images, images / "defects")
     assert list(nested.labels) == [0, 0, 1]
+
+
+def test_a_broken_link_in_a_dataset_is_named(mvtec_root, tmp_path):
+    """A symbolic link to a file that is gone is an error naming the link and its target, not
+    an image quietly left out (issue #21)."""
+    good = mvtec_root / "bottle" / "train" / "good"
+    (good / "003.png").symlink_to(tmp_path / "moved" / "003.png")
+    with pytest.raises(FileNotFoundError, match=r"003.png is a broken symbolic link .*moved.*restore"):
+        MVTecAD(mvtec_root, "bottle", "train")
+    with pytest.raises(FileNotFoundError, match=r"003.png is a broken symbolic link"):
+        ImageFolder(good)
+    (good / "003.png").unlink()
+    masks = mvtec_root / "bottle" / "ground_truth" / "contamination"
+    (masks / "001_mask.png").rename(tmp_path / "001_mask.png")
+    (masks / "001_mask.png").symlink_to(tmp_path / "moved" / "001_mask.png")
+    with pytest.raises(FileNotFoundError, match=r"001_mask.png is a broken symbolic link"):
+        MVTecAD(mvtec_root, "bottle", "test", allow_missing_masks=True)

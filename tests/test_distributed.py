@@ -456,3 +456,18 @@ def test_a_whole_image_model_scores_on_ray_as_in_one_process(cluster, single_thr
     np.testing.assert_allclose(rows.image_score, reference.image_scores, rtol=0, atol=1e-6)
     for map_file, expected in zip(rows.map_file, reference.anomaly_maps):
         np.testing.assert_allclose(np.load(tmp_path / "out" / map_file), expected, rtol=0, atol=1e-6)
+
+
+def test_a_broken_link_among_the_images_gets_a_skipped_row(tmp_path):
+    """A symbolic link to a file that is gone is listed from a folder or a pattern, and its
+    decoding names it (issue #21; the pattern left it out without a word)."""
+    from knnad.decoding import decode_batch
+    from knnad.preprocessing import Preprocessor
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(BOTTLE / "test" / "good" / "000.png", folder / "000.png")
+    (folder / "gone.png").symlink_to(tmp_path / "moved.png")
+    expected = [str(folder / "000.png"), str(folder / "gone.png")]
+    assert distributed._paths(folder) == distributed._paths(str(folder / "*.png")) == expected
+    decoded = decode_batch({"path": np.array(expected, dtype=object)}, Preprocessor(128, 112))
+    assert decoded["error"][0] == "" and "gone.png: a broken symbolic link to" in decoded["error"][1]
