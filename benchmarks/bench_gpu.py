@@ -336,10 +336,10 @@ def stage_rows(detector: Detector, paths: List[str], sizes: Sizes) -> List[Dict]
     device, preprocessor, size = detector.extractor_.device, detector.preprocessor_, detector.batch_size
     images, decode = timed(lambda: np.stack([preprocessor(path) for path in paths]), CPU)
     chunks = [torch.from_numpy(images[start:start + size]) for start in range(0, len(images), size)]
-    embedded = [patch_features(detector.extractor_, detector.embedder_, chunk)[0] for chunk in chunks]
+    embedded = [patch_features(detector.extractor_, [detector.embedder_], chunk)[0][0] for chunk in chunks]
     stages = [("decode + preprocess (Preprocessor)", "CPU, 1 thread", decode),
               ("backbone + patch embedding (patch_features: to the device, forward, back)", str(device),
-               best_time(lambda: [patch_features(detector.extractor_, detector.embedder_, chunk)
+               best_time(lambda: [patch_features(detector.extractor_, [detector.embedder_], chunk)
                                   for chunk in chunks], sizes.repeats, warmup=0))]
     scores = [patch_knn_scores(detector.index_, embedding, detector.k) for embedding in embedded]
     stages.append((f"search (patch_knn_scores, k = {detector.k})", detector.index_.device,

@@ -24,23 +24,53 @@ from .runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
-#: Default hooked layers per backbone: mid-level layers at strides 8 and 16, as PatchCore.
+#: Hooked layers of the coarse scale per backbone, the default: mid-level layers at strides 8
+#: and 16, as PatchCore.
 PRESET_LAYERS: Dict[str, Tuple[str, ...]] = {
     "wide_resnet50_2": ("layer2", "layer3"),
     "resnet18": ("layer2", "layer3"),
     "mobilenet_v2": ("features.6", "features.13"),
 }
-#: Named layer presets (``layers="fine"``): ``"default"`` is :data:`PRESET_LAYERS`; ``"fine"``
-#: adds the last block at stride 4 (mobilenet_v2 ``features.3``, 24 channels; the resnets'
-#: ``layer1``), whose grid becomes the patch grid: 4× the patches of the default (56 × 56 at
-#: crop 224), and 24 (mobilenet_v2), 64 (resnet18) or 256 (wide_resnet50_2) more channels,
-#: which ``reduce_dim`` can take back to the default's dimension.
-LAYER_PRESETS: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    "default": PRESET_LAYERS,
-    "fine": {"wide_resnet50_2": ("layer1", "layer2", "layer3"),
-             "resnet18": ("layer1", "layer2", "layer3"),
-             "mobilenet_v2": ("features.3", "features.6", "features.13")},
+#: Hooked layers of the fine scale (``layers="fine"``, and the second scale of
+#: ``"multiscale"``): the coarse layers with the last block at stride 4, whose grid (56 x 56 at
+#: crop 224) is the scale's patch grid.
+FINE_LAYERS: Dict[str, Tuple[str, ...]] = {
+    "wide_resnet50_2": ("layer1", "layer2", "layer3"),
+    "resnet18": ("layer1", "layer2", "layer3"),
+    "mobilenet_v2": ("features.3", "features.6", "features.13"),
 }
+#: Scales: one tuple of layer names per scale, the coarsest first.
+Scales = Tuple[Tuple[str, ...], ...]
+#: Named layer presets (``layers="fine"``), per backbone, as scales: ``"coarse"`` (the default,
+#: also ``"default"`` and None): :data:`PRESET_LAYERS`; ``"fine"``: :data:`FINE_LAYERS` (4x the
+#: patches of the coarse scale; ``reduce_dim`` can take its channels back); ``"multiscale"``:
+#: both, each in units of its normal scores, fused (see :mod:`knnad.fusion`).
+LAYER_PRESETS: Dict[str, Dict[str, Scales]] = {
+    "multiscale": {name: (PRESET_LAYERS[name], FINE_LAYERS[name]) for name in PRESET_LAYERS},
+    "coarse": {name: (layers,) for name, layers in PRESET_LAYERS.items()},
+    "fine": {name: (layers,) for name, layers in FINE_LAYERS.items()},
+}
+#: The preset of ``layers=None`` and ``layers="default"`` (``bench_accuracy.py``: multiscale did
+#: not score above it on MVTec bottle and transistor at its cost).
+DEFAULT_PRESET = "coarse"
+
+
+def layer_scales(layers: Any) -> Optional[Scales]:
+    """``layers`` as scales, without a backbone; None for None or a preset name (resolved
+    against the backbone). A name or a list of names is one scale; a list holding lists, or
+    names joined by ``+`` (``["features.6+features.13", "features.3+features.6"]``, as the
+    command line gives them), is one scale per item. A TypeError for anything else."""
+    if layers is None or (isinstance(layers, str) and (layers in LAYER_PRESETS or layers == "default")):
+        return None
+    items = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, (list, tuple)) else None
+    if items is None or not all(isinstance(item, (str, list, tuple)) for item in items) or not all(
+            isinstance(name, str) for item in items if not isinstance(item, str) for name in item):
+        raise TypeError(f"layers must be None, a preset name, a list of module names or a list of "
+                        f"such lists (one per scale), got {layers!r}")
+    if any(not isinstance(item, str) or "+" in item for item in items):
+        return tuple(tuple(item.split("+")) if isinstance(item, str) else tuple(item) for item in items)
+    return (tuple(items),)
+
 
 #: Images per forward pass on the CPU: with channels-last tensors, small passes stay in cache
 #: (measured in benchmarks/bench_truncation.py).
@@ -213,9 +243,10 @@ class FeatureExtractor:
     backbone: a torchvision classification model name (``"wide_resnet50_2"``,
         ``"mobilenet_v2"``, ``"resnet18"``, any of :func:`available_backbones`) or an
         ``nn.Module``.
-    layers: module names as in ``model.named_modules()`` (``"layer2"``, ``"features.6"``);
-        ``None`` takes :data:`PRESET_LAYERS` for the backbone; a preset name of
-        :data:`LAYER_PRESETS` (``"default"``, ``"fine"``) takes that preset.
+    layers: module names as in ``model.named_modules()`` (``"layer2"``, ``"features.6"``): one
+        scale; a list of such lists: several scales (:attr:`scales`), hooked once
+        (:attr:`layers`, their union in order); ``None`` or ``"default"`` takes the backbone's
+        :data:`DEFAULT_PRESET`; a preset name of :data:`LAYER_PRESETS` takes that preset.
     weights: ``"DEFAULT"`` (torchvision's best ImageNet weights), a weight name such as
         ``"IMAGENET1K_V1"`` or a torchvision weight enum, ``None`` (seeded random init), or a
         path to a local ``.pth`` state dict. Ignored (unless a path) for an ``nn.Module``.
@@ -230,19 +261,23 @@ class FeatureExtractor:
                  device: Union[str, torch.device] = "cpu"):
         self.device = resolve_device(device)
         model, self.backbone_name, self.weights_id = build_backbone(backbone, weights)
-        preset = "default" if layers is None else layers if isinstance(layers, str) and layers in LAYER_PRESETS else None
+        preset = DEFAULT_PRESET if layers in (None, "default") else layers \
+            if isinstance(layers, str) and layers in LAYER_PRESETS else None
         if preset is not None:
             if self.backbone_name not in LAYER_PRESETS[preset]:
-                named = "" if preset == "default" else f" {preset!r}"
+                named = "" if layers is None or layers == "default" else f" {preset!r}"
                 raise ValueError(f"no preset layers{named} for backbone {self.backbone_name!r} "
                                  f"(presets for {sorted(LAYER_PRESETS[preset])}); pass layers=[...] with "
                                  f"module names such as: {_layer_choices(model)}")
-            layers = LAYER_PRESETS[preset][self.backbone_name]
-        if isinstance(layers, str):
-            layers = [layers]
-        self.layers = tuple(layers)
-        if not self.layers or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers must be a non-empty list of distinct module names, got {layers!r}")
+            scales = LAYER_PRESETS[preset][self.backbone_name]
+        else:
+            scales = layer_scales(layers)
+        if not scales or not all(scales) or any(len(set(scale)) != len(scale) for scale in scales) \
+                or len(set(scales)) != len(scales):
+            raise ValueError(f"layers must be a non-empty list of distinct module names (one scale), "
+                             f"or of distinct such lists (several scales), got {layers!r}")
+        self.scales: Scales = scales
+        self.layers = tuple(dict.fromkeys(name for scale in scales for name in scale))
         modules = dict(model.named_modules())
         unknown = [name for name in self.layers if name not in modules or name == ""]
         if unknown:

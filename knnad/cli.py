@@ -96,7 +96,7 @@ def command_fit(args: argparse.Namespace) -> None:
         detector.calibrate(calibration, quantile=args.quantile)
     path = detector.save(args.model)
     print(f"saved {path}: {len(detector.train_paths_)} images, memory bank "
-          f"{len(detector.index_)} x {detector.index_.dim}"
+          + " + ".join(f"{len(scale.index)} x {scale.index.dim}" for scale in detector.scales_)
           + (f", image threshold {detector.thresholds_.image:.4f}" if args.calibrate else ""))
 
 
@@ -129,7 +129,7 @@ def command_predict(args: argparse.Namespace) -> int:
     placement = {name: overrides.pop(name, None) for name in ("backend", "device", "progress")}
     out = check_output_folder(args.out, "--out")
     detector = Detector.load(args.model, weights=args.weights, **placement).set_params(**overrides)
-    check_int(detector.k, "--k", 1, len(detector.index_),
+    check_int(detector.k, "--k", 1, min(len(scale.index) for scale in detector.scales_),
               f" (the patches in the memory bank of {args.model}; use a smaller --k)")
     paths = _images(args.images)
     new_folders = _new_folders(out)

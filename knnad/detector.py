@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
-from ._checks import check_int
 from ._types import PathLike
-from .anomaly_map import anomaly_maps
 from .backbones import FeatureExtractor
-from .embedding import PatchEmbedder, embed_images, patch_features
+from .embedding import embed_images, patch_features
 from .export import MIN_OPSET, export_onnx
+from .fusion import Scale
 from .index import FlatL2Index
 from .options import Parameters, check_unchanged, describe, scoring_settings, validate
-from .persistence import check_identity, checked_settings, read_detector, saved_frame, saved_thresholds, write_detector
+from .persistence import (check_identity, checked_settings, read_detector, saved_frame, saved_scales,
+                          saved_thresholds, write_detector)
 from .preprocessing import Preprocessor
 from .runtime import backbone_device
-from .sampling import subsample
 from .prediction import Prediction
-from .scoring import image_row_ranges, score_patches
+from .scales import check_scales, fit_scales, predict_maps, scale_embedders
+from .scoring import image_row_ranges
+from .selection import held_out_numbers
 from .sources import batches, image_items
 from .thresholds import Thresholds, check_quantile
 
@@ -32,17 +33,18 @@ class Detector(Parameters):
     """Anomaly detector by exact k-nearest-neighbour search on pretrained patch features.
 
     scikit-learn's conventions: ``__init__`` only stores; ``fit`` checks every parameter and
-    builds the parts as fitted attributes (``preprocessor_``, ``extractor_``, ``embedder_``,
-    ``index_``, ``config_`` ...); ``get_params``, ``set_params`` and ``sklearn.base.clone`` work.
+    builds the parts as fitted attributes (``preprocessor_``, ``extractor_``, ``scales_`` (each
+    scale's embedder, index and, with several, normal scores and fusion weight), ``config_``
+    ...); ``get_params``, ``set_params`` and ``sklearn.base.clone`` work.
     A parameter marked * builds the fitted parts: changed after fit, predict, calibrate and save
     refuse until the next fit. The others may change between predicts and are saved as set."""
 
-    def __init__(self, backbone="wide_resnet50_2", layers=None, weights="DEFAULT", k=1,
+    def __init__(self, backbone="wide_resnet50_2", layers=None, fusion="max", weights="DEFAULT", k=1,
                  image_score="max", image_k=50, reweight_k=9, coreset=0.1, augment=None, backend="auto",
                  device="auto", rerank=0, image_size=256, crop_size=224, bit_depth=None,
                  aggregation_size=3, reduce_dim=None, sigma=4.0, upsampling="bilinear",
                  map_size="processed", batch_size=8, progress=True, on_error="raise", seed=0):
-        self.backbone, self.layers, self.weights, self.k = backbone, layers, weights, k
+        self.backbone, self.layers, self.fusion, self.weights, self.k = backbone, layers, fusion, weights, k
         self.image_score, self.image_k, self.reweight_k = image_score, image_k, reweight_k
         self.coreset, self.augment, self.map_size = coreset, augment, map_size
         self.backend, self.device, self.rerank = backend, device, rerank
@@ -53,7 +55,10 @@ class Detector(Parameters):
 
     @property
     def is_fitted(self) -> bool:
-        return hasattr(self, "index_")
+        return hasattr(self, "scales_")
+
+    index_ = property(lambda self: self.scales_[0].index, doc="The first (coarsest) scale's index.")
+    embedder_ = property(lambda self: self.scales_[0].embedder, doc="The first scale's patch embedder.")
 
     def fit(self, data: Any) -> "Detector":
         """Learn normal appearance from defect-free ``data``: a knnad dataset, a folder, a list
@@ -65,19 +70,15 @@ class Detector(Parameters):
             raise ValueError(f"fit needs at least one normal image; {data!r} holds none")
         self._build_parts(config)
         images = batches(items, self.preprocessor_, config["batch_size"], config["on_error"], config["progress"], "fit: features")
-        found = embed_images(images, self.extractor_, self.embedder_, config["augment"])
-        bank, image_ids = found.bank, found.image_ids
-        picks = subsample(bank, config["coreset"], config["seed"], self.extractor_.device,
-                          config["progress"])
-        if len(picks) < len(bank):  # all rows kept: no copy
-            bank, image_ids = bank[picks], image_ids[picks]
-        check_int(config["k"], "k", 1, len(bank), f" (the {len(bank)} patches in the memory bank; "
-                                                  f"use a smaller k or a larger coreset)")
-        self._set_bank(config, bank, image_ids, found.global_features)
+        embedders = scale_embedders(self.extractor_, config)
+        keep = held_out_numbers(len(items)) if len(embedders) > 1 else ()
+        found = embed_images(images, self.extractor_, embedders, config["augment"], keep)
+        scales = fit_scales(found, embedders, self.extractor_, config)
+        self._set_bank(config, scales, found.global_features)
         self.preprocessor_.frame = found.frame if config["crop_size"] is None else None  # whole image: fixed
         self.train_paths_, self.skipped_, self.thresholds_ = found.paths, found.skipped, None
-        logger.info("fitted on %d images: memory bank %d x %d (%s on %s)", len(found.paths), len(bank),
-                    bank.shape[1], self.index_.backend, self.index_.device)
+        logger.info("fitted on %d images: memory bank %s (%s on %s)", len(found.paths), " + ".join(
+            f"{len(scale.index)} x {scale.index.dim}" for scale in scales), self.index_.backend, self.index_.device)
         return self
 
     def predict(self, data: Any) -> Prediction:
@@ -104,11 +105,10 @@ class Detector(Parameters):
             if not len(batch.images):
                 yield Prediction.empty(batch.images.shape[-2:], batch.skipped)
                 continue
-            embedding, pooled = patch_features(self.extractor_, self.embedder_, batch.images)
-            patch_scores, spade = score_patches(settings, self.index_, self.global_index_,
-                                                self.image_rows_, embedding, pooled)
-            maps = anomaly_maps(patch_scores, tuple(batch.images.shape[-2:]), settings["sigma"],
-                                settings["upsampling"])
+            active = [scale.embedder for scale in self.scales_ if scale.weight != 0]
+            embeddings, pooled = patch_features(self.extractor_, active, batch.images)
+            maps, spade = predict_maps(self.scales_, settings, embeddings, pooled,
+                                       (self.global_index_, self.image_rows_), tuple(batch.images.shape[-2:]))
             scores = maps.amax(dim=(1, 2)).numpy() if spade is None else spade
             yield Prediction(scores.astype(np.float32, copy=False), maps.numpy(), batch.paths,
                              skipped=batch.skipped, image_sizes=batch.sizes)
@@ -133,18 +133,15 @@ class Detector(Parameters):
         """Write the fitted detector to one ``.npz`` file, atomically (temporary file, then
         rename): its settings, memory bank, global features, thresholds and the backbone's
         identity, not its weights. Returns the path written."""
-        settings = self._settings("save")
-        arrays = {"memory_bank": self.index_.vectors(), "patch_image_ids": self.patch_image_ids_,
-                  "global_features": self.global_features_}
-        return write_detector(path, settings, self.extractor_, arrays, self.train_paths_,
-                              self.skipped_, self.thresholds_, self.preprocessor_.frame)
+        return write_detector(path, self._settings("save"), self.extractor_, self.scales_, self.global_features_,
+                              self.train_paths_, self.skipped_, self.thresholds_, self.preprocessor_.frame)
 
     def export_onnx(self, path: PathLike, *, batch_size: Optional[int] = None, opset: int = MIN_OPSET) -> Path:
         """Write the fitted detector to one self-contained ONNX file (see :mod:`knnad.export`):
         float32 images ``[N, 3, H, W]`` (crop or whole-image frame) in, ``image_scores`` and ``anomaly_maps``
         out, thresholds in its metadata; ``batch_size`` None: any. Load it with ``knnad.OnnxDetector``."""
-        return export_onnx(path, self._settings("export"), self.extractor_, self.embedder_, self.index_,
-                           self.thresholds_, self.preprocessor_.frame, batch_size=batch_size, opset=opset)
+        return export_onnx(path, self._settings("export"), self.extractor_, self.scales_, self.thresholds_,
+                           self.preprocessor_.frame, batch_size=batch_size, opset=opset)
 
     @classmethod
     def load(cls, path: PathLike, backbone: Any = None, weights: Any = None, backend: Optional[str] = None,
@@ -159,8 +156,10 @@ class Detector(Parameters):
         config = checked_settings(path, detector.get_params())
         detector._build_parts(config)
         detector.preprocessor_.frame = saved_frame(path, config, meta)
-        check_identity(path, detector.extractor_, detector.embedder_, detector.preprocessor_.frame, meta, arrays)
-        detector._set_bank(config, arrays["memory_bank"], arrays["patch_image_ids"], arrays["global_features"])
+        placement = {"backend": config["backend"], "device": config["device"], "rerank": config["rerank"]}
+        scales = saved_scales(path, meta, arrays, scale_embedders(detector.extractor_, config), placement)
+        check_identity(path, detector.extractor_, scales, detector.preprocessor_.frame, meta, arrays)
+        detector._set_bank(config, scales, arrays["global_features"])
         detector.train_paths_, detector.skipped_ = meta["train_paths"], meta["skipped"]
         detector.thresholds_ = saved_thresholds(meta)
         return detector
@@ -168,7 +167,7 @@ class Detector(Parameters):
     def _build_parts(self, config: Dict[str, Any]) -> None:
         """The feature parts for ``config``, after removing the previous hooks and index: a
         failed (re)fit leaves nothing that predict or save would accept."""
-        for stale in ("index_", "global_index_"):
+        for stale in ("scales_", "global_index_"):
             self.__dict__.pop(stale, None)
         if hasattr(self, "extractor_"):
             self.extractor_.close()
@@ -176,16 +175,13 @@ class Detector(Parameters):
         self.preprocessor_ = Preprocessor(config["image_size"], config["crop_size"], config["bit_depth"])
         self.extractor_ = FeatureExtractor(config["backbone"], config["layers"], config["weights"],
                                            backbone_device(config["device"]))
-        self.embedder_ = PatchEmbedder(config["aggregation_size"], config["reduce_dim"])
 
-    def _set_bank(self, config: Dict[str, Any], bank: np.ndarray, image_ids: np.ndarray,
-                  global_features: np.ndarray) -> None:
-        """The patch index and the global-feature index (one row per training image)."""
-        placement = {"backend": config["backend"], "device": config["device"], "rerank": config["rerank"]}
-        self.global_index_ = FlatL2Index.of(global_features, **placement)
-        self.index_ = FlatL2Index.of(bank, **placement)
-        self.patch_image_ids_, self.global_features_ = image_ids, global_features
-        self.image_rows_ = image_row_ranges(image_ids, len(global_features))
+    def _set_bank(self, config: Dict[str, Any], scales: List[Scale], global_features: np.ndarray) -> None:
+        """The scales and the global-feature index (one row per training image)."""
+        self.global_index_ = FlatL2Index.of(global_features, backend=config["backend"], device=config["device"],
+                                            rerank=config["rerank"])
+        self.scales_, self.global_features_ = scales, global_features
+        self.image_rows_ = image_row_ranges(scales[0].image_ids, len(global_features))
 
     def _settings(self, action: str) -> Dict[str, Any]:
         """The checked parameters for ``action`` on the fitted model; refuses when a parameter
@@ -193,8 +189,7 @@ class Detector(Parameters):
         if not self.is_fitted:
             raise RuntimeError(f"{action} before fit: call fit(normal_images) or Detector.load(path) first")
         settings = check_unchanged(validate(self.get_params()), self.config_, action)
-        check_int(settings["k"], "k", 1, len(self.index_), " (the patches in the memory bank)")
-        return settings
+        return check_scales(settings, self.scales_)
 
 
 Detector.__doc__ = (Detector.__doc__ or "") + describe(Detector)

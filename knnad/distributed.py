@@ -50,7 +50,7 @@ from .detector import Detector
 from .index import DEFAULT_MEMORY_BUDGET, ExactIndex, FlatL2Index, check_matrix, float32_rows
 from .options import OPTIONS, check, validate
 from .persistence import FORMAT_VERSION, KIND, saved_frame
-from .preprocessing import Preprocessor, broken_link, image_files
+from .preprocessing import Preprocessor, broken_link, image_files, upright_size
 from .sources import image_items
 
 logger = logging.getLogger(__name__)
@@ -326,9 +326,11 @@ class _Scorer:
                  preprocessor: Preprocessor):
         load = {name: params[name] for name in _LOAD_PARAMS if name in params}
         self.detector = Detector.load(model, **load)
-        # Maps at the model's frame: the decoded arrays no longer know their images' sizes.
-        self.detector.set_params(**{name: value for name, value in params.items() if name not in load},
-                                 batch_size=batch_size, progress=False, map_size="processed")
+        predict = {name: value for name, value in params.items() if name not in load}
+        # The decoded arrays no longer know their images' sizes: the detector gives maps at the
+        # model's frame, and map_size="original" (params only) resizes each to its file's size.
+        self.original = predict.pop("map_size", "processed") == "original"
+        self.detector.set_params(**predict, batch_size=batch_size, progress=False, map_size="processed")
         if vars(self.detector.preprocessor_) != vars(preprocessor):
             raise RuntimeError(f"the images were decoded with {preprocessor!r}, but {model} "
                                f"prepares them with {self.detector.preprocessor_!r}; report this "
@@ -357,6 +359,10 @@ class _Scorer:
             labels = [None] * len(prediction) if prediction.labels is None else prediction.labels
             for score, anomaly_map, label in zip(prediction.image_scores, prediction.anomaly_maps, labels):
                 path = paths[next(rows)]
+                if self.original:
+                    width, height = upright_size(path)
+                    anomaly_map = self.detector.preprocessor_.original_maps(anomaly_map[None],
+                                                                            [(height, width)])[0]
                 columns["path"].append(path)
                 columns["image_score"].append(float(score))
                 columns["label"].append(None if label is None else bool(label))
@@ -480,15 +486,17 @@ def predict_dataset(model: PathLike, images: Any, output: PathLike, *, num_worke
     is dropped; repartition it for parallelism; its paths are read as the workers see them,
     and its rows are not counted against the output). ``params``: overrides of the saved
     model's ``weights``, ``backend``, ``device`` (by default the actor's GPU with
-    ``num_gpus_per_worker``, else the CPU) and predict-time options (``k``, ``sigma`` ...).
+    ``num_gpus_per_worker``, else the CPU) and predict-time options (``k``, ``sigma`` ...;
+    ``map_size``: "processed", the default whatever the model's, or "original" for a
+    whole-image model: each map resized to its image's size, as Detector.predict does).
 
     ``output``: a folder of Parquet files with the columns ``path`` (absolute), ``image_score``,
     ``label`` (True = anomalous; null when the model is not calibrated for its settings),
     ``map_max`` (the anomaly map's maximum), ``status`` (``"scored"`` or ``"skipped"``: the
     file could not be read; the scores are then null), ``error`` (why it was skipped; null for
     a scored image) and, with ``maps=True``, ``map_file``: the map as float32 ``[H, W]`` (the
-    model's frame: its crop, or a whole-image model's frame, whatever its ``map_size``)
-    ``.npy`` file, relative to ``output`` (under ``_maps/``). Rows are in no particular order.
+    model's frame: its crop, or a whole-image model's frame; the image's size with
+    ``params={"map_size": "original"}``) ``.npy`` file, relative to ``output`` (under ``_maps/``). Rows are in no particular order.
     Written complete-or-absent: into a hidden folder next to ``output``, renamed to it at the
     end and removed on failure; an earlier output of predict_dataset there is replaced, any
     other existing folder refused.
@@ -506,6 +514,11 @@ def predict_dataset(model: PathLike, images: Any, output: PathLike, *, num_worke
         raise FileNotFoundError(f"model {model} is not a file; name a model written by knnad "
                                 f"fit or Detector.save")
     preprocessor = _preprocessor(model)
+    if params.get("map_size") == "original" and preprocessor.crop_size is not None:
+        raise ValueError(f"params map_size='original' needs a whole-image model, and {model} "
+                         f"crops (crop_size={preprocessor.crop_size}): its maps do not cover the "
+                         f"images' borders; use map_size='processed', or a model fitted with "
+                         f"crop_size=None")
     output = Path(_absolute(output))
     _check_output(output)
     paths = None if _is_ray_dataset(images) else _paths(images)
@@ -641,8 +654,6 @@ class _Shard:
         return np.concatenate([self.index.rows(start, stop).cpu().numpy() for start, stop in ranges])
 
 
-#: Seconds after which a ShardedIndex whose shards are not all placed logs a warning.
-_PLACEMENT_WARNING_S = 30
 
 
 class ShardedIndex(ExactIndex):
@@ -668,33 +679,44 @@ class ShardedIndex(ExactIndex):
     Each :meth:`add` spreads its rows evenly over the shards (contiguous pieces; the driver
     keeps only their row numbers). A shard's actor takes ``num_cpus_per_shard`` CPUs and
     ``num_gpus_per_shard`` GPUs (``device="auto"`` then means its GPU, and the CPU with no
-    GPU). A shard's vectors live only in its actor: an actor that dies is not restarted and a
-    search then raises ``ray.exceptions.RayActorError``; build the index again. The actors end
-    with :meth:`close` or when the index is garbage-collected.
+    GPU). The constructor waits at most ``placement_timeout`` seconds for every shard's actor
+    to start (an autoscaling cluster may add nodes meanwhile); shards the cluster cannot place
+    by then raise a RuntimeError naming their count, the CPUs and GPUs they ask for and those
+    free, and their actors are ended. A shard's vectors live only in its actor: an actor that
+    dies is not restarted and a search then raises ``ray.exceptions.RayActorError``; build the
+    index again. The actors end with :meth:`close` or when the index is garbage-collected.
     """
 
     def __init__(self, dim: int, num_shards: int = 2, *, backend: str = "auto", device: str = "auto",
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, rerank: int = 0,
                  num_cpus_per_shard: float = 1, num_gpus_per_shard: float = 0,
-                 address: Optional[str] = None):
+                 address: Optional[str] = None, placement_timeout: float = 60):
         self._dim = check_int(dim, "dim")
         self.num_shards = check_int(num_shards, "num_shards")
         num_cpus = check_number(num_cpus_per_shard, "num_cpus_per_shard", 0.0)
         num_gpus = check_number(num_gpus_per_shard, "num_gpus_per_shard", 0.0)
+        placement_timeout = check_number(placement_timeout, "placement_timeout", 0.0, " (seconds)")
         if device == "auto" and num_gpus == 0:
             device = "cpu"  # not a GPU the actor was not given
         options = {"backend": check("backend", backend), "device": check("device", device),
                    "memory_budget": check_int(memory_budget, "memory_budget", 2**20),
                    "rerank": check_int(rerank, "rerank", 0)}
         ray = connect(address)
+        free, total = ray.available_resources(), ray.cluster_resources()
         shard = ray.remote(_Shard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
         self._actors = [shard.remote(self._dim, options) for _ in range(self.num_shards)]
         placed = [actor.placement.remote() for actor in self._actors]
-        if len(ray.wait(placed, num_returns=len(placed), timeout=_PLACEMENT_WARNING_S)[0]) < len(placed):
-            logger.warning("ShardedIndex: %d shards of %g CPUs and %g GPUs each are not all placed "
-                           "after %d s; free now: %s. Waiting (an autoscaling cluster may add nodes)",
-                           self.num_shards, num_cpus, num_gpus, _PLACEMENT_WARNING_S,
-                           ray.available_resources())
+        started = len(ray.wait(placed, num_returns=len(placed), timeout=placement_timeout)[0])
+        if started < len(placed):
+            self.close()
+            raise RuntimeError(
+                f"ShardedIndex: only {started} of num_shards={self.num_shards} shards started within "
+                f"placement_timeout={placement_timeout:g} s; each asks for num_cpus_per_shard="
+                f"{num_cpus:g} CPUs and num_gpus_per_shard={num_gpus:g} GPUs, and the cluster had "
+                f"{free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} "
+                f"of {total.get('GPU', 0):g} GPUs free: use fewer shards or fewer CPUs per shard "
+                f"(e.g. num_cpus_per_shard=0.25), free or add resources, or wait longer "
+                f"(placement_timeout)")
         self._backend, self._device = ray.get(placed)[0]
         self._count = 0
         # Per shard, its pieces of the bank: first global row, first local row, rows.
@@ -867,8 +889,8 @@ _SHARD_CHUNK = 262144
 
 
 def shard_detector(detector: Detector, num_shards: int = 2, **options: Any) -> Detector:
-    """Move a fitted ``detector``'s memory bank into a :class:`ShardedIndex` of ``num_shards``
-    Ray actors (its ``index_``; the bank is sent in chunks, and the local index dropped).
+    """Move a fitted ``detector``'s memory banks (one per scale) each into a :class:`ShardedIndex`
+    of ``num_shards`` Ray actors (the bank is sent in chunks, and the local index dropped).
     ``options`` as for ShardedIndex; ``backend``, ``device`` and ``rerank`` default to the
     detector's. Predictions are unchanged (but for the near-ties of :class:`ShardedIndex`'s
     note). Returns ``detector``."""
@@ -876,9 +898,10 @@ def shard_detector(detector: Detector, num_shards: int = 2, **options: Any) -> D
         raise RuntimeError("shard_detector before fit: call fit(normal_images) or Detector.load(path) first")
     config = detector.config_
     options = {"backend": config["backend"], "device": config["device"], "rerank": config["rerank"], **options}
-    bank = detector.index_
-    sharded = ShardedIndex(bank.dim, num_shards, **options)
-    for start in range(0, len(bank), _SHARD_CHUNK):
-        sharded.add(bank.rows(start, min(start + _SHARD_CHUNK, len(bank))))
-    detector.index_ = sharded
+    for scale in detector.scales_:
+        bank = scale.index
+        sharded = ShardedIndex(bank.dim, num_shards, **options)
+        for start in range(0, len(bank), _SHARD_CHUNK):
+            sharded.add(bank.rows(start, min(start + _SHARD_CHUNK, len(bank))))
+        scale.index = sharded
     return detector

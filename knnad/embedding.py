@@ -11,7 +11,7 @@ global feature), so that a part that appears rotated or flipped finds its normal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -66,30 +66,36 @@ def check_aggregation_size(value: Any, name: str = "aggregation_size") -> int:
 
 class PatchEmbedder:
     """``embedder(features)`` turns ``dict[layer -> Tensor[B, C_i, h_i, w_i]]`` into
-    ``Tensor[B, h, w, D]`` where ``(h, w)`` is the largest hooked grid and ``D`` is
+    ``Tensor[B, h, w, D]`` where ``(h, w)`` is the largest grid of its layers and ``D`` is
     ``sum(C_i)`` or ``reduce_dim``.
 
     Parameters
     ----------
     aggregation_size: side of the local averaging window (odd; 1 disables aggregation).
     reduce_dim: target dimension of adaptive average pooling over channels, or None.
+    layers: the names of ``features`` it embeds, in order (one scale of several); None: all.
     """
 
-    def __init__(self, aggregation_size: int = 3, reduce_dim: Optional[int] = None):
+    def __init__(self, aggregation_size: int = 3, reduce_dim: Optional[int] = None,
+                 layers: Optional[Sequence[str]] = None):
         check_aggregation_size(aggregation_size)
         if reduce_dim is not None:
             check_int(reduce_dim, "reduce_dim", hint=" or None")
         self.aggregation_size = aggregation_size
         self.reduce_dim = reduce_dim
+        self.layers = None if layers is None else tuple(layers)
 
     def __repr__(self) -> str:
-        return f"PatchEmbedder(aggregation_size={self.aggregation_size}, reduce_dim={self.reduce_dim})"
+        return (f"PatchEmbedder(aggregation_size={self.aggregation_size}, reduce_dim={self.reduce_dim}"
+                + (f", layers={list(self.layers)})" if self.layers is not None else ")"))
 
     def grid(self, features: Dict[str, torch.Tensor]) -> Tuple[int, int]:
         """The patch grid ``(h, w)``: the largest hooked resolution."""
         return max((tuple(f.shape[-2:]) for f in features.values()), key=lambda hw: hw[0] * hw[1])
 
     def __call__(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.layers is not None:
+            features = {name: features[name] for name in self.layers}
         size = self.grid(features)
         maps = []
         for feature in features.values():
@@ -109,37 +115,44 @@ class PatchEmbedder:
 
 
 def patch_features(extractor: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
-                   embedder: PatchEmbedder, images: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Patch embeddings ``[B, h, w, D]`` and SPADE's global features ``[B, G]`` (on the CPU) of
-    ``images`` ``[B, 3, H, W]`` (tensor or numpy array), given a
-    :class:`~knnad.backbones.FeatureExtractor`."""
+                   embedders: Sequence[PatchEmbedder], images: Any) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """One patch embedding ``[B, h_s, w_s, D_s]`` per scale (one per embedder) and SPADE's
+    global features ``[B, G]``, on the CPU, of ``images`` ``[B, 3, H, W]`` (tensor or numpy
+    array), given a :class:`~knnad.backbones.FeatureExtractor`: one forward pass for all."""
     features = extractor(images)
-    return embedder(features).cpu(), extractor.global_features(features).cpu()
+    return [embedder(features).cpu() for embedder in embedders], extractor.global_features(features).cpu()
 
 
 @dataclass
 class Embedded:
-    """What :func:`embed_images` gives: the ``bank`` float32 ``[R, D]`` (the patches of each
-    training image, then those of its views, in order), ``image_ids`` int64 ``[R]`` (sorted:
-    the bank row's image, each view counting as an image), ``global_features`` float32
-    ``[images × views, G]``, the ``paths`` read, the ``skipped`` ones, and the ``frame``
-    ``(height, width)`` of the images."""
+    """What :func:`embed_images` gives, per scale: ``banks[s]`` float32 ``[R_s, D_s]`` (the
+    patches of each training image, then those of its views, in order) and ``image_ids[s]``
+    int64 ``[R_s]`` (sorted: the bank row's image, each view counting as an image); then
+    ``global_features`` float32 ``[images × views, G]``, the ``paths`` read, the ``skipped``
+    ones, the ``frame`` ``(height, width)`` of the images, and the prepared images ``kept``
+    float32 ``[M, 3, H, W]`` asked for by number, with their image ids ``kept_ids`` ``[M]``."""
 
-    bank: np.ndarray
-    image_ids: np.ndarray
+    banks: List[np.ndarray]
+    image_ids: List[np.ndarray]
     global_features: np.ndarray
     paths: List[Optional[str]]
     skipped: List[str]
     frame: Tuple[int, int]
+    kept: np.ndarray
+    kept_ids: np.ndarray
 
 
 def embed_images(batches: Iterable[Batch], extractor: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
-                 embedder: PatchEmbedder, augment: Optional[Tuple[str, ...]] = None) -> Embedded:
+                 embedders: Sequence[PatchEmbedder], augment: Optional[Tuple[str, ...]] = None,
+                 keep: Sequence[int] = ()) -> Embedded:
     """:func:`patch_features` of every image of ``batches`` (from :func:`knnad.sources.batches`)
-    and of its ``augment`` views (names of :data:`VIEWS`); a ValueError when no image could be
-    read, or when the images do not share one size."""
+    and of its ``augment`` views (names of :data:`VIEWS`), and the prepared images numbered
+    ``keep`` (0 for the first image read; views are not kept); a ValueError when no image could
+    be read, or when the images do not share one size."""
     transforms = [lambda x: x] + [VIEWS[name] for name in check_augment(augment) or ()]
-    patches, pooled, counts, paths, skipped, frame = [], [], [], [], [], None
+    patches: List[List[torch.Tensor]] = [[] for _ in embedders]
+    pooled, counts, paths, skipped, frame, kept, kept_ids = [], [[] for _ in embedders], [], [], None, [], []
+    wanted, read = set(keep), 0
     for batch in batches:
         skipped += batch.skipped
         if not len(batch.images):
@@ -149,14 +162,21 @@ def embed_images(batches: Iterable[Batch], extractor: Callable[[torch.Tensor], D
             raise ValueError(f"fit: images of {images.shape[-1]}x{images.shape[-2]} pixels after "
                              f"preprocessing among images of {frame[1]}x{frame[0]}; give images of one size")
         frame = tuple(images.shape[-2:])
-        views = [patch_features(extractor, embedder, transform(images)) for transform in transforms]
+        views = [patch_features(extractor, embedders, transform(images)) for transform in transforms]
         for image in range(len(images)):  # each image's views in turn: image ids stay sorted
-            for embedding, global_features in views:
-                patches.append(embedding[image].reshape(-1, embedding.shape[-1]))
+            if read + image in wanted:
+                kept.append(images[image])
+                kept_ids.append(len(pooled))
+            for embeddings, global_features in views:
+                for scale, embedding in enumerate(embeddings):
+                    patches[scale].append(embedding[image].reshape(-1, embedding.shape[-1]))
+                    counts[scale].append(len(patches[scale][-1]))
                 pooled.append(global_features[image])
-                counts.append(len(patches[-1]))
+        read += len(images)
         paths += batch.paths
-    if not patches:
+    if not pooled:
         raise ValueError(f"fit: none of the {len(skipped)} images could be read (skipped: {skipped})")
-    image_ids = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    return Embedded(torch.cat(patches).numpy(), image_ids, torch.stack(pooled).numpy(), paths, skipped, frame)
+    image_ids = [np.repeat(np.arange(len(pooled), dtype=np.int64), scale_counts) for scale_counts in counts]
+    kept_array = torch.stack(kept).numpy() if kept else np.empty((0, 3, *frame), np.float32)
+    return Embedded([torch.cat(scale).numpy() for scale in patches], image_ids, torch.stack(pooled).numpy(),
+                    paths, skipped, frame, kept_array, np.asarray(kept_ids, np.int64))

@@ -37,7 +37,7 @@ from .anomaly_map import map_matrices
 from .archive import atomic_write, check_target
 from .backbones import FeatureExtractor
 from .embedding import PatchEmbedder
-from .index import FlatL2Index
+from .fusion import Scale
 from .onnx_detector import DIGEST_PREFIX, FORMAT, INPUT, METADATA_PREFIX, OUTPUTS, WHOLE_IMAGE_FORMAT, metadata_digest
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .thresholds import Thresholds
@@ -65,23 +65,26 @@ def import_onnx():
 
 
 class _Embedding(nn.Module):
-    """images ``[N, 3, H, W]`` -> patch embeddings ``[N, h, w, D]``, as the detector computes them."""
+    """images ``[N, 3, H, W]`` -> one patch embedding ``[N, h_s, w_s, D_s]`` per scale, as the
+    detector computes them."""
 
-    def __init__(self, extractor: FeatureExtractor, embedder: PatchEmbedder):
+    def __init__(self, extractor: FeatureExtractor, embedders: List[PatchEmbedder]):
         super().__init__()
-        self.model, self.extractor, self.embedder = extractor.model, extractor, embedder
+        self.model, self.extractor, self.embedders = extractor.model, extractor, embedders
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         # The whole model runs (torch.export cannot trace the early stop); the layers after
         # the last hooked one do not reach the outputs and are dropped from the ONNX graph.
         outputs = self.extractor.hooked_outputs(images, stop_early=False)
-        return self.embedder({name: outputs[name].float() for name in self.extractor.layers})
+        features = {name: outputs[name].float() for name in self.extractor.layers}
+        return tuple(embedder(features) for embedder in self.embedders)
 
 
-def _export_embedding(extractor: FeatureExtractor, embedder: PatchEmbedder, frame: Tuple[int, int],
+def _export_embedding(extractor: FeatureExtractor, embedders: List[PatchEmbedder], frame: Tuple[int, int],
                       batch_size: Optional[int], opset: int):
-    """The backbone and patch embedding as an ONNX ModelProto (input ``images`` of ``frame``
-    size, output ``embedding``); a ValueError naming the backbone when torch.onnx cannot export it."""
+    """The backbone and patch embeddings as an ONNX ModelProto (input ``images`` of ``frame``
+    size, outputs ``embedding_0``, ``embedding_1``, ... one per scale); a ValueError naming the
+    backbone when torch.onnx cannot export it."""
     example = torch.zeros(batch_size or 2, 3, *frame, device=extractor.device)
     dynamic = None if batch_size else ({0: torch.export.Dim("batch", min=1)},)
     quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
@@ -94,11 +97,11 @@ def _export_embedding(extractor: FeatureExtractor, embedder: PatchEmbedder, fram
             warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
             # torch.export first: it refuses what does not trace (data-dependent branches),
             # where torch.onnx alone would fall back to a graph specialised to the example.
-            program = torch.export.export(_Embedding(extractor, embedder).eval(), (example,),
+            program = torch.export.export(_Embedding(extractor, embedders).eval(), (example,),
                                           dynamic_shapes=dynamic, strict=False)
             onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[INPUT],
-                                             output_names=["embedding"], opset_version=opset,
-                                             verbose=False)
+                                             output_names=[f"embedding_{number}" for number in range(len(embedders))],
+                                             opset_version=opset, verbose=False)
     except Exception as error:  # torch.export and onnxscript raise many types
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"backbone {extractor.backbone_name!r} (layers {list(extractor.layers)}) "
@@ -146,10 +149,10 @@ def _squared_norms(bank: torch.Tensor, chunk: int = 65536) -> np.ndarray:
                            for start in range(0, len(vectors), chunk)] or [np.empty(0, np.float32)])
 
 
-def _add_scoring(writer: _GraphWriter, embedding: str, bank: torch.Tensor, grid: Tuple[int, int],
-                 frame: Tuple[int, int], settings: Dict[str, Any]) -> None:
-    """Nodes from ``embedding`` ``[N, h, w, D]`` to the outputs ``image_scores`` and
-    ``anomaly_maps`` (see the module docstring).
+def _add_patch_scores(writer: _GraphWriter, embedding: str, bank: torch.Tensor, grid: Tuple[int, int],
+                      settings: Dict[str, Any]) -> str:
+    """Nodes from ``embedding`` ``[N, h, w, D]`` to its patch scores ``[N, h, w]``: the mean
+    exact distance to the ``k`` nearest rows of ``bank``; returns the scores' name.
 
     Each tile of the bank is an initializer of its own: no node slices or gathers the whole
     bank, so runtimes hold it once (constant folding of slices would copy it). Per tile, the
@@ -180,21 +183,43 @@ def _add_scoring(writer: _GraphWriter, embedding: str, bank: torch.Tensor, grid:
         best = found
     nearest, _ = writer.top(best[1], k)
     patch_scores = writer.node("ReduceMean", [nearest, axis_1], keepdims=0)
-    patch_scores = writer.node("Reshape", [patch_scores, writer.constant("shape", np.array([-1, *grid], np.int64))])
-    rows_matrix, columns_matrix = map_matrices(grid, frame, settings["sigma"], settings["upsampling"])
-    half = writer.node("MatMul", [writer.constant("map_rows", rows_matrix.numpy()), patch_scores])
-    writer.node("MatMul", [half, writer.constant("map_columns", columns_matrix.T.contiguous().numpy())],
-                name=OUTPUTS[1])
+    return writer.node("Reshape", [patch_scores, writer.constant("shape", np.array([-1, *grid], np.int64))])
+
+
+def _add_scoring(writer: _GraphWriter, scales: List[Scale], grids: List[Tuple[int, int]],
+                 frame: Tuple[int, int], settings: Dict[str, Any]) -> None:
+    """Nodes from the scales' embeddings (``embedding_<s>``) to the outputs ``image_scores`` and
+    ``anomaly_maps`` (see the module docstring): each scale's map (upsampling and smoothing as
+    two matrix products); with several scales each normalised by its normal scores and fused
+    as :func:`knnad.fusion.fused_maps` does (scales of weight 0 left out)."""
+    several = len(scales) > 1
+    maps = []
+    for number, (scale, grid) in enumerate(zip(scales, grids)):
+        if scale.weight == 0:
+            continue
+        patch_scores = _add_patch_scores(writer, f"embedding_{number}", scale.index.rows(0, len(scale.index)).cpu(),
+                                         grid, settings)
+        rows_matrix, columns_matrix = map_matrices(grid, frame, settings["sigma"], settings["upsampling"])
+        half = writer.node("MatMul", [writer.constant("map_rows", rows_matrix.numpy()), patch_scores])
+        anomaly_map = writer.node("MatMul", [half, writer.constant("map_columns", columns_matrix.T.contiguous().numpy())],
+                                  name=None if several else OUTPUTS[1])
+        if several:  # (map − location) · (weight / spread); max: weights do not count
+            factor = (1.0 if settings["fusion"] == "max" else scale.weight) / scale.normal.spread
+            shifted = writer.node("Sub", [anomaly_map, writer.constant("location", np.array(scale.normal.location, np.float32))])
+            anomaly_map = writer.node("Mul", [shifted, writer.constant("factor", np.array(factor, np.float32))])
+        maps.append(anomaly_map)
+    if several:
+        writer.node("Max" if settings["fusion"] == "max" else "Sum", maps, name=OUTPUTS[1])
     writer.node("ReduceMax", [OUTPUTS[1], writer.constant("axes", np.array([1, 2], np.int64))],
                 keepdims=0, name=OUTPUTS[0])
 
 
 def export_onnx(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtractor,
-                embedder: PatchEmbedder, index: FlatL2Index, thresholds: Optional[Thresholds],
-                frame: Tuple[int, int], *, batch_size: Optional[int] = None, opset: int = MIN_OPSET) -> Path:
-    """Write a fitted detector's parts (``settings``: its checked parameters; ``frame``: the
-    ``(height, width)`` of its input images) to one ONNX file at ``path`` (``.onnx``),
-    atomically; returns the path. ``batch_size`` None: any batch size.
+                scales: List[Scale], thresholds: Optional[Thresholds], frame: Tuple[int, int], *,
+                batch_size: Optional[int] = None, opset: int = MIN_OPSET) -> Path:
+    """Write a fitted detector's parts (``settings``: its checked parameters; ``scales``: its
+    fitted scales; ``frame``: the ``(height, width)`` of its input images) to one ONNX file at
+    ``path`` (``.onnx``), atomically; returns the path. ``batch_size`` None: any batch size.
 
     Memory at inference: the weights and the bank (ONNX Runtime holds the bank twice: it
     prepacks the tiles for its matrix product, unless ``session.disable_prepacking`` is set)
@@ -209,25 +234,24 @@ def export_onnx(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtr
                          f"graph computes the map maximum; set image_score='max' before export")
     onnx = import_onnx()
     path = check_target(path, ".onnx")
-    bank_bytes = 4 * len(index) * (index.dim + 1)  # rows and their norms
+    bank_bytes = sum(4 * len(scale.index) * (scale.index.dim + 1) for scale in scales)  # rows and norms
     if bank_bytes > _PROTOBUF_LIMIT:
-        raise ValueError(f"a memory bank of {len(index)} x {index.dim} takes {bank_bytes / 2**30:.1f} "
-                         f"GiB, over ONNX's 2 GiB single-file limit (about {_PROTOBUF_LIMIT // (4 * (index.dim + 1)):,} "
-                         f"rows of this dimension); fit with a smaller coreset")
+        shapes = " + ".join(f"{len(scale.index)} x {scale.index.dim}" for scale in scales)
+        raise ValueError(f"a memory bank of {shapes} takes {bank_bytes / 2**30:.1f} GiB, over ONNX's "
+                         f"2 GiB single-file limit; fit with a smaller coreset")
     if batch_size is not None:
         check_int(batch_size, "batch_size", hint=" or None (any batch size)")
     check_int(opset, "opset", MIN_OPSET, onnx.defs.onnx_opset_version())
     frame = tuple(frame)
-    model = _export_embedding(extractor, embedder, frame, batch_size, opset)
-    grid = tuple(model.graph.output[0].type.tensor_type.shape.dim[i].dim_value for i in (1, 2))
+    model = _export_embedding(extractor, [scale.embedder for scale in scales], frame, batch_size, opset)
+    grids = [tuple(output.type.tensor_type.shape.dim[i].dim_value for i in (1, 2)) for output in model.graph.output]
     del model.graph.output[:]
-    bank = index.rows(0, len(index)).cpu()
-    _add_scoring(_GraphWriter(onnx, model.graph), "embedding", bank, grid, frame, settings)
+    _add_scoring(_GraphWriter(onnx, model.graph), scales, grids, frame, settings)
     batch = batch_size if batch_size else "batch"
     model.graph.output.extend([
         onnx.helper.make_tensor_value_info(OUTPUTS[0], onnx.TensorProto.FLOAT, [batch]),
         onnx.helper.make_tensor_value_info(OUTPUTS[1], onnx.TensorProto.FLOAT, [batch, *frame])])
-    metadata = _metadata(settings, extractor, embedder, bank.shape, grid, frame, thresholds, batch_size)
+    metadata = _metadata(settings, extractor, scales, grids, frame, thresholds, batch_size)
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
@@ -237,15 +261,18 @@ def export_onnx(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtr
         raise ValueError(f"the model would take {model.ByteSize() / 2**30:.1f} GiB, over ONNX's "
                          f"2 GiB single-file limit; fit with a smaller coreset")
     written = atomic_write(path, lambda stream: stream.write(model.SerializeToString()))
-    logger.info("exported %s: %d bank rows x %d, %.1f MiB", written, bank.shape[0], bank.shape[1],
-                written.stat().st_size / 2**20)
+    logger.info("exported %s: bank rows %s, %.1f MiB", written, " + ".join(
+        f"{len(scale.index)} x {scale.index.dim}" for scale in scales), written.stat().st_size / 2**20)
     return written
 
 
-def _metadata(settings: Dict[str, Any], extractor: FeatureExtractor, embedder: PatchEmbedder,
-              bank_shape: Tuple[int, int], grid: Tuple[int, int], frame: Tuple[int, int],
-              thresholds: Optional[Thresholds], batch_size: Optional[int]) -> Dict[str, str]:
-    """The file's ``metadata_props``: what a reader needs to prepare images and label scores."""
+def _metadata(settings: Dict[str, Any], extractor: FeatureExtractor, scales: List[Scale],
+              grids: List[Tuple[int, int]], frame: Tuple[int, int], thresholds: Optional[Thresholds],
+              batch_size: Optional[int]) -> Dict[str, str]:
+    """The file's ``metadata_props``: what a reader needs to prepare images and label scores
+    (``bank``: the first scale's; ``scales``: each scale's layers, bank, normal scores and
+    weight)."""
+    embedder, bank_shape, grid = scales[0].embedder, (len(scales[0].index), scales[0].index.dim), grids[0]
     usable = thresholds if thresholds is not None and thresholds.usable(settings) else None
     entries = {
         "format": FORMAT if settings["crop_size"] is not None else WHOLE_IMAGE_FORMAT, "version": __version__, "backbone": extractor.backbone_name,
@@ -260,6 +287,10 @@ def _metadata(settings: Dict[str, Any], extractor: FeatureExtractor, embedder: P
         "bank": {"rows": int(bank_shape[0]), "dim": int(bank_shape[1]), "grid": list(grid),
                  "coreset": settings["coreset"] if not isinstance(settings["coreset"], tuple) else list(settings["coreset"]),
                  "augment": list(settings["augment"] or [])},
+        "scales": [{"layers": list(layers), "rows": len(scale.index), "dim": scale.index.dim, "grid": list(grid),
+                    "normal": asdict(scale.normal) if scale.normal else None, "weight": scale.weight}
+                   for layers, scale, grid in zip(extractor.scales, scales, grids)],
+        "fusion": settings["fusion"] if len(scales) > 1 else None,
         "io": {"input": INPUT, "outputs": list(OUTPUTS), "batch_size": batch_size},
         "thresholds": asdict(usable) if usable is not None else None}
     return {METADATA_PREFIX + key: json.dumps(value) for key, value in entries.items()}

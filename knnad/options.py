@@ -21,8 +21,9 @@ from torch import nn
 
 from ._checks import check_bool, check_choice, check_int, check_number
 from .anomaly_map import UPSAMPLING, gaussian_kernel_size
-from .backbones import LAYER_PRESETS, PRESET_LAYERS
+from .backbones import DEFAULT_PRESET, LAYER_PRESETS, PRESET_LAYERS, layer_scales
 from .embedding import VIEW_SETS, VIEWS, check_aggregation_size, check_augment
+from .fusion import FUSIONS
 from .preprocessing import MAP_SIZES, check_bit_depth, check_geometry
 from .runtime import BACKENDS, check_device
 from .sampling import parse_coreset
@@ -72,15 +73,22 @@ def _backbone(value: Any, name: str) -> Any:
 
 
 def _layers(value: Any, name: str) -> Any:
-    """None, a preset name of :data:`LAYER_PRESETS` (alone, or the one item of a list), or a
-    tuple of module names."""
-    if value is None:
-        return None
-    names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
-    if not names or not all(isinstance(item, str) for item in names):
+    """None, a preset name of :data:`LAYER_PRESETS` (alone, or the one item of a list), a tuple
+    of module names (one scale) or a tuple of such tuples (several scales, see
+    :func:`~knnad.backbones.layer_scales`)."""
+    if isinstance(value, (list, tuple)) and len(value) == 1 and value[0] in LAYER_PRESETS:
+        value = value[0]
+    try:
+        scales = layer_scales(value)
+    except TypeError:
+        scales = ()
+    if scales is None:
+        return value
+    if not scales or not all(scales) or not all(name_ for scale in scales for name_ in scale):
         raise ValueError(f"{name} must be None, a preset ({', '.join(map(repr, LAYER_PRESETS))}) "
-                         f"or a non-empty list of module names, got {value!r}")
-    return names[0] if len(names) == 1 and names[0] in LAYER_PRESETS else names
+                         f"or a non-empty list of module names (one scale; several scales: a list "
+                         f"of such lists, or names joined by '+'), got {value!r}")
+    return scales[0] if len(scales) == 1 else scales
 
 
 def _weights(value: Any, name: str) -> Any:
@@ -90,10 +98,18 @@ def _weights(value: Any, name: str) -> Any:
 OPTIONS: Dict[str, Option] = {
     "backbone": Option(f"torchvision model name (presets: {', '.join(PRESET_LAYERS)}) or your "
                        f"own nn.Module", _backbone),
-    "layers": Option("module names to hook, e.g. layer2 layer3, or a preset of the backbone: "
-                     "'default' (the same as none), 'fine' (adds the stride-4 block: "
-                     "mobilenet_v2 features.3, resnets layer1; a 4x larger patch grid)",
-                     _layers, nargs="+"),
+    "layers": Option("module names to hook, e.g. layer2 layer3 (one scale); several scales, "
+                     "each its layers joined by '+', e.g. features.6+features.13 "
+                     "features.3+features.6; or a preset of the backbone: 'coarse' (the default, "
+                     "also 'default' and none: mobilenet_v2 features.6 features.13, resnets layer2 "
+                     "layer3), 'fine' (coarse plus the stride-4 block, a 4x larger patch grid), "
+                     "'multiscale' (the two as two scales, each in units of its scores on held-out "
+                     "normal images, fused as fusion says)", _layers, nargs="+"),
+    "fusion": Option("with several scales: how their maps, each in units of its normal scores, become "
+                     "one: 'max' (a defect any scale sees is kept), 'mean', or 'auto' (weights "
+                     "chosen at fit by synthetic defects in held-out normal images; measured not "
+                     "to pick the real defects' best weights on MVTec bottle and transistor)",
+                     _choice(FUSIONS)),
     "weights": Option("'DEFAULT', a torchvision weight name such as IMAGENET1K_V1, none "
                       "(seeded random initialisation) or a .pth state-dict path", _weights,
                       parse=_none_or(str)),
@@ -171,12 +187,26 @@ def validate(params: Mapping[str, Any]) -> Dict[str, Any]:
     ValueError or TypeError naming the parameter."""
     checked = {name: check(name, value) for name, value in params.items()}
     check_geometry(checked["image_size"], checked["crop_size"])
+    if checked["image_score"] != "max" and _several_scales(checked["layers"]):
+        raise ValueError(f"image_score={checked['image_score']!r} scores one scale, and layers="
+                         f"{checked['layers']!r} fuses several; set layers='coarse' (or another "
+                         f"single scale), or image_score='max'")
     if checked.get("map_size") == "original" and checked["crop_size"] is not None:
         raise ValueError(f"map_size='original' needs whole-image mode: the map of a crop_size="
                          f"{checked['crop_size']} crop does not cover the image's border; set "
                          f"crop_size=None (and fit again), or map_size='processed'")
     _check_against_sizes(checked)
     return checked
+
+
+def _several_scales(layers: Any) -> bool:
+    """Whether a checked ``layers`` value names several scales (a preset counts as its
+    :data:`LAYER_PRESETS` entry, which has the same number of scales for every backbone)."""
+    scales = layer_scales(layers)
+    if scales is None:
+        preset = LAYER_PRESETS[DEFAULT_PRESET if layers in (None, "default") else layers]
+        scales = next(iter(preset.values()))
+    return len(scales) > 1
 
 
 def _check_against_sizes(checked: Mapping[str, Any]) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from dataclasses import asdict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from ._version import __version__
 from .archive import ModelFileError, read_archive, write_archive
 from .backbones import FeatureExtractor
 from .embedding import PatchEmbedder, patch_features
+from .fusion import NormalScores, Scale
+from .index import FlatL2Index
 from .options import check, validate
 from .thresholds import Thresholds
 
@@ -28,18 +31,32 @@ KIND = "Detector"
 _ARRAYS = ("memory_bank", "patch_image_ids", "global_features")
 _META_KEYS = ("params", "custom_backbone", "layers", "weights_id", "train_paths", "skipped",
               "image_threshold", "pixel_threshold", "calibration_quantile")
+#: 3 (knnad 0.4): several scales (``scales`` in the metadata: each one's layers, normal scores
+#: and fusion weight; ``memory_bank_1``, ``patch_image_ids_1``, ... for the scales after the
+#: first). Single-scale detectors are still written as version 2, which older knnad reads.
 #: 2 (knnad 0.2): thresholds carry the scoring settings they were set with; no ``grid``.
 #: Version 1 files (knnad 0.1) are still read.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+_SINGLE_SCALE_VERSION = 2
+
+
+def _scale_arrays(number: int) -> Tuple[str, str]:
+    """The names of scale ``number``'s memory bank and bank-row image ids in a model file."""
+    suffix = f"_{number}" if number else ""
+    return f"memory_bank{suffix}", f"patch_image_ids{suffix}"
 
 
 def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtractor,
-                   arrays: Dict[str, np.ndarray], train_paths: list, skipped: list,
-                   thresholds: Optional[Thresholds], frame: Tuple[int, int]) -> Path:
+                   scales: Sequence[Scale], global_features: np.ndarray, train_paths: list,
+                   skipped: list, thresholds: Optional[Thresholds], frame: Tuple[int, int]) -> Path:
     """Write a fitted detector atomically; returns the path. ``settings``: its validated
-    parameters; ``arrays``: ``memory_bank``, ``patch_image_ids``, ``global_features``;
+    parameters; ``scales``: its fitted scales (memory banks, image ids, normal scores, weights);
     ``frame``: ``(height, width)`` of the images the model takes (fixed at fit in whole-image
     mode)."""
+    arrays = {"global_features": global_features}
+    for number, scale in enumerate(scales):
+        bank, ids = _scale_arrays(number)
+        arrays[bank], arrays[ids] = scale.index.vectors(), scale.image_ids
     params = dict(settings)
     params["backbone"] = extractor.backbone_name
     # Only torchvision weight names can be rebuilt without help; see read_detector().
@@ -54,7 +71,11 @@ def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureE
             "calibration_quantile": thresholds.quantile if thresholds else None,
             "calibration_settings": thresholds.scored_with if thresholds else None,
             "frame": list(frame)}
-    return write_archive(path, KIND, FORMAT_VERSION, meta, arrays)
+    if len(scales) > 1:
+        params["layers"] = [list(layers) for layers in extractor.scales]
+        meta["scales"] = [{"layers": list(layers), "normal": asdict(scale.normal), "weight": scale.weight}
+                          for layers, scale in zip(extractor.scales, scales)]
+    return write_archive(path, KIND, FORMAT_VERSION if len(scales) > 1 else _SINGLE_SCALE_VERSION, meta, arrays)
 
 
 def read_detector(path: PathLike, names: Sequence[str], backbone: Any = None, weights: Any = None,
@@ -87,7 +108,7 @@ def read_detector(path: PathLike, names: Sequence[str], backbone: Any = None, we
     elif weights_id.startswith("sha256:"):
         raise ValueError(f"{path} was fit with weights from a local file ({weights_id}); pass "
                          f"weights=PATH to that file (knnad predict: --weights PATH)")
-    params["layers"] = meta["layers"]
+    params["layers"] = [scale["layers"] for scale in meta["scales"]] if "scales" in meta else meta["layers"]
     given = {name: check(name, value) for name, value in overrides.items() if value is not None}
     params.update(given)  # checked first: an invalid override is the caller's error, not the file's
     unknown = sorted(set(params) - set(names))
@@ -124,36 +145,64 @@ def _check_contents(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.n
         raise ModelFileError(f"{path} is not a consistent knnad detector: malformed settings; "
                              f"restore it from a good copy or fit again")
     bank, ids, pooled = (arrays[name] for name in _ARRAYS)
-    consistent = (bank.ndim == 2 and pooled.ndim == 2 and ids.ndim == 1 and len(ids) == len(bank) > 0
-                   and bank.dtype == np.float32 and np.issubdtype(ids.dtype, np.integer)
-                   and bool(np.all(np.diff(ids) >= 0)) and 0 <= ids.min() and ids.max() < len(pooled))
-    if not consistent:
+    if not (pooled.ndim == 2 and np.issubdtype(pooled.dtype, np.floating) and _finite(pooled)
+            and _consistent_bank(bank, ids, len(pooled))):
         raise ModelFileError(f"{path} is not a consistent knnad detector: memory bank "
                              f"{bank.shape} {bank.dtype}, patch image ids {ids.shape}, global "
-                             f"features {pooled.shape}; restore it from a good copy or fit again")
-    if not (_finite(bank) and np.issubdtype(pooled.dtype, np.floating) and _finite(pooled)):
-        raise ModelFileError(f"{path} is not a consistent knnad detector: its memory bank or "
-                             f"global features hold NaN or inf (or are not float); restore it "
-                             f"from a good copy or fit again")
+                             f"features {pooled.shape} {pooled.dtype} (or NaN or inf among them); "
+                             f"restore it from a good copy or fit again")
 
 
-def check_identity(path: PathLike, extractor: FeatureExtractor, embedder: PatchEmbedder,
+def check_identity(path: PathLike, extractor: FeatureExtractor, scales: Sequence[Scale],
                    frame: Tuple[int, int], meta: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
-    """ValueError unless ``extractor`` has the weights the saved bank was built with;
-    ModelFileError unless its features have the saved bank's dimensions (one forward pass)."""
+    """ValueError unless ``extractor`` has the weights the saved banks were built with;
+    ModelFileError unless its features have the saved banks' dimensions (one forward pass)."""
     if extractor.weights_id != meta["weights_id"]:
         raise ValueError(f"{path} was fit with backbone weights {meta['weights_id']}, but the "
                          f"given backbone/weights are {extractor.weights_id}; scores would be "
                          f"wrong: pass the ones it was fit with (weights=PATH; knnad predict: "
                          f"--weights PATH) or fit a new model")
-    patches, pooled = patch_features(extractor, embedder, torch.zeros(1, 3, *frame))
-    found = (patches.shape[-1], pooled.shape[-1])
-    saved = (arrays["memory_bank"].shape[1], arrays["global_features"].shape[1])
+    patches, pooled = patch_features(extractor, [scale.embedder for scale in scales], torch.zeros(1, 3, *frame))
+    found = [embedding.shape[-1] for embedding in patches] + [pooled.shape[-1]]
+    saved = [scale.index.dim for scale in scales] + [arrays["global_features"].shape[1]]
     if found != saved:
-        raise ModelFileError(f"{path}: its memory bank has {saved[0]}-d patches and {saved[1]}-d "
-                             f"global features, but its backbone and settings give {found[0]} and "
-                             f"{found[1]}; the file does not belong to this configuration: "
+        def dims(values: List[int]) -> str:
+            return " + ".join(map(str, values[:-1]))
+        raise ModelFileError(f"{path}: its memory bank has {dims(saved)}-d patches and {saved[-1]}-d "
+                             f"global features, but its backbone and settings give {dims(found)} and "
+                             f"{found[-1]}; the file does not belong to this configuration: "
                              f"restore it from a good copy or fit again")
+
+
+def saved_scales(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.ndarray],
+                 embedders: Sequence[PatchEmbedder], placement: Dict[str, Any]) -> List[Scale]:
+    """The fitted scales stored in a model file (one per embedder; indexes placed as
+    ``placement`` says); a ModelFileError naming the file when a scale's arrays or statistics
+    are missing or malformed."""
+    described = meta.get("scales") or [{}]
+    scales = []
+    for number, (embedder, saved) in enumerate(zip(embedders, described)):
+        bank, ids = (arrays.get(name) for name in _scale_arrays(number))
+        try:
+            normal = NormalScores(**saved["normal"]) if len(embedders) > 1 else None
+            weight = float(saved.get("weight", 1.0))
+            valid = (normal is None or (normal.spread > 0 and math.isfinite(normal.location))) and 0 <= weight <= 1
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid or len(described) != len(embedders) or not _consistent_bank(bank, ids, len(arrays["global_features"])):
+            raise ModelFileError(f"{path} is not a consistent knnad detector: scale {number} of "
+                                 f"{len(embedders)} has no valid memory bank, image ids or normal "
+                                 f"scores; restore it from a good copy or fit again")
+        scales.append(Scale(embedder, FlatL2Index.of(bank, **placement), ids, normal, weight))
+    return scales
+
+
+def _consistent_bank(bank: Optional[np.ndarray], ids: Optional[np.ndarray], images: int) -> bool:
+    """Whether ``bank`` is a finite float32 ``[R, D]`` matrix and ``ids`` its ``R`` sorted image
+    ids below ``images``."""
+    return (bank is not None and ids is not None and bank.ndim == 2 and ids.ndim == 1
+            and len(ids) == len(bank) > 0 and bank.dtype == np.float32 and np.issubdtype(ids.dtype, np.integer)
+            and bool(np.all(np.diff(ids) >= 0)) and 0 <= ids.min() and ids.max() < images and _finite(bank))
 
 
 def checked_settings(path: PathLike, params: Dict[str, Any]) -> Dict[str, Any]:

@@ -61,7 +61,7 @@ def evaluate_and_report(pairs: Sequence[DatasetPair], detector_params: Dict[str,
         rows.append({"category": name, "image_auroc": results["image_auroc"],
                      "pixel_auroc": results["pixel_auroc"], "aupro": results["aupro"],
                      "image_f1_max": results["image_f1_max"], "train_images": len(train),
-                     "test_images": len(test), "memory_bank": len(detector.index_),
+                     "test_images": len(test), "memory_bank": sum(len(scale.index) for scale in detector.scales_),
                      "fit_seconds": fit_seconds, "images_per_second": results["images_per_second"]})
         image_curves[name] = (test.labels, prediction.image_scores)
         if masks is not None:

@@ -13,7 +13,7 @@ from knnad.preprocessing import Preprocessor
 
 @pytest.fixture(scope="module")
 def wide_resnet():
-    return FeatureExtractor("wide_resnet50_2", weights=None)
+    return FeatureExtractor("wide_resnet50_2", layers="coarse", weights=None)
 
 
 @pytest.mark.parametrize("backbone, expected", [
@@ -21,7 +21,7 @@ def wide_resnet():
     ("resnet18", {"layer2": (2, 128, 28, 28), "layer3": (2, 256, 14, 14)}),
 ])
 def test_preset_shapes(backbone, expected):
-    extractor = FeatureExtractor(backbone, weights=None)
+    extractor = FeatureExtractor(backbone, layers="coarse", weights=None)
     features = extractor(torch.randn(2, 3, 224, 224))
     assert list(features) == list(PRESET_LAYERS[backbone])
     assert {k: tuple(v.shape) for k, v in features.items()} == expected
@@ -40,6 +40,25 @@ def test_wide_resnet_shapes_and_all_layers(wide_resnet):
     shapes = {k: tuple(v.shape) for k, v in every(torch.randn(1, 3, 224, 224)).items()}
     assert list(shapes) == ["layer1", "layer4", "layer3"]  # the order asked for
     assert shapes == {"layer1": (1, 256, 56, 56), "layer4": (1, 2048, 7, 7), "layer3": (1, 1024, 14, 14)}
+
+
+@pytest.mark.parametrize("layers", [None, "default", "coarse"])
+def test_default_layers_are_the_coarse_scale(layers):
+    assert FeatureExtractor("resnet18", layers=layers, weights=None).scales == (("layer2", "layer3"),)
+
+
+def test_multiscale_preset_is_a_coarse_and_a_fine_scale_hooked_once():
+    extractor = FeatureExtractor("resnet18", layers="multiscale", weights=None)
+    assert extractor.scales == (("layer2", "layer3"), ("layer1", "layer2", "layer3"))
+    assert extractor.layers == ("layer2", "layer3", "layer1")
+    assert set(extractor(torch.randn(1, 3, 64, 64))) == {"layer1", "layer2", "layer3"}
+
+
+def test_scales_by_name():
+    extractor = FeatureExtractor("resnet18", layers=["layer1+layer2", "layer3"], weights=None)
+    assert extractor.scales == (("layer1", "layer2"), ("layer3",)) and extractor.layers == ("layer1", "layer2", "layer3")
+    with pytest.raises(ValueError, match="distinct such lists"):
+        FeatureExtractor("resnet18", layers=[["layer2"], ["layer2"]], weights=None)
 
 
 def test_random_init_is_seeded():
@@ -86,7 +105,7 @@ def test_genuine_mobilenet_weights_classify_a_cat(seeded_torch_home):
     cats = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
     assert int(top.indices[0, 0]) in cats
     assert float(top.values[0, 0]) > 0.3
-    extractor = FeatureExtractor("mobilenet_v2", weights="IMAGENET1K_V1")
+    extractor = FeatureExtractor("mobilenet_v2", layers="coarse", weights="IMAGENET1K_V1")
     assert extractor.weights_id == "MobileNet_V2_Weights.IMAGENET1K_V1"
     assert module_fingerprint(extractor.model) == module_fingerprint(model)
     # The hooked, truncated, channels-last extractor gives torchvision's own plain forward

@@ -60,8 +60,8 @@ from knnad.preprocessing import Preprocessor
 from knnad.sampling import parse_coreset
 
 REFUSED, DOCUMENTED = "refused", "documented"
-SMALL = dict(backbone="mobilenet_v2", weights=None, image_size=72, crop_size=64, progress=False,
-             coreset=None)
+SMALL = dict(backbone="mobilenet_v2", layers="coarse", weights=None, image_size=72, crop_size=64,
+             progress=False, coreset=None)
 NO_BARS = "--no-progress"
 SHAPE = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "72", "--crop-size", "64",
          NO_BARS]

@@ -12,8 +12,8 @@ from knnad.embedding import VIEWS, check_augment
 from knnad.evaluation import evaluate
 from knnad.preprocessing import Preprocessor
 
-WHOLE = dict(backbone="mobilenet_v2", weights=None, image_size=72, crop_size=None, progress=False,
-             coreset=None)
+WHOLE = dict(backbone="mobilenet_v2", layers="coarse", weights=None, image_size=72, crop_size=None,
+             progress=False, coreset=None)
 CROP = {**WHOLE, "crop_size": 64}
 WIDTH, HEIGHT = 120, 90  # 4:3 images: whole frames of 96 x 72 pixels
 
@@ -272,7 +272,7 @@ def test_the_augmented_bank_holds_each_view_and_is_searched_exactly(normal):
     # The views of each image in turn (batched features: float32 rounding of the convolutions).
     np.testing.assert_allclose(detector.index_.vectors(), bank.numpy(), rtol=1e-4, atol=1e-7)
     assert detector.global_features_.shape == (9, 128)  # a view is a training image of its own
-    np.testing.assert_array_equal(detector.patch_image_ids_, np.repeat(np.arange(9), 64))
+    np.testing.assert_array_equal(detector.scales_[0].image_ids, np.repeat(np.arange(9), 64))
     detector.set_params(image_score="max")
     tests = striped(2, seed=60)
     prediction = detector.predict(tests)
@@ -293,14 +293,14 @@ def test_whole_image_frames_of_any_aspect_ratio_rotate(normal):
 # --- layer presets ------------------------------------------------------------------------------
 
 def test_fine_layer_preset(normal, tmp_path):
-    fine = Detector(**CROP, layers="fine").fit(normal[:2])
+    fine = Detector(**{**CROP, "layers": "fine"}).fit(normal[:2])
     assert fine.extractor_.layers == ("features.3", "features.6", "features.13")
     assert fine.index_.dim == 24 + 32 + 96 and len(fine.index_) == 2 * 16 * 16  # stride 4: 4x the patches
-    reduced = Detector(**CROP, layers=["fine"], reduce_dim=128).fit(normal[:2])
+    reduced = Detector(**{**CROP, "layers": ["fine"]}, reduce_dim=128).fit(normal[:2])
     assert reduced.index_.dim == 128 and reduced.config_["layers"] == "fine"
     loaded = Detector.load(reduced.save(tmp_path / "fine.npz"))
     assert tuple(loaded.layers) == ("features.3", "features.6", "features.13")
     np.testing.assert_array_equal(loaded.predict(normal[2:3]).anomaly_maps, reduced.predict(normal[2:3]).anomaly_maps)
-    assert Detector(**CROP, layers="default").fit(normal[:1]).extractor_.layers == ("features.6", "features.13")
+    assert Detector(**{**CROP, "layers": "default"}).fit(normal[:1]).extractor_.layers == ("features.6", "features.13")
     with pytest.raises(ValueError, match="no preset layers 'fine' for backbone 'alexnet'.*pass layers="):
         Detector(**{**CROP, "backbone": "alexnet"}, layers="fine").fit(normal[:1])

@@ -15,8 +15,8 @@ from knnad import Detector, ImageLoadError, ModelFileError, archive
 from knnad.anomaly_map import anomaly_maps
 from knnad.preprocessing import Preprocessor
 
-SMALL = dict(backbone="mobilenet_v2", weights=None, image_size=72, crop_size=64, progress=False,
-             coreset=None)
+SMALL = dict(backbone="mobilenet_v2", layers="coarse", weights=None, image_size=72, crop_size=64,
+             progress=False, coreset=None)
 
 
 def textured_images(count: int, seed: int, size: int = 96):
@@ -77,7 +77,7 @@ def reference_scores(detector, images, bank_ids=None):
     k_images = min(detector.image_k, len(train))
     nearest = global_dist.topk(k_images, largest=False)
     patch = []
-    ids = torch.from_numpy(detector.patch_image_ids_)
+    ids = torch.from_numpy(detector.scales_[0].image_ids)
     for image, neighbours in zip(embedding, nearest.indices):
         gallery = bank[torch.isin(ids, neighbours)]
         dist = torch.cdist(image.reshape(-1, d), gallery)

@@ -24,10 +24,11 @@ RELATIVE = 1e-4
 
 @pytest.fixture(scope="module")
 def fitted(torch_home):
-    """Detectors on the bundled sample: the full bank and a 10 % coreset."""
+    """Single-scale detectors on the bundled sample: the full bank and a 10 % coreset (the
+    multi-scale graph: tests/test_multiscale.py)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCH_HOME", str(torch_home))
-        return {coreset: Detector("mobilenet_v2", weights="IMAGENET1K_V1", coreset=coreset,
+        return {coreset: Detector("mobilenet_v2", layers="coarse", weights="IMAGENET1K_V1", coreset=coreset,
                                   progress=False).fit(TRAIN) for coreset in (None, 0.1)}
 
 

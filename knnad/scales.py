@@ -1,0 +1,117 @@
+"""A detector's feature scales: their memory banks, built at fit (coreset and exact index of
+each, and for several scales their normal statistics and fusion weights, see
+:mod:`knnad.selection`), and at predict one anomaly map from them.
+
+Memory banks of several scales: a share of ``coreset`` is a share of the coarsest (first)
+scale's patches; every later scale keeps as many rows as cost the same to search per image
+(fewer, as its patches are more and longer: at crop 224, mobilenet_v2's fine scale has 3,136
+patches of 152 dims to the coarse scale's 784 of 128, so a fifth of its rows), selected from a
+seeded random pool of at most as many patches as the first scale has, so that its coreset costs
+no more to select either. Predict then searches each scale in about the same time.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ._checks import check_int
+from .anomaly_map import anomaly_maps
+from .backbones import FeatureExtractor
+from .embedding import Embedded, PatchEmbedder
+from .fusion import Scale, fused_maps
+from .index import FlatL2Index
+from .sampling import CoresetSpec, subsample
+from .scoring import patch_knn_scores, score_patches
+from .selection import calibrate_scales
+
+logger = logging.getLogger(__name__)
+
+
+def scale_embedders(extractor: FeatureExtractor, config: Dict[str, Any]) -> List[PatchEmbedder]:
+    """One patch embedder per scale of ``extractor``. With several scales, ``reduce_dim`` reduces
+    only the scales that have more channels (a single scale is reduced to it as before)."""
+    if len(extractor.scales) == 1:
+        return [PatchEmbedder(config["aggregation_size"], config["reduce_dim"])]
+    return [PatchEmbedder(config["aggregation_size"], config["reduce_dim"], layers) for layers in extractor.scales]
+
+
+def _kept_rows(banks: Sequence[np.ndarray], spec: CoresetSpec) -> List[CoresetSpec]:
+    """Each scale's coreset setting: ``spec`` for one scale, or for several when it keeps every
+    row; else the first scale's count of rows, scaled at each later scale by the ratio of the
+    first scale's patches per image times dimension to its own (the same search cost per image)."""
+    if len(banks) == 1 or spec is None:
+        return [spec] * len(banks)
+    count = max(1, int(len(banks[0]) * spec)) if isinstance(spec, float) else spec
+    cost = [len(bank) * bank.shape[1] for bank in banks]  # patches per image x dim, times images
+    return [min(len(bank), max(1, round(count * cost[0] / own))) for bank, own in zip(banks, cost)]
+
+
+def _coreset_rows(bank: np.ndarray, spec: CoresetSpec, pool: int, seed: int, device: Any,
+                  progress: bool) -> np.ndarray:
+    """Sorted rows of ``bank`` kept by ``spec``, selected from a seeded random pool of at most
+    ``pool`` rows (all rows when the bank is no larger, or when every row is kept)."""
+    if spec is None or len(bank) <= pool or (isinstance(spec, int) and spec >= len(bank)):
+        return subsample(bank, spec, seed, device, progress)
+    candidates = np.sort(np.random.default_rng(seed).choice(len(bank), pool, replace=False))
+    return candidates[subsample(bank[candidates], spec, seed, device, progress)]
+
+
+def fit_scales(found: Embedded, embedders: Sequence[PatchEmbedder], extractor: FeatureExtractor,
+               config: Dict[str, Any]) -> List[Scale]:
+    """The fitted scales of ``found`` (see the module docstring); for several scales, their
+    normal statistics and fusion weights from ``found.kept`` (:func:`~knnad.selection.calibrate_scales`).
+    A ValueError when ``k`` exceeds a memory bank."""
+    placement = {"backend": config["backend"], "device": config["device"], "rerank": config["rerank"]}
+    specs = _kept_rows(found.banks, config["coreset"])
+    scales = []
+    for bank, image_ids, embedder, spec in zip(found.banks, found.image_ids, embedders, specs):
+        picks = _coreset_rows(bank, spec, len(found.banks[0]), config["seed"], extractor.device,
+                              config["progress"])
+        if len(picks) < len(bank):  # all rows kept: no copy
+            bank, image_ids = bank[picks], image_ids[picks]
+        check_int(config["k"], "k", 1, len(bank), f" (the {len(bank)} patches in the memory bank; "
+                                                  f"use a smaller k or a larger coreset)")
+        scales.append(Scale(embedder, FlatL2Index.of(bank, **placement), image_ids))
+    if len(scales) > 1:
+        calibrate_scales(scales, found.kept, found.kept_ids, len(found.global_features) // len(found.paths),
+                         extractor, config)
+    return scales
+
+
+def check_scales(settings: Dict[str, Any], scales: Sequence[Scale]) -> Dict[str, Any]:
+    """``settings`` if they can score with ``scales``: ``k`` at most every memory bank's rows; with
+    several scales, ``image_score="max"`` and the ``k`` their normal scores were measured with.
+    Else a ValueError that says what to change."""
+    check_int(settings["k"], "k", 1, min(len(scale.index) for scale in scales), " (the patches in the memory bank)")
+    if len(scales) == 1:
+        return settings
+    if settings["image_score"] != "max":
+        raise ValueError(f"image_score={settings['image_score']!r} scores one scale; a detector of "
+                         f"{len(scales)} scales takes the maximum of its fused map: set "
+                         f"image_score='max', or fit one scale (layers='coarse')")
+    fitted_k = scales[0].normal.k
+    if settings["k"] != fitted_k:
+        raise ValueError(f"k={settings['k']}: this detector's scales are fused in units of normal "
+                         f"scores measured with k={fitted_k}; set k={fitted_k}, or fit again with "
+                         f"k={settings['k']}")
+    return settings
+
+
+def predict_maps(scales: Sequence[Scale], settings: Dict[str, Any], embeddings: Sequence[torch.Tensor],
+                 pooled: torch.Tensor, spade: Tuple[FlatL2Index, np.ndarray], size: Tuple[int, int]
+                 ) -> Tuple[torch.Tensor, Optional[np.ndarray]]:
+    """Anomaly maps float32 ``[B, H, W]`` (``size``) and, where the image score is not the maps'
+    maximum, image scores ``[B]``, from the patch embeddings of the scales of non-zero weight
+    (``embeddings``, in order) and the global features ``pooled`` (SPADE's, with its global index
+    and bank row offsets ``spade``)."""
+    if len(scales) == 1:
+        patch_scores, image_scores = score_patches(settings, scales[0].index, *spade, embeddings[0], pooled)
+        return anomaly_maps(patch_scores, size, settings["sigma"], settings["upsampling"]), image_scores
+    active = [scale for scale in scales if scale.weight != 0]
+    maps = [anomaly_maps(patch_knn_scores(scale.index, embedding, settings["k"]), size, settings["sigma"],
+                         settings["upsampling"]) for scale, embedding in zip(active, embeddings)]
+    return fused_maps(maps, [scale.normal for scale in active], [scale.weight for scale in active],
+                      settings["fusion"]), None

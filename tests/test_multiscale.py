@@ -1,0 +1,158 @@
+"""Several feature scales in one detector (issue #20): the fused maps and the normal statistics
+against their definitions computed by brute force in float64, the model file, the ONNX graph,
+the refusals, the fusion weights chosen from synthetic defects."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from knnad import Detector, OnnxDetector
+from knnad.anomaly_map import anomaly_maps
+from knnad.archive import read_archive
+from knnad.fusion import NormalScores, weight_grid
+from knnad.options import check
+from knnad.selection import DEFECT_AREA, held_out_numbers, synthetic_defects
+
+from test_detector import textured_images, with_defect
+
+#: The multiscale preset on small images: a 16 x 16 fine grid, 8 x 8 coarse.
+SMALL = dict(backbone="mobilenet_v2", layers="multiscale", weights=None, image_size=72, crop_size=64,
+             progress=False, coreset=None)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return textured_images(8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def fitted(images):
+    return Detector(**SMALL, k=2).fit(images)
+
+
+def brute_force_patch_scores(detector, scale, batch, k, excluded_image=None):
+    """float64 [B, h, w]: mean of the k smallest Euclidean distances to the scale's bank rows
+    (without the rows of ``excluded_image``), by torch.cdist."""
+    embedding = scale.embedder(detector.extractor_(batch)).double()
+    bank = torch.from_numpy(scale.index.vectors()).double()
+    if excluded_image is not None:
+        bank = bank[torch.from_numpy(scale.image_ids != excluded_image)]
+    count, height, width, dim = embedding.shape
+    distances = torch.cdist(embedding.reshape(-1, dim), bank)
+    return distances.topk(k, largest=False).values.mean(1).reshape(count, height, width)
+
+
+def test_multiscale_fuses_a_coarse_and_a_fine_scale(fitted):
+    assert fitted.extractor_.scales == (("features.6", "features.13"), ("features.3", "features.6", "features.13"))
+    coarse, fine = fitted.scales_
+    assert (coarse.index.dim, fine.index.dim) == (32 + 96, 24 + 32 + 96)
+    assert len(coarse.index) == 8 * 8 * 8 and len(fine.index) == 8 * 16 * 16  # coreset=None: every patch
+    assert coarse.weight == fine.weight == 0.5 and coarse.normal.k == 2
+
+
+def test_normal_scores_are_the_held_out_images_scored_without_their_own_rows(fitted, images):
+    kept = held_out_numbers(len(images))
+    assert kept == list(range(8))  # up to 16, evenly spread: all 8 here
+    batch = torch.from_numpy(np.stack([fitted.preprocessor_(image) for image in images]))
+    for scale in fitted.scales_:
+        scores = np.concatenate([brute_force_patch_scores(fitted, scale, batch[i:i + 1], 2, excluded_image=i).numpy().ravel()
+                                 for i in kept])
+        assert scale.normal.patches == scores.size and scale.normal.images == 8
+        assert scale.normal.location == pytest.approx(np.median(scores), rel=1e-5)
+        assert scale.normal.spread == pytest.approx(np.quantile(scores, 0.999) - np.median(scores), rel=1e-4)
+
+
+@pytest.mark.parametrize("fusion", ["max", "mean"])
+def test_fused_maps_equal_their_definition(fitted, images, fusion):
+    fitted = fitted if fusion == "max" else Detector(**SMALL, k=2, fusion=fusion).fit(images)
+    tests = [with_defect(textured_images(1, seed=9)[0]), textured_images(1, seed=10)[0]]
+    batch = torch.from_numpy(np.stack([fitted.preprocessor_(image) for image in tests]))
+    normalised = []
+    for scale in fitted.scales_:
+        patch = brute_force_patch_scores(fitted, scale, batch, 2)
+        maps = anomaly_maps(patch.float(), 64, fitted.sigma, fitted.upsampling).double()
+        normalised.append((maps - scale.normal.location) / scale.normal.spread)
+    expected = torch.stack(normalised).amax(0) if fusion == "max" else torch.stack(normalised).mean(0)
+    prediction = fitted.predict(tests)
+    np.testing.assert_allclose(prediction.anomaly_maps, expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(prediction.image_scores, expected.amax(dim=(1, 2)).numpy(), atol=1e-4)
+    assert prediction.image_scores[0] > 2 * max(prediction.image_scores[1], 1.0)  # the defect: far above normal
+
+
+def test_model_file_holds_the_scales_and_scores_as_saved(fitted, tmp_path):
+    path = fitted.save(tmp_path / "multi.npz")
+    meta, arrays, version = read_archive(path, "Detector", 3)
+    assert version == 3 and {"memory_bank", "memory_bank_1", "patch_image_ids_1"} <= set(arrays)
+    assert [scale["weight"] for scale in meta["scales"]] == [0.5, 0.5]
+    assert meta["scales"][1]["layers"] == ["features.3", "features.6", "features.13"]
+    loaded = Detector.load(path)
+    assert [scale.normal for scale in loaded.scales_] == [scale.normal for scale in fitted.scales_]
+    tests = textured_images(2, seed=11)
+    np.testing.assert_array_equal(loaded.predict(tests).anomaly_maps, fitted.predict(tests).anomaly_maps)
+    single = Detector(**SMALL, layers="coarse").fit(textured_images(2, seed=4))
+    assert read_archive(single.save(tmp_path / "single.npz"), "Detector", 3)[2] == 2  # older knnad reads it
+
+
+def test_settings_that_the_statistics_do_not_cover_are_refused(fitted):
+    with pytest.raises(ValueError, match=r"k=3: .*measured with k=2; set k=2, or fit again with k=3"):
+        Detector(**SMALL, k=2).fit(textured_images(4, seed=5)).set_params(k=3).predict(textured_images(1, seed=6))
+    with pytest.raises(ValueError, match=r"image_score='spade' scores one scale.*layers='coarse'"):
+        Detector(**SMALL).set_params(image_score="spade")
+    with pytest.raises(ValueError, match=r"several scales needs at least 2 readable training images.*got 1"):
+        Detector(**SMALL).fit(textured_images(1, seed=7))
+    with pytest.raises(ValueError, match=r"banks \(128, 512 rows\) keep fewer than k=100 rows of other images"):
+        Detector(**SMALL, k=100).fit(textured_images(2, seed=7))  # 64 coarse rows per image
+
+
+def test_layers_name_scales_in_the_api_and_on_the_command_line():
+    assert check("layers", ["features.6+features.13", "features.3+features.6"]) == (
+        ("features.6", "features.13"), ("features.3", "features.6"))
+    assert check("layers", [["features.6"], ["features.3"]]) == (("features.6",), ("features.3",))
+    assert check("layers", ["features.6", "features.13"]) == ("features.6", "features.13")  # one scale
+    assert check("layers", "multiscale") == "multiscale"
+    with pytest.raises(ValueError, match="several scales"):
+        check("layers", ["features.6+", "features.3"])
+
+
+def test_exported_graph_fuses_like_the_detector(fitted, tmp_path):
+    tests = [with_defect(textured_images(1, seed=12)[0])] + textured_images(2, seed=13)
+    onnx = OnnxDetector(fitted.export_onnx(tmp_path / "multi.onnx")).predict(tests)
+    expected = fitted.predict(tests)
+    np.testing.assert_allclose(onnx.anomaly_maps, expected.anomaly_maps, atol=1e-4)
+    np.testing.assert_allclose(onnx.image_scores, expected.image_scores, atol=1e-4)
+
+
+def test_weight_grid():
+    assert weight_grid(2) == [(1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0.0, 1.0)]
+    three = weight_grid(3)
+    assert len(three) == 15 and all(sum(weights) == 1 for weights in three) and three[0] == (1.0, 0.0, 0.0)
+
+
+def test_synthetic_defects_change_only_their_masks_and_repeat_with_the_seed():
+    images = torch.randn(3, 3, 64, 64)
+    defective, masks, sources = synthetic_defects(images, 2, seed=0)
+    assert defective.shape == (6, 3, 64, 64) and masks.shape == (6, 64, 64) and list(sources) == [0, 1, 2, 0, 1, 2]
+    areas = masks.mean(axis=(1, 2))
+    assert (areas >= DEFECT_AREA[0] - 1 / 4096).all() and (areas <= DEFECT_AREA[1] + 1 / 4096).all()
+    for image, mask, source in zip(defective, masks, sources):
+        outside = torch.from_numpy(~mask)
+        assert torch.equal(image[:, outside], images[source][:, outside])
+        assert not torch.equal(image[:, ~outside], images[source][:, ~outside])
+    again = synthetic_defects(images, 2, seed=0)
+    assert torch.equal(again[0], defective) and np.array_equal(again[1], masks)
+
+
+def test_auto_fusion_chooses_weights_of_the_grid_and_says_so(images, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="knnad.selection"):
+        detector = Detector(**SMALL, fusion="auto").fit(images)
+    weights = tuple(scale.weight for scale in detector.scales_)
+    assert weights in weight_grid(2)
+    assert f"fusion weights {list(weights)}" in caplog.text and "synthetic defects' pixel AUROC" in caplog.text
+    loaded = Detector.load(detector.save(tmp_path / "auto.npz"))
+    assert tuple(scale.weight for scale in loaded.scales_) == weights
+
+
+def test_normal_scores_refuse_constant_scores():
+    with pytest.raises(ValueError, match="do not vary"):
+        NormalScores.of([np.ones(10), np.ones(10)], k=1)
