@@ -471,3 +471,44 @@ def test_a_broken_link_among_the_images_gets_a_skipped_row(tmp_path):
     assert distributed._paths(folder) == distributed._paths(str(folder / "*.png")) == expected
     decoded = decode_batch({"path": np.array(expected, dtype=object)}, Preprocessor(128, 112))
     assert decoded["error"][0] == "" and "gone.png: a broken symbolic link to" in decoded["error"][1]
+
+
+def test_map_size_reaches_the_scoring_actors(cluster, model, single_thread, torch_home, tmp_path):
+    """params={"map_size": ...} (knnad predict --ray --map-size) was passed twice to every
+    scoring actor, a TypeError (issue #21). "original" gives a whole-image model's maps at
+    their images' size, as Detector.predict does; a cropping model refuses it before any work."""
+    import pandas as pd
+    detector = Detector(**{**PARAMS, "crop_size": None}).fit(BOTTLE / "train" / "good")
+    path = detector.save(tmp_path / "whole.npz")
+    images = sorted(str(p) for p in (BOTTLE / "test").glob("*/*.png"))[:4]
+    distributed.predict_dataset(path, images, tmp_path / "out", batch_size=2, maps=True,
+                                params={"map_size": "original"})
+    rows = pd.read_parquet(tmp_path / "out").set_index("path").loc[images]
+    reference = detector.set_params(map_size="original").predict(images)
+    assert reference.anomaly_maps.shape[1:] == (256, 256) != detector.preprocessor_.frame
+    np.testing.assert_allclose(rows.image_score, reference.image_scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(rows.map_max, reference.anomaly_maps.max(axis=(1, 2)), rtol=0, atol=1e-6)
+    for map_file, expected in zip(rows.map_file, reference.anomaly_maps):
+        np.testing.assert_allclose(np.load(tmp_path / "out" / map_file), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"map_size='original' needs a whole-image model.*crop_size=112"):
+        distributed.predict_dataset(model[0], images, tmp_path / "crop", params={"map_size": "original"})
+    from knnad.cli import main
+    assert main(["predict", str(model[0]), *images, "--out", str(tmp_path / "cli"), "--map-size", "processed",
+                 "--ray"]) == 0
+    scored = pd.read_parquet(tmp_path / "cli" / "scores.parquet").set_index("path").loc[images]
+    np.testing.assert_allclose(scored.image_score, model[1].predict(images).image_scores, rtol=0, atol=1e-6)
+    assert not (tmp_path / "crop").exists()
+
+
+def test_shards_the_cluster_cannot_place_fail_within_the_timeout(cluster):
+    """Three shards of one CPU on two CPUs waited forever, with only a warning (issue #21):
+    now a RuntimeError after placement_timeout naming the counts and what to do, and the
+    shards' actors are ended (two shards of one CPU fit again)."""
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"of num_shards=3 shards started within placement_timeout=5 s; "
+                                           r"each asks for num_cpus_per_shard=1 CPUs.* of 2 CPUs.*fewer shards"):
+        distributed.ShardedIndex(8, 3, num_cpus_per_shard=1, placement_timeout=5)
+    assert time.perf_counter() - start < 30
+    bank = np.eye(8, dtype=np.float32)
+    with distributed.ShardedIndex.of(bank, 2, num_cpus_per_shard=1, placement_timeout=60) as index:
+        np.testing.assert_array_equal(index.search(bank, 1)[1][:, 0], np.arange(8))
