@@ -5,9 +5,10 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,7 +23,29 @@ def machine_tag() -> str:
     return f"cpu{os.cpu_count()}"
 
 
+def git_state() -> Dict[str, object]:
+    """``git_commit``: the commit of the checkout holding these benchmarks, and ``git_dirty``:
+    whether tracked files differ from it (both None outside a git checkout)."""
+    def git(*arguments: str) -> Optional[str]:
+        try:
+            run = subprocess.run(["git", *arguments], cwd=Path(__file__).resolve().parent,
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return run.stdout.strip() if run.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if changes is None else bool(changes)}
+
+
 def machine_description() -> Dict[str, object]:
+    """What a result was measured with: the CPU (model, cores, torch threads), the GPU (None
+    without one), the code (git commit, and whether the checkout had uncommitted changes) and
+    the versions of knnad, torch, faiss (None when it is not importable), numpy and Python."""
+    import knnad
+    from knnad.runtime import import_faiss
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -31,7 +54,9 @@ def machine_description() -> Dict[str, object]:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            **git_state(), "knnad": knnad.__version__,
+            "faiss": getattr(import_faiss(), "__version__", None), "numpy": np.__version__}
 
 
 #: How result tables name each search backend: the reference is torch.cdist + topk.

@@ -1,0 +1,31 @@
+"""benchmarks/_common.py: what every result file records about how it was measured."""
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+import knnad
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import _common  # noqa: E402
+
+
+def test_results_record_the_commit_the_versions_and_the_machine(tmp_path, monkeypatch):
+    """Issue #21: a result names the code (git commit) and the knnad, torch, faiss and Python
+    versions beside the CPU and GPU, in the .json and the .md."""
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    written = _common.write_results("probe", {"a table": [{"value": 1.0}]}, tag="here")
+    machine = json.loads(written.with_suffix(".json").read_text())["machine"]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCHMARKS, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert machine["git_commit"] == commit and isinstance(machine["git_dirty"], bool)
+    assert (machine["knnad"], machine["torch"], machine["faiss"], machine["numpy"], machine["python"]) == \
+        (knnad.__version__, torch.__version__, faiss.__version__, np.__version__, platform.python_version())
+    assert machine["cpu"] and machine["cores"] and "gpu" in machine
+    assert f"Machine: {json.dumps(machine)}" in written.read_text()
