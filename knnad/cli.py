@@ -343,6 +343,10 @@ def command_demo(args: argparse.Namespace) -> None:
     _reporting(out, lambda: evaluate_and_report(pairs, params, out, save_models=True,
                                                 title="knnad demo, MVTec bottle sample"))
     _print_report(out)
+    print(f"The bottle images are MVTec AD's (c) MVTec Software GmbH, under CC BY-NC-SA 4.0, not "
+          f"knnad's MIT licence: non-commercial use only, crediting MVTec and the MVTec AD paper, "
+          f"and what you share made from them (such as these heatmaps) under the same licence; "
+          f"see {demo_root() / 'NOTICE.md'}")
 
 
 def command_info(args: argparse.Namespace) -> None:
