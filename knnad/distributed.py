@@ -496,7 +496,8 @@ def predict_dataset(model: PathLike, images: Any, output: PathLike, *, num_worke
     file could not be read; the scores are then null), ``error`` (why it was skipped; null for
     a scored image) and, with ``maps=True``, ``map_file``: the map as float32 ``[H, W]`` (the
     model's frame: its crop, or a whole-image model's frame; the image's size with
-    ``params={"map_size": "original"}``) ``.npy`` file, relative to ``output`` (under ``_maps/``). Rows are in no particular order.
+    ``params={"map_size": "original"}``) ``.npy`` file, relative to ``output`` (under
+    ``_maps/``). Rows are in no particular order.
     Written complete-or-absent: into a hidden folder next to ``output``, renamed to it at the
     end and removed on failure; an earlier output of predict_dataset there is replaced, any
     other existing folder refused.
