@@ -1,28 +1,30 @@
-"""Accuracy of each option of issue #14 on a genuine MVTec AD category, against the defaults.
+"""Accuracy and cost of knnad's settings on a genuine MVTec AD category: the multi-scale default
+(issue #20) against its coarse and fine scales alone, the fusion rules, and the options of
+issue #14, in one run.
 
 knnad's Detector, MobileNetV2 with torchvision's IMAGENET1K_V1 weights, 10 % coreset, k = 1.
-Options: the image score (``"max"``, the default, ``"spade"``, ``"reweighted"``: one fit),
-whole-image mode (``crop_size=None``), the ``"fine"`` layer preset (adds ``features.3``, stride
-4) with and without ``reduce_dim=128`` (and with both the dimension and the number of rows of the
-defaults' memory bank), and memory-bank augmentation (``augment="flips"``,
-``"rotations"``). Each fit's figures: image AUROC, pixel AUROC with a 95 % bootstrap interval
-and the paired bootstrap difference to the defaults (the same resamples of the test images),
-AUPRO, ms/image (predict, decoding included), fit seconds, memory-bank rows and MiB.
+Fits: the default (``layers="multiscale"``: the coarse and the fine scale, each in units of its
+normal scores, fused by their maximum), ``fusion="mean"`` and ``fusion="auto"`` (weights chosen
+from synthetic defects), the coarse scale alone (``layers="coarse"``: knnad's default before
+0.4, also with ``k=3``, ``image_score="reweighted"``, whole-image mode and
+``augment="rotations"`` at its bank size), the fine scale alone (``layers="fine"``, as many rows
+as the coarse bank) and the issue's fine row (``layers="fine", reduce_dim=128``, the same rows).
+Each row: image AUROC, pixel AUROC with a 95 % bootstrap interval and the paired bootstrap
+differences (the same resamples of the test images) to the coarse scale (the old default) and
+to the better of coarse-only and fine-only, AUPRO, ms/image (predict, decoding included, warm),
+fit seconds, memory-bank rows and MiB over all scales.
 
-Pixel figures of the first table are on the pixels every setting scores: the 224 crop of the
-256-resized image, for whole-image mode the same pixels cut from its 256 frame. The second
-table scores the whole frame against full-frame masks: whole-image mode against the defaults
-with the border (which the crop never sees) given the lowest score of their maps. anomalib's
-PatchCore is not rerun here: its row is the committed one of ``results/detector-bottle-cpu2.md``
-(same backbone, weights, preprocessing and coreset ratio; an earlier run, so not paired).
+Pixel figures are on the pixels every setting scores: the 224 crop of the 256-resized image
+(for whole-image mode the same pixels cut from its frame). With ``--peer-python`` (a Python with
+anomalib installed), anomalib 2.7's PatchCore runs in the same run through
+``../shared/tools/peer_anomalib.py`` at a 1 % coreset; it prints image and pixel AUROC and
+times (no maps: no interval or AUPRO).
 
-  python benchmarks/bench_accuracy.py --mvtec-root ../shared/data/mvtec
-  python benchmarks/bench_accuracy.py --mvtec-root ../shared/data/mvtec --quick   # smoke run, < 1 min
-
-``--quick`` fits on 4 training images and scores 7 test images with 100 resamples, and writes
-its tables to a temporary folder, never over the committed results.
+  python benchmarks/bench_accuracy.py --category transistor --peer-python /work/peer-venv/bin/python
+  python benchmarks/bench_accuracy.py --quick   # smoke run, < 2 min, to a temporary folder
 """
-import json
+import re
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -37,46 +39,44 @@ from knnad.metrics import aupro, image_auroc, pixel_auroc, pixel_auroc_bootstrap
 from knnad.preprocessing import center_crop
 
 BOOTSTRAP_ROUNDS = 2000
-#: A coreset of as many patches as the defaults' memory bank: the same bank bytes at reduce_dim 128.
-SAME_BANK = "same bank"
-#: The fits: (name, parameters that need a new fit), then the predict-time settings of each.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+#: A coreset of as many rows as the coarse scale's memory bank.
+COARSE_ROWS = "coarse rows"
+COARSE, FINE = "defaults (layers=coarse)", "layers=fine, coarse's bank rows"
+#: The fits: (parameters that need a new fit, then (row name, predict-time settings) of each).
 FITS = [
-    ("defaults", {}, [("defaults", {}), ("image_score=spade", {"image_score": "spade"}),
-                      ("image_score=reweighted", {"image_score": "reweighted"})]),
-    ("whole image", {"crop_size": None}, [("crop_size=None (whole image)", {})]),
-    ("fine layers", {"layers": "fine"}, [("layers=fine", {})]),
-    ("fine layers, reduced", {"layers": "fine", "reduce_dim": 128}, [("layers=fine, reduce_dim=128", {})]),
-    ("fine layers, default bank size", {"layers": "fine", "reduce_dim": 128, "coreset": SAME_BANK},
-     [("layers=fine, reduce_dim=128, coreset=the defaults' bank rows", {})]),
-    ("flips", {"augment": "flips"}, [("augment=flips", {})]),
-    ("rotations", {"augment": "rotations"}, [("augment=rotations", {})]),
+    ({}, [(COARSE, {}), ("k=3", {"k": 3}), ("image_score=reweighted", {"image_score": "reweighted"})]),
+    ({"layers": "fine", "coreset": COARSE_ROWS}, [(FINE, {})]),
+    ({"layers": "multiscale"}, [("layers=multiscale, fusion=max", {})]),
+    ({"layers": "multiscale", "fusion": "mean"}, [("layers=multiscale, fusion=mean", {})]),
+    ({"layers": "multiscale", "fusion": "auto"}, [("layers=multiscale, fusion=auto (synthetic defects)", {})]),
+    ({"layers": "fine", "reduce_dim": 128, "coreset": COARSE_ROWS}, [("layers=fine, reduce_dim=128, coarse's bank rows", {})]),
+    ({"crop_size": None}, [("crop_size=None (whole image)", {})]),
+    ({"augment": "rotations", "coreset": COARSE_ROWS}, [("augment=rotations, coarse's bank rows", {})]),
 ]
-PEER_RESULTS = _common.RESULTS / "detector-bottle-cpu2.json"
 #: The defaults' crop, whose pixels every setting is compared on.
 CROP = Detector().crop_size
 
 
-def peer_row(category: str):
-    """anomalib's row of the committed detector benchmark (bottle only), or None."""
-    if category != "bottle" or not PEER_RESULTS.is_file():
-        return None
-    tables = json.loads(PEER_RESULTS.read_text())["tables"]
-    for row in (row for rows in tables.values() for row in rows):
-        if str(row["method"]).startswith("anomalib"):
-            return {"setting": f"{row['method']} (results/detector-bottle-cpu2.md, not rerun)",
-                    "bank rows": row["memory bank"], "bank MiB": None, "fit s": row["fit s"],
-                    "ms/image": 1000.0 / row["predict img/s"], "image AUROC": row["image AUROC"],
-                    "pixel AUROC": row["pixel AUROC"],
-                    "pixel AUROC 95% interval": row["pixel AUROC 95% interval"],
-                    "pixel AUROC - defaults, paired 95% interval": "– (other run)", "AUPRO": row["AUPRO"]}
-    return None
+def peer_row(python: str, root: Path, category: str, weights: Path) -> dict:
+    """anomalib PatchCore at a 1 % coreset, run by ``python`` with the shared measuring tool."""
+    output = subprocess.run([python, str(SHARED / "tools" / "peer_anomalib.py"), str(root), category,
+                             str(weights), "0.01"], capture_output=True, text=True, check=True,
+                            env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}).stdout
+    found = dict(re.findall(r"(image AUROC|pixel AUROC|fit|img/s)[= (]*([0-9.]+)", output))
+    bank = re.search(r"bank=\((\d+), (\d+)\)", output)
+    return {"setting": "anomalib 2.7 PatchCore, coreset 1 %", "bank rows": int(bank.group(1)),
+            "bank MiB": int(bank.group(1)) * int(bank.group(2)) * 4 / 2**20, "fit s": float(found["fit"]),
+            "ms/image": 1000.0 / float(found["img/s"]), "image AUROC": float(found["image AUROC"]),
+            "pixel AUROC": float(found["pixel AUROC"])}
 
 
 def main() -> None:
-    parser = category_parser(__doc__)
+    parser = category_parser(__doc__, root=SHARED / "data" / "mvtec")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 4 training and 7 test images, 100 resamples, results "
                              "to a temporary folder")
+    parser.add_argument("--peer-python", help="a Python with anomalib installed: runs the peer too")
     args = parser.parse_args()
     rounds = 100 if args.quick else BOOTSTRAP_ROUNDS
     train = MVTecAD(args.mvtec_root, args.category, "train")
@@ -85,69 +85,50 @@ def main() -> None:
         train.samples, test.samples = train.samples[:4], test.samples[::12]
         _common.RESULTS = Path(tempfile.mkdtemp(prefix="bench_accuracy-"))
     labels = test.labels
-    rows, crop_maps, crop_masks = [], [], None
-    whole = None  # (maps, full-frame masks) of whole-image mode
-    for fit_name, fit_params, settings in FITS:
+    rows, crop_maps, crop_masks, coarse_rows = [], [], None, None
+    for fit_params, settings in FITS:
         fit_params = {"coreset": args.coreset, **fit_params}
-        if fit_params["coreset"] == SAME_BANK:
-            fit_params["coreset"] = rows[0]["bank rows"]
+        if fit_params["coreset"] == COARSE_ROWS:
+            fit_params["coreset"] = coarse_rows
         detector = Detector("mobilenet_v2", weights=args.weights, progress=False, **fit_params)
         start = time.perf_counter()
         detector.fit(train)
         fit_seconds = time.perf_counter() - start
-        bank_rows, dim = len(detector.index_), detector.index_.dim
+        banks = [scale.index for scale in detector.scales_]
+        coarse_rows = coarse_rows or len(banks[0])
         detector.predict(test.samples[0].path)  # warm-up: the first call's setup is not timed
+        fitted = detector.get_params()
         for name, params in settings:
-            detector.set_params(**params)
+            detector.set_params(**{**{key: fitted[key] for _, earlier in settings for key in earlier}, **params})
             results, prediction, masks = evaluate(detector, test, return_prediction=True)
-            maps = prediction.anomaly_maps
-            if detector.crop_size is None:  # the pixels of the crop, cut from the whole frame
-                whole = (maps, masks)
-                maps = center_crop(maps, CROP)
-            elif crop_masks is None:
-                crop_masks = masks
+            maps = prediction.anomaly_maps if detector.crop_size else center_crop(prediction.anomaly_maps, CROP)
+            crop_masks = masks if crop_masks is None else crop_masks
             crop_maps.append(maps)
-            rows.append({"setting": name,
-                         "bank rows": bank_rows, "bank MiB": bank_rows * dim * 4 / 2**20,
+            rows.append({"setting": name, "bank rows": " + ".join(str(len(bank)) for bank in banks),
+                         "bank MiB": sum(len(bank) * bank.dim * 4 for bank in banks) / 2**20,
+                         "fusion weights": " / ".join(f"{scale.weight:g}" for scale in detector.scales_)
+                         if len(banks) > 1 and detector.fusion == "auto" else "",
                          "fit s": fit_seconds, "ms/image": 1000.0 / results["images_per_second"],
                          "image AUROC": image_auroc(labels, prediction.image_scores),
                          "pixel AUROC": pixel_auroc(crop_masks, maps), "AUPRO": aupro(crop_masks, maps)})
             print(f"{name}: {rows[-1]}", flush=True)
     replicates = pixel_auroc_bootstrap(crop_masks, *crop_maps, rounds=rounds)
+    names = [row["setting"] for row in rows]
+    coarse, fine = names.index(COARSE), names.index(FINE)
+    better = coarse if rows[coarse]["pixel AUROC"] >= rows[fine]["pixel AUROC"] else fine
     for row, column in zip(rows, replicates.T):
         row["pixel AUROC 95% interval"] = interval(column)
-        row["pixel AUROC - defaults, paired 95% interval"] = interval(column - replicates[:, 0], digits=5)
-    for row in rows:  # AUPRO last, as in the other tables
-        row["AUPRO"] = row.pop("AUPRO")
-    peer = peer_row(args.category)
-
-    # The whole frame: whole-image mode, and the defaults with the border unscored (lowest score).
-    whole_maps, frame_masks = whole
-    frame = frame_masks.shape[1:]
-    defaults = np.full((len(labels), *frame), crop_maps[0].min(), np.float32)
-    top, left = int(round((frame[0] - CROP) / 2.0)), int(round((frame[1] - CROP) / 2.0))
-    defaults[:, top:top + CROP, left:left + CROP] = crop_maps[0]
-    frame_replicates = pixel_auroc_bootstrap(frame_masks, defaults, whole_maps, rounds=rounds)
-    frame_rows = []
-    for name, maps, column in (("defaults, border unscored", defaults, frame_replicates[:, 0]),
-                               ("crop_size=None (whole image)", whole_maps, frame_replicates[:, 1])):
-        frame_rows.append({"setting": name, "pixel AUROC": pixel_auroc(frame_masks, maps),
-                           "pixel AUROC 95% interval": interval(column),
-                           "pixel AUROC - defaults, paired 95% interval":
-                               interval(column - frame_replicates[:, 0], digits=5),
-                           "AUPRO": aupro(frame_masks, maps)})
-    inside = center_crop(frame_masks, CROP).reshape(len(labels), -1).sum(axis=1)
-    total = frame_masks.reshape(len(labels), -1).sum(axis=1)
+        row["- coarse, paired 95%"] = interval(column - replicates[:, coarse], digits=5)
+        row["- better single scale, paired 95%"] = interval(column - replicates[:, better], digits=5)
+        row["AUPRO"] = row.pop("AUPRO")  # last, as in the other tables
+    if args.peer_python and not args.quick:
+        weights = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+        rows.append({key: "" for key in rows[0]} | peer_row(args.peer_python, args.mvtec_root, args.category, weights))
     summary = {"test images": len(labels), "defect images": int((labels == 1).sum()),
-               "defect masks that the 224 crop cuts (of the 256 frame)": int((inside < total).sum()),
-               "share of defect pixels outside the 224 crop (256 frame)": float(1 - inside.sum() / max(1, total.sum())),
-               "bootstrap resamples": rounds}
-    title = (f"MVTec AD {args.category}, MobileNetV2 {args.weights}, coreset {args.coreset}, k = 1"
-             + (" (QUICK smoke run: a few images, not figures)" if args.quick else ""))
-    write_results(f"accuracy-{args.category}",
-                  {f"{title}: pixels of the 224 crop": rows + ([peer] if peer else []),
-                   f"{title}: the whole {frame[1]}x{frame[0]} frame, full-frame masks": frame_rows},
-                  summary)
+               "better single scale (point pixel AUROC)": names[better], "bootstrap resamples": rounds}
+    title = (f"MVTec AD {args.category}, MobileNetV2 {args.weights}, coreset {args.coreset}, k = 1, "
+             f"pixels of the 224 crop" + (" (QUICK smoke run: a few images, not figures)" if args.quick else ""))
+    write_results(f"accuracy-{args.category}", {title: rows}, summary)
 
 
 if __name__ == "__main__":
