@@ -303,4 +303,4 @@ def test_fine_layer_preset(normal, tmp_path):
     np.testing.assert_array_equal(loaded.predict(normal[2:3]).anomaly_maps, reduced.predict(normal[2:3]).anomaly_maps)
     assert Detector(**{**CROP, "layers": "default"}).fit(normal[:1]).extractor_.layers == ("features.6", "features.13")
     with pytest.raises(ValueError, match="no preset layers 'fine' for backbone 'alexnet'.*pass layers="):
-        Detector(**{**CROP, "backbone": "alexnet"}, layers="fine").fit(normal[:1])
+        Detector(**{**CROP, "backbone": "alexnet", "layers": "fine"}).fit(normal[:1])

@@ -358,7 +358,7 @@ def test_scikit_learn_parameter_protocol(normal_images):
     copy = sklearn_base.clone(detector)
     assert copy is not detector and copy.get_params() == detector.get_params()
     assert list(Detector().get_params(deep=True)) == list(inspect.signature(Detector).parameters)
-    assert repr(detector) == ("Detector(backbone='mobilenet_v2', weights=None, k=2, coreset=None, "
+    assert repr(detector) == ("Detector(backbone='mobilenet_v2', layers='coarse', weights=None, k=2, coreset=None, "
                               "image_size=72, crop_size=64, progress=False)")
     assert detector.set_params(k=3, sigma=2.0) is detector and (detector.k, detector.sigma) == (3, 2.0)
     with pytest.raises(ValueError, match="no parameter.*'kk'"):

@@ -90,7 +90,7 @@ def test_model_file_holds_the_scales_and_scores_as_saved(fitted, tmp_path):
     assert [scale.normal for scale in loaded.scales_] == [scale.normal for scale in fitted.scales_]
     tests = textured_images(2, seed=11)
     np.testing.assert_array_equal(loaded.predict(tests).anomaly_maps, fitted.predict(tests).anomaly_maps)
-    single = Detector(**SMALL, layers="coarse").fit(textured_images(2, seed=4))
+    single = Detector(**{**SMALL, "layers": "coarse"}).fit(textured_images(2, seed=4))
     assert read_archive(single.save(tmp_path / "single.npz"), "Detector", 3)[2] == 2  # older knnad reads it
 
 
