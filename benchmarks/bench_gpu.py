@@ -5,6 +5,25 @@ the CPU of the same machine.
   python benchmarks/bench_gpu.py                        # first CUDA GPU -> results/gpu-bottle-gpu.{md,json}
   python benchmarks/bench_gpu.py --device cpu --quick   # the whole script on a CPU, < 2 min, temporary folder
   python benchmarks/bench_gpu.py --data DIR --weights mobilenet_v2-b0353104.pth   # MVTec AD root, local weights
+  python benchmarks/bench_gpu.py --pack [DIR] [--pack-mib 60]   # data and weights for a GPU machine
+
+On a GPU machine lent through the run tool, which copies the working tree (tracked files and
+untracked ones git does not ignore) and the git-ignored paths named in its carry list, 64 MiB in
+all, and where ../shared, the internet and faiss are missing (Ray may be too):
+
+  1. Here, at the commit to measure: ``python benchmarks/bench_gpu.py --pack`` writes the
+     git-ignored folder benchmarks/.gpu_pack, under --pack-mib MiB: the MobileNetV2 weights file
+     and an MVTec-layout share of bottle (see write_pack). It prints the pack's size, what travels
+     with it, and the run call of step 2 with this commit filled in.
+  2. One run call, with carry ["benchmarks/.gpu_pack"] and timeout_s 600, whose command is
+       PYTHONPATH=. python3 benchmarks/bench_gpu.py --data benchmarks/.gpu_pack/mvtec
+         --weights benchmarks/.gpu_pack/mobilenet_v2-b0353104.pth --commit COMMIT --out "$OUT"
+  3. gpu-bottle-gpu.md and .json come back from $OUT (under the tool's files_at): copy them to
+     benchmarks/results/ and commit them.
+
+A pack holds the same evenly spread share of every folder of bottle (about a third under 60 MiB),
+so the banks, the large one included, and the image counts are that share of the full
+category's; the results record the data's image counts and the pack's manifest.
 
 Float32 throughout with TF32 off (``torch.backends.cuda.matmul.allow_tf32`` and
 ``torch.backends.cudnn.allow_tf32`` set to False, read back into the results): TF32 rounds the
@@ -20,10 +39,11 @@ the device before and after each timed call; "best of" runs follow a warm-up.
    rows are the reference's or exactly as far: ties) and with FlatL2Index on the CPU for a
    subset of the queries.
 2. Coreset (knnad.coreset at --coreset) on the device: bottle's full bank, whose picks are
-   compared with the CPU's; a ~1M-row bank (bottle at image 640 / crop 576: 1,083,456 x 128
-   rows), whose first picks are compared with a CPU run of that many picks (each prefix of the
-   picks is the greedy's own). The large bank takes a tenth of --coreset where bottle's rate
-   projects --coreset past LARGE_CORESET_S seconds (the results say so).
+   compared with the CPU's; a ~1M-row bank (bottle's 209 training images at image 640 / crop
+   576: 1,083,456 x 128 rows; 5,184 rows an image), whose first picks are compared with a CPU
+   run of that many picks (each prefix of the picks is the greedy's own). The large bank takes
+   a tenth of --coreset where bottle's rate projects --coreset past LARGE_CORESET_S seconds
+   (the results say so).
 3. Detector end to end on bottle (mobilenet_v2, --coreset, backend "torch" on the device): fit
    and predict images/s from the files (decoding in the Detector's threads on this machine's
    CPU) and from preprocessed images; each stage's cost per image (decode, backbone with the
@@ -36,19 +56,22 @@ the device before and after each timed call; "best of" runs follow a warm-up.
    predict_dataset's decoding task; the arrays stay in the workers) on 1 and on every core,
    next to the device's images/s without decoding.
 
-``--quick`` takes 4 training and 7 test images and small random sizes, and writes to a
-temporary folder (or ``--out``), never over the committed results: what a test runs so that
-the script cannot rot. The results file is ``gpu-<category>-gpu`` on a CUDA device,
-``gpu-<category>-cpu<cores>`` otherwise.
+``--quick`` takes 4 training images, every 12th test image (7 of bottle's 83) and small random
+sizes, and writes to a temporary folder (or ``--out``), never over the committed results: what
+a test runs so that the script cannot rot. The results file is ``gpu-<category>-gpu`` on a
+CUDA device, ``gpu-<category>-cpu<cores>`` otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import io
+import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -66,7 +89,7 @@ import _common
 from _common import best_time, category_parser, patch_embeddings, write_results
 from knnad import Detector
 from knnad.anomaly_map import anomaly_maps
-from knnad.datasets import MVTecAD
+from knnad.datasets import MVTecAD, Sample
 from knnad.decoding import decode_batch
 from knnad.embedding import patch_features
 from knnad.index import DEFAULT_MEMORY_BUDGET, FlatL2Index
@@ -79,6 +102,18 @@ from knnad.sources import _DECODE_THREADS, batches
 REPOSITORY = Path(__file__).resolve().parents[1]
 #: The MVTec AD root beside the checkout (../shared), as the tests find it.
 DEFAULT_ROOT = REPOSITORY.parent / "shared" / "data" / "mvtec"
+#: The MobileNetV2 weights file beside the checkout (../shared), what --pack copies by default.
+DEFAULT_WEIGHTS = REPOSITORY.parent / "shared" / "weights" / "mobilenet_v2-b0353104.pth"
+#: The folder --pack writes by default (git-ignored: the run tool's carry list takes it along).
+PACK_DIR = REPOSITORY / "benchmarks" / ".gpu_pack"
+#: The pack's manifest, in its MVTec AD root (where --data points), so that the results find it.
+PACK_MANIFEST = "pack-manifest.json"
+#: Files of an MVTec AD category folder that a pack copies beside the images: licence, attribution.
+LICENCE_FILES = ("license.txt", "readme.txt")
+#: Bytes of --pack-mib kept for the manifest.
+MANIFEST_RESERVE = 2**16
+#: What one run call may send: the working tree and the carried paths together.
+RUN_LIMIT = 64 * 2**20
 #: The larger memory budget FlatL2Index is also measured with: whole banks per block on the GPU.
 SEARCH_BUDGET = 8 * 2**30
 #: Output bytes per block of the torch.mm floor and of the float64 reference.
@@ -163,12 +198,15 @@ def nvidia_driver() -> str:
     return answer[0] if answer else "unknown (nvidia-smi said nothing)"
 
 
+def git(*arguments: str) -> str:
+    """git's output for ``arguments`` in this checkout; raises OSError or SubprocessError where
+    git fails."""
+    return subprocess.run(["git", "-C", str(REPOSITORY), *arguments], capture_output=True,
+                          text=True, timeout=60, check=True).stdout.strip()
+
+
 def git_commit() -> str:
     """The checkout's HEAD commit, marked when tracked files differ from it, or why unknown."""
-    def git(*arguments: str) -> str:
-        """git's output for ``arguments`` in this checkout; raises where git fails."""
-        return subprocess.run(["git", "-C", str(REPOSITORY), *arguments], capture_output=True,
-                              text=True, timeout=60, check=True).stdout.strip()
     try:
         head, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
@@ -490,18 +528,176 @@ def decoding_summary(detector_table: List[Dict], decoding: List[Dict], device: t
             f"decoding on every core allows {ceiling:.0f}"}
 
 
+# The data: a pack for a GPU machine, and what the results record
+
+
+def mvtec_folders(root: Path, category: str) -> Dict[str, List[Sample]]:
+    """The MVTec AD category's samples by folder, "train/good" then each "test/<type>", in
+    MVTecAD's order (which checks that every defect image has its mask)."""
+    folders: Dict[str, List[Sample]] = {}
+    for split in ("train", "test"):
+        for sample in MVTecAD(root, category, split).samples:
+            folders.setdefault(f"{split}/{sample.defect}", []).append(sample)
+    return folders
+
+
+def spread(items: List, count: int) -> List:
+    """``count`` of ``items`` (1 <= count <= len(items)) evenly spread, in their order: the
+    middle one of each of ``count`` equal runs; all of them where ``count`` is their number."""
+    return [items[(2 * i + 1) * len(items) // (2 * count)] for i in range(count)]
+
+
+def sample_files(sample: Sample) -> List[Path]:
+    """The sample's image and, for a defect image, its mask."""
+    return [sample.path] + ([sample.mask_path] if sample.mask_path else [])
+
+
+def pack_selection(folders: Dict[str, List[Sample]], budget: int) -> Dict[str, List[Sample]]:
+    """The largest share of ``folders`` whose images and masks take at most ``budget`` bytes:
+    from each folder the same share of its samples, at least one, evenly spread (spread).
+    Raises ValueError where one sample of each folder does not fit."""
+    size = {sample: sum(path.stat().st_size for path in sample_files(sample))
+            for samples in folders.values() for sample in samples}
+    train = len(folders["train/good"])
+    for count in range(train, 0, -1):
+        selection = {name: spread(samples, max(1, round(count * len(samples) / train)))
+                     for name, samples in folders.items()}
+        if sum(size[sample] for chosen in selection.values() for sample in chosen) <= budget:
+            return selection
+    raise ValueError(f"{budget / 2**20:.1f} MiB left for images beside the weights and licence "
+                     f"files hold less than one image of each folder: raise --pack-mib")
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 of the file at ``path``, in hex."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder``."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def write_pack(folder: Path, root: Path, category: str, weights: Path, limit_mib: float) -> Dict:
+    """Write ``folder`` for a GPU machine, under ``limit_mib`` MiB in all: ``weights`` and
+    ``mvtec/<category>``, an MVTec AD layout of ``root``'s category holding its LICENCE_FILES
+    and pack_selection's share of its images (train/good, test/<type>) with the defect images'
+    masks (ground_truth/<type>), every file copied byte for byte; and the manifest, written to
+    ``mvtec/PACK_MANIFEST`` and returned. An earlier pack in ``folder`` is replaced;
+    FileExistsError where ``folder`` holds anything else, ValueError where the limit is too low."""
+    if folder.exists() and any(folder.iterdir()) and not (folder / "mvtec" / PACK_MANIFEST).is_file():
+        raise FileExistsError(f"{folder} holds files but no pack: choose a new or empty folder")
+    source = root / category
+    folders = mvtec_folders(root, category)
+    licences = [source / name for name in LICENCE_FILES if (source / name).is_file()]
+    kept = weights.stat().st_size + sum(path.stat().st_size for path in licences) + MANIFEST_RESERVE
+    selection = pack_selection(folders, int(limit_mib * 2**20) - kept)
+    files = licences + sorted(path for chosen in selection.values() for sample in chosen
+                              for path in sample_files(sample))
+    if folder.exists():
+        shutil.rmtree(folder)
+    for path in files:
+        copy = folder / "mvtec" / category / path.relative_to(source)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy)
+    shutil.copyfile(weights, folder / weights.name)
+    manifest = {"category": category, "source": str(source),
+                "selection": f"the same share of each folder's images, at least one, evenly spread "
+                             f"over its sorted files, the largest under {limit_mib:g} MiB; each "
+                             f"defect image with its mask",
+                "images": {name: len(chosen) for name, chosen in selection.items()},
+                "images in the source": {name: len(samples) for name, samples in folders.items()},
+                "weights": {"file": weights.name, "bytes": weights.stat().st_size, "sha256": sha256(weights)},
+                "files": [str(path.relative_to(source)) for path in files]}
+    (folder / "mvtec" / PACK_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def run_call(folder: Path, manifest: Dict) -> str:
+    """What --pack prints after writing the pack ``folder`` with ``manifest``: its size, what
+    travels with it on a run call (the working tree git would send, RUN_LIMIT in all), warnings
+    where it cannot travel as it is, and the run call that benchmarks the GPU on it."""
+    folder = folder.resolve()
+    pack = folder_bytes(folder)
+    shown = folder.relative_to(REPOSITORY) if folder.is_relative_to(REPOSITORY) else folder
+    lines = [f"pack: {shown}, {pack / 2**20:.2f} MiB ({pack:,} bytes)"]
+    if shown == folder:
+        lines.append(f"warning: the run tool carries only paths inside the checkout {REPOSITORY}: "
+                     f"pack into {PACK_DIR.relative_to(REPOSITORY)}")
+    try:
+        listed = [REPOSITORY / name for name in
+                  git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0") if name]
+    except (OSError, subprocess.SubprocessError) as error:
+        lines.append(f"warning: the working tree's size is unknown (git: {error})")
+    else:
+        tree = sum(path.stat().st_size for path in listed
+                   if path.is_file() and not path.is_relative_to(folder))
+        lines.append(f"travels: the working tree {tree / 2**20:.2f} MiB and the pack, "
+                     f"{(tree + pack) / 2**20:.2f} MiB of the run call's {RUN_LIMIT / 2**20:.0f} MiB")
+        if any(path.is_relative_to(folder) for path in listed):
+            lines.append(f"warning: {shown} is not git-ignored: add it to .gitignore, so that it "
+                         f"travels by carry and is never committed")
+        if tree + pack > RUN_LIMIT:
+            lines.append(f"warning: too large: pack again with a --pack-mib under "
+                         f"{(RUN_LIMIT - tree) / 2**20:.1f}")
+    arguments = ["--data", f"{shown}/mvtec", "--category", manifest["category"],
+                 "--weights", f"{shown}/{manifest['weights']['file']}", "--commit", git_commit()]
+    command = ("PYTHONPATH=. python3 benchmarks/bench_gpu.py " + " ".join(map(shlex.quote, arguments))
+               + ' --out "$OUT"')
+    return "\n".join(lines + ["the run call (the full run takes at most 8 minutes on one H200):",
+                              f"  carry: {json.dumps([str(shown)])}", "  timeout_s: 600",
+                              f"  command: {command}",
+                              "then copy the .md and .json that come back from $OUT to "
+                              "benchmarks/results/ and commit them"])
+
+
+def pack(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--pack: write_pack into ``args.pack`` with ``args.weights``, a file (by default
+    DEFAULT_WEIGHTS), and print run_call's lines; a parser error where it cannot."""
+    weights = Path(args.weights)
+    if not weights.is_file() and args.weights == parser.get_default("weights"):
+        weights = DEFAULT_WEIGHTS
+    if not weights.is_file():
+        parser.error(f"--pack copies a weights file, and {weights} is none: pass --weights FILE")
+    try:
+        manifest = write_pack(args.pack, args.mvtec_root, args.category, weights, args.pack_mib)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    print(run_call(args.pack, manifest))
+
+
+def data_record(root: Path, folders: Dict[str, List[Sample]], weights: str) -> Dict[str, object]:
+    """What the results say of the data and the weights: the MVTec AD root, its images by
+    folder (``folders``, mvtec_folders'), the pack's manifest where the root is a pack's (else
+    that it is none), and the weights, with their SHA-256 where they are a file."""
+    manifest, path = root / PACK_MANIFEST, Path(weights)
+    return {"data": str(root),
+            "images in the data": ", ".join(f"{name} {len(samples)}" for name, samples in folders.items()),
+            "pack manifest": json.loads(manifest.read_text()) if manifest.is_file() else "none (no pack)",
+            "weights": f"{weights} (sha256 {sha256(path)})" if path.is_file() else weights}
+
+
 def main() -> None:
     parser = category_parser(__doc__, root=DEFAULT_ROOT)
     parser.add_argument("--data", dest="mvtec_root", type=Path, default=argparse.SUPPRESS,
                         help=f"MVTec AD root, the same as --mvtec-root (default {DEFAULT_ROOT})")
     parser.add_argument("--device", default="cuda", help="where to run: cuda (default), cuda:N or cpu")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 4 training and 7 test images, small random sizes, results "
-                             "to a temporary folder (or --out)")
+                        help="smoke run: 4 training images, every 12th test image, small random "
+                             "sizes, results to a temporary folder (or --out)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; "
                                                  "with --quick a new temporary folder)")
     parser.add_argument("--commit", help="the commit to record where the copy has no git checkout")
+    parser.add_argument("--pack", nargs="?", const=PACK_DIR, type=Path, metavar="DIR",
+                        help=f"measure nothing: write DIR (default {PACK_DIR.relative_to(REPOSITORY)}) "
+                             f"for a GPU machine, the --weights file and a share of the category's "
+                             f"images, and print the run call")
+    parser.add_argument("--pack-mib", type=float, default=60.0,
+                        help="--pack's size limit in MiB (default 60; the run call takes 64 in all)")
     args = parser.parse_args()
+    if args.pack is not None:
+        pack(parser, args)
+        return
     try:
         device = resolve_device(args.device)
     except ValueError as error:
@@ -516,11 +712,14 @@ def main() -> None:
     root = args.mvtec_root.resolve()
     if Path(args.weights).is_file():  # a weights file, found from Ray's workers too
         args.weights = str(Path(args.weights).resolve())
-    train = [s.path for s in MVTecAD(root, args.category, "train").samples][sizes.train]
-    test = [s.path for s in MVTecAD(root, args.category, "test").samples][sizes.test]
+    folders = mvtec_folders(root, args.category)
+    train = [s.path for s in folders["train/good"]][sizes.train]
+    test = [s.path for name, samples in folders.items() if name.startswith("test/")
+            for s in samples][sizes.test]
     tables: Dict[str, List[Dict]] = {title: [] for title in TITLES.values()}
     summary = environment(device, args.commit)
-    summary.update({"images (train / test)": f"{len(train)} / {len(test)}", "quick": args.quick})
+    summary.update({"images (train / test)": f"{len(train)} / {len(test)}", "quick": args.quick,
+                    **data_record(root, folders, args.weights)})
     say(f"on {device}: {summary}")
 
     def save() -> Path:
