@@ -20,7 +20,7 @@ from .persistence import (check_identity, checked_settings, read_detector, saved
 from .preprocessing import Preprocessor
 from .runtime import backbone_device
 from .prediction import Prediction
-from .scales import check_scales, fit_scales, predict_maps, scale_embedders
+from .scales import check_scales, fit_scales, index_placement, predict_maps, scale_embedders
 from .scoring import image_row_ranges
 from .selection import held_out_numbers
 from .sources import batches, image_items
@@ -156,8 +156,7 @@ class Detector(Parameters):
         config = checked_settings(path, detector.get_params())
         detector._build_parts(config)
         detector.preprocessor_.frame = saved_frame(path, config, meta)
-        placement = {"backend": config["backend"], "device": config["device"], "rerank": config["rerank"]}
-        scales = saved_scales(path, meta, arrays, scale_embedders(detector.extractor_, config), placement)
+        scales = saved_scales(path, meta, arrays, scale_embedders(detector.extractor_, config), index_placement(config))
         check_identity(path, detector.extractor_, scales, detector.preprocessor_.frame, meta, arrays)
         detector._set_bank(config, scales, arrays["global_features"])
         detector.train_paths_, detector.skipped_ = meta["train_paths"], meta["skipped"]
@@ -178,8 +177,7 @@ class Detector(Parameters):
 
     def _set_bank(self, config: Dict[str, Any], scales: List[Scale], global_features: np.ndarray) -> None:
         """The scales and the global-feature index (one row per training image)."""
-        self.global_index_ = FlatL2Index.of(global_features, backend=config["backend"], device=config["device"],
-                                            rerank=config["rerank"])
+        self.global_index_ = FlatL2Index.of(global_features, **index_placement(config))
         self.scales_, self.global_features_ = scales, global_features
         self.image_rows_ = image_row_ranges(scales[0].image_ids, len(global_features))
 

@@ -30,6 +30,11 @@ from .selection import calibrate_scales
 logger = logging.getLogger(__name__)
 
 
+def index_placement(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The keyword arguments of :meth:`FlatL2Index.of` that a detector's settings give."""
+    return {"backend": config["backend"], "device": config["device"], "rerank": config["rerank"]}
+
+
 def scale_embedders(extractor: FeatureExtractor, config: Dict[str, Any]) -> List[PatchEmbedder]:
     """One patch embedder per scale of ``extractor``. With several scales, ``reduce_dim`` reduces
     only the scales that have more channels (a single scale is reduced to it as before)."""
@@ -64,7 +69,7 @@ def fit_scales(found: Embedded, embedders: Sequence[PatchEmbedder], extractor: F
     """The fitted scales of ``found`` (see the module docstring); for several scales, their
     normal statistics and fusion weights from ``found.kept`` (:func:`~knnad.selection.calibrate_scales`).
     A ValueError when ``k`` exceeds a memory bank."""
-    placement = {"backend": config["backend"], "device": config["device"], "rerank": config["rerank"]}
+    placement = index_placement(config)
     specs = _kept_rows(found.banks, config["coreset"])
     scales = []
     for bank, image_ids, embedder, spec in zip(found.banks, found.image_ids, embedders, specs):
