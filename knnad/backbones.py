@@ -238,22 +238,25 @@ def _layer_choices(model: nn.Module) -> str:
 class FeatureExtractor:
     """Activations of named layers of a pretrained CNN, in eval mode and without gradients.
 
+    ``extractor(images)`` with a float tensor ``[B, 3, H, W]`` returns an ordered
+    ``dict[layer -> Tensor[B, C, h, w]]`` (float32, on ``device``) in the order of ``layers``.
+
     Parameters
     ----------
-    backbone: a torchvision classification model name (``"wide_resnet50_2"``,
-        ``"mobilenet_v2"``, ``"resnet18"``, any of :func:`available_backbones`) or an
-        ``nn.Module``.
-    layers: module names as in ``model.named_modules()`` (``"layer2"``, ``"features.6"``): one
+    backbone
+        A torchvision classification model name (``"wide_resnet50_2"``, ``"mobilenet_v2"``,
+        ``"resnet18"``, any of :func:`available_backbones`) or an ``nn.Module``.
+    layers
+        Module names as in ``model.named_modules()`` (``"layer2"``, ``"features.6"``): one
         scale; a list of such lists: several scales (:attr:`scales`), hooked once
         (:attr:`layers`, their union in order); ``None`` or ``"default"`` takes the backbone's
         :data:`DEFAULT_PRESET`; a preset name of :data:`LAYER_PRESETS` takes that preset.
-    weights: ``"DEFAULT"`` (torchvision's best ImageNet weights), a weight name such as
+    weights
+        ``"DEFAULT"`` (torchvision's best ImageNet weights), a weight name such as
         ``"IMAGENET1K_V1"`` or a torchvision weight enum, ``None`` (seeded random init), or a
         path to a local ``.pth`` state dict. Ignored (unless a path) for an ``nn.Module``.
-    device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
-
-    ``extractor(images)`` with a float tensor ``[B, 3, H, W]`` returns an ordered
-    ``dict[layer -> Tensor[B, C, h, w]]`` (float32, on ``device``) in the order of ``layers``.
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
     """
 
     def __init__(self, backbone: Union[str, nn.Module] = "wide_resnet50_2",

@@ -71,9 +71,12 @@ class PatchEmbedder:
 
     Parameters
     ----------
-    aggregation_size: side of the local averaging window (odd; 1 disables aggregation).
-    reduce_dim: target dimension of adaptive average pooling over channels, or None.
-    layers: the names of ``features`` it embeds, in order (one scale of several); None: all.
+    aggregation_size
+        Side of the local averaging window (odd; 1 disables aggregation).
+    reduce_dim
+        Target dimension of adaptive average pooling over channels, or None.
+    layers
+        The names of ``features`` it embeds, in order (one scale of several); None: all.
     """
 
     def __init__(self, aggregation_size: int = 3, reduce_dim: Optional[int] = None,

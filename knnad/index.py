@@ -132,20 +132,25 @@ class FlatL2Index(ExactIndex):
 
     Parameters
     ----------
-    dim: vector dimension (> 0).
-    backend: ``"faiss"`` (IndexFlatL2; GpuIndexFlatL2 on a CUDA device), ``"torch"``
+    dim
+        Vector dimension (> 0).
+    backend
+        ``"faiss"`` (IndexFlatL2; GpuIndexFlatL2 on a CUDA device), ``"torch"``
         (``torch.cdist`` + ``topk``, the reference) or ``"auto"`` (faiss, on a GPU when faiss sees
         one; torch with a logged reason when faiss cannot serve the device).
-    device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"cuda:all"`` (faiss, sharded
-        over every GPU).
-    memory_budget: bytes that one search may use for its working memory (query chunk, distance
-        block, candidates; default 512 MiB; faiss's own fixed 16 MiB distance tile comes on
-        top): peak memory of :meth:`search` does not grow with the number of queries beyond
-        its ``[m, k]`` outputs.
-    rerank: extra candidates per query whose exact distances are computed before the ``k``
-        best are kept. The matrix-product form ranks candidates with a float32 error that
-        grows with |x|², so two neighbours closer than that can swap; a few extra candidates
-        repair such swaps (measured in ``benchmarks/bench_datasets.py``); 0 is fastest.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"cuda:all"`` (faiss, sharded over
+        every GPU).
+    memory_budget
+        Bytes that one search may use for its working memory (query chunk, distance block,
+        candidates; default 512 MiB; faiss's own fixed 16 MiB distance tile comes on top): peak
+        memory of :meth:`search` does not grow with the number of queries beyond its
+        ``[m, k]`` outputs.
+    rerank
+        Extra candidates per query whose exact distances are computed before the ``k`` best
+        are kept. The matrix-product form ranks candidates with a float32 error that grows
+        with |x|², so two neighbours closer than that can swap; a few extra candidates repair
+        such swaps (measured in ``benchmarks/bench_datasets.py``); 0 is fastest.
     """
 
     def __init__(self, dim: int, backend: str = "auto", device: Union[str, torch.device] = "auto",
