@@ -63,7 +63,8 @@ def peer_row(python: str, root: Path, category: str, weights: Path) -> dict:
     output = subprocess.run([python, str(SHARED / "tools" / "peer_anomalib.py"), str(root), category,
                              str(weights), "0.01"], capture_output=True, text=True, check=True,
                             env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}).stdout
-    found = dict(re.findall(r"(image AUROC|pixel AUROC|fit|img/s)[= (]*([0-9.]+)", output))
+    found = dict(re.findall(r"(image AUROC|pixel AUROC|fit)[= ]*([0-9.]+)", output))
+    found["img/s"] = re.search(r"([0-9.]+) img/s", output).group(1)
     bank = re.search(r"bank=\((\d+), (\d+)\)", output)
     return {"setting": "anomalib 2.7 PatchCore, coreset 1 %", "bank rows": int(bank.group(1)),
             "bank MiB": int(bank.group(1)) * int(bank.group(2)) * 4 / 2**20, "fit s": float(found["fit"]),
