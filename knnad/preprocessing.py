@@ -18,6 +18,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ._checks import check_int
 from ._types import PathLike
+from .decoders import read_image
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def broken_link(path: Path) -> Optional[str]:
 
 
 def open_image(image: ImageInput) -> Image.Image:
-    """Open ``image`` (a path or a PIL image), decode it fully and apply its EXIF orientation.
+    """Open ``image`` (a path or a PIL image), decode it fully (:mod:`knnad.decoders`: the
+    fastest exact decoder) and apply its EXIF orientation.
 
     Raises ImageLoadError naming the file when it is missing, not an image, or truncated.
     """
@@ -83,18 +85,13 @@ def open_image(image: ImageInput) -> Image.Image:
         raise ImageLoadError(path, broken)
     if not path.is_file():
         raise ImageLoadError(path, "no such file")
-    opened = None
     try:
-        opened = Image.open(path)
-        opened.load()  # decodes now, and closes the file Pillow opened itself
-        return _upright(opened)
+        return _upright(read_image(path.read_bytes()))
     except Image.DecompressionBombError as error:
         raise ImageLoadError(path, f"too many pixels to decode safely ({error}); skip it (on_error="
                                    f"'skip', knnad predict --on-error skip), or, if the file is "
                                    f"trusted, raise PIL.Image.MAX_IMAGE_PIXELS") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        if opened is not None:
-            opened.close()
         raise ImageLoadError(path, f"not a decodable image ({error})") from error
 
 
