@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
+from sklearn.exceptions import NotFittedError
 
 from ._types import PathLike
 from .backbones import FeatureExtractor
@@ -32,10 +33,13 @@ logger = logging.getLogger(__name__)
 class Detector(Parameters):
     """Anomaly detector by exact k-nearest-neighbour search on pretrained patch features.
 
-    scikit-learn's conventions: ``__init__`` only stores; ``fit`` checks every parameter and
-    builds the parts as fitted attributes (``preprocessor_``, ``extractor_``, ``scales_`` (each
-    scale's embedder, index and, with several, normal scores and fusion weight), ``config_``
-    ...); ``get_params``, ``set_params`` and ``sklearn.base.clone`` work.
+    A scikit-learn ``BaseEstimator``: ``__init__`` only stores; ``fit`` checks every parameter
+    and builds the parts as fitted attributes (``preprocessor_``, ``extractor_``, ``scales_``
+    (each scale's embedder, index and, with several, normal scores and fusion weight),
+    ``config_`` ...); ``get_params``, ``set_params`` (checked) and ``sklearn.base.clone`` (an
+    unfitted copy) work, ``sklearn.utils.validation.check_is_fitted`` tells a fitted detector,
+    and predict, calibrate, save and export_onnx before fit raise
+    ``sklearn.exceptions.NotFittedError`` (a ValueError and an AttributeError).
     A parameter marked * builds the fitted parts: changed after fit, predict, calibrate and save
     refuse until the next fit. The others may change between predicts and are saved as set."""
 
@@ -55,7 +59,13 @@ class Detector(Parameters):
 
     @property
     def is_fitted(self) -> bool:
+        """Whether the detector holds a fitted or loaded model (not after a failed fit)."""
         return hasattr(self, "scales_")
+
+    def __sklearn_is_fitted__(self) -> bool:
+        """:attr:`is_fitted`, for ``check_is_fitted`` (some fitted attributes are properties,
+        and a failed fit leaves others behind)."""
+        return self.is_fitted
 
     index_ = property(lambda self: self.scales_[0].index, doc="The first (coarsest) scale's index.")
     embedder_ = property(lambda self: self.scales_[0].embedder, doc="The first scale's patch embedder.")
@@ -183,9 +193,11 @@ class Detector(Parameters):
 
     def _settings(self, action: str) -> Dict[str, Any]:
         """The checked parameters for ``action`` on the fitted model; refuses when a parameter
-        that shapes the memory bank changed since fit, or ``k`` exceeds the bank."""
+        that shapes the memory bank changed since fit, or ``k`` exceeds the bank; raises
+        NotFittedError before fit."""
         if not self.is_fitted:
-            raise RuntimeError(f"{action} before fit: call fit(normal_images) or Detector.load(path) first")
+            raise NotFittedError(f"{action} before fit: call fit(normal_images) or "
+                                 f"Detector.load(path) first")
         settings = check_unchanged(validate(self.get_params()), self.config_, action)
         return check_scales(settings, self.scales_)
 

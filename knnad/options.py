@@ -6,17 +6,18 @@ are the ones in ``Detector.__init__``'s signature. From these two sources come t
 validation (:func:`validate`), its docstring's parameter list (:func:`describe`) and every
 front end's options (``knnad fit/evaluate/predict``, the example scripts).
 
-:class:`Parameters` gives scikit-learn's parameter protocol (``get_params``, ``set_params``
-with checks, ``sklearn.base.clone``) to a class whose ``__init__`` only stores its keyword
-arguments.
+:class:`Parameters` is scikit-learn's ``BaseEstimator`` (``get_params``, ``sklearn.base.clone``)
+with knnad's checks in ``set_params`` and a one-line ``repr``, for a class whose ``__init__``
+only stores its keyword arguments.
 """
 from __future__ import annotations
 
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
+from sklearn.base import BaseEstimator
 from torch import nn
 
 from ._checks import check_bool, check_choice, check_int, check_number
@@ -265,34 +266,30 @@ def _shown(value: Any) -> str:
     return type(value).__name__ if isinstance(value, nn.Module) else repr(value)
 
 
-class Parameters:
-    """scikit-learn's parameter protocol for a class whose ``__init__`` stores each keyword
-    argument under its own name and does nothing else."""
-
-    @classmethod
-    def _get_param_names(cls) -> List[str]:
-        return list(defaults(cls))
-
-    def get_params(self, deep: bool = True) -> Dict[str, Any]:
-        """The constructor arguments as stored (``deep`` is accepted for scikit-learn; no
-        parameter is itself an estimator)."""
-        return {name: getattr(self, name) for name in self._get_param_names()}
+class Parameters(BaseEstimator):
+    """scikit-learn's ``BaseEstimator`` for a class whose ``__init__`` stores each keyword
+    argument under its own name and does nothing else: ``get_params`` (names in alphabetical
+    order, as scikit-learn gives them) and ``sklearn.base.clone`` are scikit-learn's;
+    ``set_params`` checks first and ``repr`` fits on one line."""
 
     def set_params(self, **params: Any) -> "Parameters":
         """Set parameters by name, checked first together with the others (``crop_size <=
-        image_size``): an unknown name or a bad value raises before any is changed. Returns
-        ``self``."""
+        image_size``): an unknown name or a bad value raises ValueError (or TypeError) before
+        any is changed. Returns ``self``."""
         names = self._get_param_names()
         unknown = sorted(set(params) - set(names))
         if unknown:
             raise ValueError(f"{type(self).__name__} has no parameter(s) {unknown}; valid: {names}")
         validate({**self.get_params(), **params})
-        for name, value in params.items():
-            setattr(self, name, value)
-        return self
+        return super().set_params(**params)
 
     def __repr__(self) -> str:
-        changed = [f"{name}={_shown(value)}" for (name, value), default in
-                   zip(self.get_params().items(), defaults(type(self)).values())
-                   if value is not default and not (type(value) is type(default) and value == default)]
+        """The class name and the parameters that differ from their defaults, in signature
+        order, on one line; an ``nn.Module`` shown by its class name."""
+        changed = [f"{name}={_shown(value)}" for name, default in defaults(type(self)).items()
+                   if not _is_default(value := getattr(self, name), default)]
         return f"{type(self).__name__}({', '.join(changed)})"
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value is default or (type(value) is type(default) and value == default)

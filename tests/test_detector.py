@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.base import BaseEstimator, clone
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 
 from knnad import Detector, ImageLoadError, ModelFileError, archive
 from knnad.anomaly_map import anomaly_maps
@@ -199,9 +202,9 @@ def test_bad_inputs(tmp_path, fitted):
         Detector(**SMALL).fit(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         Detector(**SMALL).fit(tmp_path / "nowhere")
-    with pytest.raises(RuntimeError, match="predict before fit"):
+    with pytest.raises(NotFittedError, match="predict before fit"):
         Detector(**SMALL).predict([Image.new("RGB", (64, 64))])
-    with pytest.raises(RuntimeError, match="save before fit"):
+    with pytest.raises(NotFittedError, match="save before fit"):
         Detector(**SMALL).save(tmp_path / "m.npz")
     with pytest.raises(TypeError, match="list items"):
         fitted.predict([1, 2])
@@ -353,22 +356,39 @@ def test_genuine_bottle_defects_score_higher(seeded_torch_home, bottle_root):
 
 
 def test_scikit_learn_parameter_protocol(normal_images):
-    sklearn_base = pytest.importorskip("sklearn.base")
     detector = Detector(**SMALL, k=2)
-    copy = sklearn_base.clone(detector)
+    assert isinstance(detector, BaseEstimator)
+    copy = clone(detector)
     assert copy is not detector and copy.get_params() == detector.get_params()
-    assert list(Detector().get_params(deep=True)) == list(inspect.signature(Detector).parameters)
-    assert repr(detector) == ("Detector(backbone='mobilenet_v2', layers='coarse', weights=None, k=2, coreset=None, "
-                              "image_size=72, crop_size=64, progress=False)")
+    assert list(Detector().get_params(deep=True)) == sorted(inspect.signature(Detector).parameters)
+    assert repr(detector) == ("Detector(backbone='mobilenet_v2', layers='coarse', weights=None, "
+                              "k=2, coreset=None, image_size=72, crop_size=64, progress=False)")
     assert detector.set_params(k=3, sigma=2.0) is detector and (detector.k, detector.sigma) == (3, 2.0)
     with pytest.raises(ValueError, match="no parameter.*'kk'"):
         detector.set_params(kk=1)
     with pytest.raises(ValueError, match="k must"):
         detector.set_params(sigma=1.0, k=0)
     assert detector.sigma == 2.0  # nothing set when one value is refused
-    fitted = clone_fitted = sklearn_base.clone(detector).fit(normal_images[:2])
-    assert not hasattr(sklearn_base.clone(clone_fitted), "index_")  # clone copies no fitted state
+    fitted = clone(detector).fit(normal_images[:2])
     assert fitted.config_["k"] == 3 and fitted.is_fitted
+    check_is_fitted(fitted)
+    unfitted = clone(fitted)  # scikit-learn's clone: the parameters, no fitted state
+    assert unfitted.get_params() == fitted.get_params() and not hasattr(unfitted, "index_")
+    for estimator in (Detector(), unfitted):
+        with pytest.raises(NotFittedError, match="Detector"):
+            check_is_fitted(estimator)
+
+
+def test_actions_before_fit_raise_not_fitted_error(tmp_path):
+    """NotFittedError is scikit-learn's (a ValueError and an AttributeError), with the action
+    and what to do in its message."""
+    for name, action in [("predict", lambda d: d.predict(textured_images(1, seed=0))),
+                         ("calibrate", lambda d: d.calibrate(textured_images(1, seed=0))),
+                         ("save", lambda d: d.save(tmp_path / "m.npz")),
+                         ("export", lambda d: d.export_onnx(tmp_path / "m.onnx"))]:
+        with pytest.raises(NotFittedError, match=rf"^{name} before fit: call fit\(normal_images\) "
+                                                 rf"or Detector.load\(path\) first$"):
+            action(Detector(**SMALL))
 
 
 def test_changed_parameters_never_give_a_saved_model_unlike_the_live_one(normal_images, tmp_path):
@@ -435,8 +455,10 @@ def test_a_failed_refit_leaves_no_model_to_save(normal_images, tmp_path):
     with pytest.raises(ValueError, match="unknown layer"):
         detector.fit(normal_images)
     for action in (lambda: detector.save(tmp_path / "m.npz"), lambda: detector.predict(normal_images)):
-        with pytest.raises(RuntimeError, match="before fit"):
+        with pytest.raises(NotFittedError, match="before fit"):
             action()
+    with pytest.raises(NotFittedError):
+        check_is_fitted(detector)
     assert not (tmp_path / "m.npz").exists()
 
 

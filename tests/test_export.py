@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from sklearn.exceptions import NotFittedError
 from torch import nn
 
 import knnad.export
@@ -200,7 +201,7 @@ class _DataDependent(nn.Module):
 
 
 def test_export_refusals_name_the_problem(fitted, tmp_path):
-    with pytest.raises(RuntimeError, match="export before fit"):
+    with pytest.raises(NotFittedError, match="export before fit"):
         Detector().export_onnx(tmp_path / "model.onnx")
     detector = _detector_like(fitted, 0.1, 1, None)
     with pytest.raises(ValueError, match=r"must end in \.onnx"):
