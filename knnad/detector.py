@@ -1,4 +1,4 @@
-"""The anomaly detector, a short composition of knnad's parts (README: Code map): ``fit`` builds
+"""The anomaly detector, a short composition of knnad's parts (docs/architecture.md): ``fit`` builds
 features, coreset and index; ``predict`` scores, maps and labels."""
 from __future__ import annotations
 
