@@ -4,8 +4,8 @@ Fits knnad's Detector once (MobileNetV2 IMAGENET1K_V1, resize 256 / crop 224, 10
 then predicts the test set once per setting of the options that apply without a new fit
 (``set_params``), and reports image AUROC, pixel AUROC with a 95 % bootstrap interval, AUPRO,
 and the paired bootstrap difference of pixel AUROC against the defaults (k = 1, image score
-"max", bilinear maps). These are the figures the defaults rest on (docs/guide/options.md); they describe one
-category and choose nothing on their own.
+"max", bilinear maps). These are the figures the defaults rest on (docs/guide/options.md);
+they describe one category and choose nothing on their own.
 
   python benchmarks/bench_options.py --mvtec-root ../shared/data/mvtec
 """
