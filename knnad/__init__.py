@@ -15,16 +15,18 @@ from ._version import __version__  # noqa: F401 (public)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_MODULES = ("anomaly_map", "archive", "backbones", "datasets", "distributed", "embedding", "evaluation",
-            "export", "index", "metrics", "onnx_detector", "options", "persistence", "plots",
-            "prediction", "preprocessing", "report", "runtime", "sampling", "scoring", "sources",
-            "thresholds")
+#: Public modules and subpackages (``export`` and ``onnx_detector``: the former paths of
+#: ``deploy.export`` and ``deploy.onnx_detector``).
+_MODULES = ("anomaly_map", "archive", "backbones", "datasets", "deploy", "distributed",
+            "embedding", "evaluation", "export", "index", "metrics", "onnx_detector", "options",
+            "persistence", "plots", "prediction", "preprocessing", "report", "runtime", "sampling",
+            "scoring", "sources", "thresholds")
 #: Public names and the modules that define them.
 _NAMES = {"Detector": "detector", "FeatureExtractor": "backbones", "FlatL2Index": "index",
-          "ImageLoadError": "preprocessing", "ModelFileError": "archive", "OnnxDetector": "onnx_detector",
-          "Prediction": "prediction", "Preprocessor": "preprocessing", "Thresholds": "thresholds",
-          "backend_info": "runtime", "coreset": "sampling", "covering_radius": "sampling",
-          "evaluate": "evaluation"}
+          "ImageLoadError": "preprocessing", "ModelFileError": "archive",
+          "OnnxDetector": "deploy.onnx_detector", "Prediction": "prediction",
+          "Preprocessor": "preprocessing", "Thresholds": "thresholds", "backend_info": "runtime",
+          "coreset": "sampling", "covering_radius": "sampling", "evaluate": "evaluation"}
 
 
 def __getattr__(name: str):

@@ -17,9 +17,9 @@ from ._checks import check_bool, check_int, check_number, check_output_folder
 from ._version import __version__
 from .archive import check_target
 from .datasets import ImageFolder, dataset_pairs
+from .deploy.export import MIN_OPSET, import_onnx
 from .detector import Detector
 from .distributed import fit_many, predict_dataset
-from .export import MIN_OPSET, import_onnx
 from .options import OPTIONS, SCORING, Option, defaults, validate
 from .preprocessing import IMAGE_SUFFIXES, ImageLoadError, image_files
 from .runtime import backend_info

@@ -12,7 +12,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
-import knnad.export
+import knnad.deploy.export
 from knnad import Detector, OnnxDetector
 from knnad.cli import demo_root
 
@@ -46,7 +46,8 @@ def exported(fitted, tmp_path_factory):
             if k == 3:
                 detector.calibrate(TEST[:10], quantile=0.5)
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(knnad.export, "TILE_ROWS", 1000 if coreset is None else knnad.export.TILE_ROWS)
+                tile_rows = 1000 if coreset is None else knnad.deploy.export.TILE_ROWS
+                patch.setattr(knnad.deploy.export, "TILE_ROWS", tile_rows)
                 path = detector.export_onnx(folder / f"bottle-{coreset}-{k}.onnx")
             files[coreset, k] = (path, detector.thresholds_)
         detector.thresholds_ = None
@@ -135,6 +136,9 @@ def test_loads_and_scores_in_a_process_where_torch_and_faiss_cannot_be_imported(
 
         sys.meta_path.insert(0, Absent())
         import knnad
+        from knnad.deploy import OnnxDetector
+        from knnad.onnx_detector import OnnxDetector as Former
+        assert knnad.OnnxDetector is OnnxDetector is Former
         detector = knnad.OnnxDetector({str(path)!r})
         prediction = detector.predict({str(SAMPLE / "test" / "good")!r})
         assert "torch" not in sys.modules and "faiss" not in sys.modules, "torch or faiss imported"
@@ -225,7 +229,7 @@ def test_tiles_smaller_than_the_candidates_with_rerank(monkeypatch, tmp_path):
     # 1,024 bank rows in tiles of 100 (the last of 24) against k + rerank = 12 candidates.
     detector = Detector("mobilenet_v2", weights=None, image_size=72, crop_size=64, coreset=None,
                         k=7, rerank=5, progress=False).fit(TRAIN)
-    monkeypatch.setattr(knnad.export, "TILE_ROWS", 100)
+    monkeypatch.setattr(knnad.deploy.export, "TILE_ROWS", 100)
     got = OnnxDetector(detector.export_onnx(tmp_path / "tiles.onnx")).predict(TEST)
     expected = detector.predict(TEST)
     assert len(detector.index_) == 1024
