@@ -24,6 +24,7 @@ else:
     ray = pytest.importorskip("ray")
 
 from knnad import distributed  # noqa: E402
+from knnad.distributed import failures, predict, scorer  # noqa: E402 (their private steps)
 
 #: Genuine MobileNetV2 weights on small crops: a real model, quick on two CPUs.
 PARAMS = dict(backbone="mobilenet_v2", weights="IMAGENET1K_V1", image_size=128, crop_size=112,
@@ -175,8 +176,9 @@ def test_images_are_decoded_in_tasks_apart_from_the_scoring_actors(cluster, mode
     from pathlib import Path
     images = sorted(str(p) for p in (BOTTLE / "test" / "good").iterdir())
     source = ray.data.from_items([{"path": p} for p in images])
-    scored = distributed._pipeline(ray, source, distributed._preprocessor(Path(model[0])), str(model[0]),
-                                   {"device": "cpu"}, None, 1, 1, 0, 2).materialize()
+    preprocessor = predict._model_preprocessor(Path(model[0]), {})
+    scored = predict._pipeline(ray, source, preprocessor, str(model[0]), {"device": "cpu"}, None,
+                               1, 1, 0, 2).materialize()
     stats = scored.stats()
     assert "MapBatches(decode_batch):" in stats and "MapBatches(_Scorer):" in stats, stats
     assert "decode_batch)->" not in stats  # fused, the actors would decode
@@ -194,7 +196,7 @@ def test_the_decoding_workers_load_no_torch():
 def test_the_actors_refuse_images_decoded_otherwise(model):
     from knnad.preprocessing import Preprocessor
     with pytest.raises(RuntimeError, match="decoded with Preprocessor.image_size=200"):
-        distributed._Scorer(str(model[0]), {"device": "cpu"}, 2, None, Preprocessor(200, 112))
+        scorer._Scorer(str(model[0]), {"device": "cpu"}, 2, None, Preprocessor(200, 112))
 
 
 def test_a_failed_run_leaves_the_earlier_output_and_nothing_else(cluster, model, sample_run, tmp_path):
@@ -216,6 +218,43 @@ def test_a_failed_run_into_a_new_folder_leaves_nothing(cluster, model, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_scoring_actor_that_cannot_start_is_named(cluster, model, tmp_path):
+    """An exception of the actors' constructor reaches the driver inside Ray's ActorDiedError."""
+    images = [str(p) for p in sorted((BOTTLE / "test" / "good").iterdir())]
+    missing = tmp_path / "missing.pth"
+    with pytest.raises(RuntimeError, match=r"failed in a Ray worker: ValueError: weights='.*"
+                                           r"missing\.pth' is neither a weight name") as error:
+        distributed.predict_dataset(model[0], images, tmp_path / "out",
+                                    params={"weights": str(missing)})
+    assert error.value.__context__ is None and list(tmp_path.iterdir()) == []
+
+
+def test_worker_failures_are_told_apart_by_ray_exception_types():
+    """The worker's own exception behind each of Ray's wrappers, whatever their text says; Ray's
+    own error (its first line) for a worker that died."""
+    exceptions = ray.exceptions
+    own = ValueError("k must be an int in [1, 10] (the index size), got 11")
+
+    def task_error(cause):
+        return exceptions.RayTaskError("score", "Traceback ...\nKeyError: not this one", cause,
+                                       proctitle="ray::score", pid=1, ip="127.0.0.1")
+
+    carried = failures.carried(own)  # as the scoring actors raise it
+    for error in (task_error(own), task_error(own).as_instanceof_cause(), task_error(carried),
+                  task_error(carried).as_instanceof_cause(),
+                  exceptions.ActorDiedError(task_error(own))):  # the constructor raised
+        assert failures.worker_exception(error) is own
+        assert failures.failure_text(error) == f"ValueError: {own}"
+    died = exceptions.ActorDiedError()
+    assert failures.worker_exception(died) is died
+    assert failures.failure_text(died) == ("ActorDiedError: The actor died unexpectedly before "
+                                           "finishing this task.")
+    # Ray Data's own wrapping (raise_original_map_exception unset) keeps only text: its line.
+    wrapped = exceptions.UserCodeException("UDF failed to process a data block.\nFailed to ...")
+    assert failures.failure_text(task_error(wrapped)) == ("UserCodeException: UDF failed to "
+                                                          "process a data block.")
+
+
 def test_predict_dataset_checks_before_any_work(model, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
@@ -235,7 +274,7 @@ def test_predict_dataset_checks_before_any_work(model, tmp_path):
         distributed.predict_dataset(not_a_model, BOTTLE / "test" / "good", tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["mine"]
     pattern = str(BOTTLE / "test" / "*" / "0*5.png")
-    assert distributed._paths(pattern) == sorted(str(p) for p in (BOTTLE / "test").glob("*/005.png"))
+    assert predict._paths(pattern) == sorted(str(p) for p in (BOTTLE / "test").glob("*/005.png"))
 
 
 def test_workers_that_take_every_cpu_are_refused(cluster, model, tmp_path):
@@ -468,7 +507,7 @@ def test_a_broken_link_among_the_images_gets_a_skipped_row(tmp_path):
     shutil.copy(BOTTLE / "test" / "good" / "000.png", folder / "000.png")
     (folder / "gone.png").symlink_to(tmp_path / "moved.png")
     expected = [str(folder / "000.png"), str(folder / "gone.png")]
-    assert distributed._paths(folder) == distributed._paths(str(folder / "*.png")) == expected
+    assert predict._paths(folder) == predict._paths(str(folder / "*.png")) == expected
     decoded = decode_batch({"path": np.array(expected, dtype=object)}, Preprocessor(128, 112))
     assert decoded["error"][0] == "" and "gone.png: a broken symbolic link to" in decoded["error"][1]
 

@@ -15,14 +15,15 @@ LAYERS = [
     ["_types", "_checks", "_version", "runtime", "decoders"],
     ["archive", "preprocessing", "anomaly_map", "metrics", "thresholds", "prediction"],
     ["sources", "decoding", "backbones", "index", "datasets", "plots"],
-    ["embedding", "sampling", "scoring", "deploy.onnx_detector"],
-    ["fusion", "deploy"],
+    ["embedding", "sampling", "scoring", "deploy.onnx_detector", "distributed.connection"],
+    ["fusion", "deploy", "distributed.failures"],
     ["selection", "options", "onnx_detector"],
     ["persistence", "deploy.export", "scales"],
     ["export"],
     ["detector"],
-    ["evaluation", "distributed"],
-    ["report"],
+    ["evaluation", "distributed.fitting", "distributed.scorer", "distributed.sharded"],
+    ["distributed.predict"],
+    ["report", "distributed"],
     ["cli"],
 ]
 #: The former paths of modules that moved into subpackages, and where they are now.
@@ -73,7 +74,7 @@ def test_modules_import_only_lower_layers_and_never_their_own_package():
     layer = {name: level for level, names in enumerate(LAYERS) for name in names}
     modules = module_names()
     assert sorted(layer) == modules, "every module has a layer"
-    assert {"deploy", "deploy.export", "deploy.onnx_detector"} <= set(modules)
+    assert {"deploy", "deploy.export", "distributed", "distributed.predict"} <= set(modules)
     for module in modules:
         imported, imports_own_package = imports(module, set(modules))
         assert not imports_own_package, f"{module} imports the __init__ of its own package"
@@ -107,6 +108,15 @@ def test_former_paths_give_the_same_objects():
         assert former.__all__ and all(getattr(former, name) is getattr(current, name)
                                       for name in former.__all__)
     assert knnad.OnnxDetector is knnad.onnx_detector.OnnxDetector is knnad.deploy.OnnxDetector
+
+
+def test_distributed_keeps_its_public_names():
+    distributed = importlib.import_module("knnad.distributed")
+    assert sorted(distributed.__all__) == [
+        "CONNECT_TIMEOUT_S", "MANIFEST", "MAPS_FOLDER", "MAX_RETRIES", "RAY_EXTRA", "ShardedIndex",
+        "connect", "fit_many", "import_ray", "predict_dataset", "shard_detector"]
+    assert all(hasattr(distributed, name) for name in distributed.__all__)
+    assert distributed.fit_many.__module__ == "knnad.distributed.fitting"
 
 
 def test_detector_is_a_short_composition():
