@@ -82,6 +82,7 @@ def anomaly_maps(patch_scores: torch.Tensor, size: Union[int, Tuple[int, int]],
     ``gaussian_blur(F.interpolate(...))`` up to float32 rounding."""
     if patch_scores.ndim != 3:
         raise ValueError(f"patch_scores must be [B, h, w], got {tuple(patch_scores.shape)}")
-    rows, columns = map_matrices(tuple(patch_scores.shape[1:]), size, sigma, upsampling)
+    grid = (patch_scores.shape[1], patch_scores.shape[2])
+    rows, columns = map_matrices(grid, size, sigma, upsampling)
     rows, columns = rows.to(patch_scores.device), columns.to(patch_scores.device)
     return rows @ patch_scores.float() @ columns.T

@@ -31,7 +31,7 @@ _NAME_ONE = "name a file written by knnad (knnad fit, Detector.save)"
 
 
 def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1)).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data).hexdigest()
 
 
 def check_target(path: PathLike, suffix: str = ".npz") -> Path:
@@ -92,7 +92,10 @@ def write_archive(path: PathLike, kind: str, version: int, meta: Dict[str, Any],
     header = {"kind": kind, "format_version": version, "meta": meta,
               "sha256": {name: _digest(array) for name, array in arrays.items()}}
     header_bytes = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    return atomic_write(check_target(path), lambda stream: np.savez(stream, **{_META_KEY: header_bytes}, **arrays))
+    contents = {_META_KEY: header_bytes, **arrays}
+    # numpy's stubs let **kwds fill allow_pickle (a bool); every key here is an array's name.
+    return atomic_write(check_target(path),
+                        lambda stream: np.savez(stream, **contents))  # type: ignore[arg-type]
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> Path:

@@ -272,7 +272,7 @@ class FeatureExtractor:
                 raise ValueError(f"no preset layers{named} for backbone {self.backbone_name!r} "
                                  f"(presets for {sorted(LAYER_PRESETS[preset])}); pass layers=[...] with "
                                  f"module names such as: {_layer_choices(model)}")
-            scales = LAYER_PRESETS[preset][self.backbone_name]
+            scales: Optional[Scales] = LAYER_PRESETS[preset][self.backbone_name]
         else:
             scales = layer_scales(layers)
         if not scales or not all(scales) or any(len(set(scale)) != len(scale) for scale in scales) \
@@ -289,7 +289,8 @@ class FeatureExtractor:
                              f"(close matches: {close}). Valid names include: "
                              f"{_layer_choices(model)} (and every name in model.named_modules())")
         # Channels-last is oneDNN's and cuDNN's fast layout for convolutions.
-        self.model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+        self.model = model.eval().requires_grad_(False).to(self.device).to(
+            memory_format=torch.channels_last)
         self._outputs: Optional[Dict[str, torch.Tensor]] = None  # a dict only while running
         self._stop_early = True
         self._hooks = [modules[name].register_forward_hook(self._make_hook(name))

@@ -118,7 +118,7 @@ class ImageDataset:
             image_size, mask_size = _image_size(sample.path), _image_size(sample.mask_path)
             if mask_size is None:
                 raise ValueError(f"mask {sample.mask_path} of {sample.path} is not a readable image")
-            if image_size != mask_size:
+            if image_size is not None and image_size != mask_size:
                 raise ValueError(f"mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} but its "
                                  f"image {sample.path} is {image_size[0]}x{image_size[1]}")
         self.samples = samples
@@ -137,7 +137,7 @@ def _category_root(root: PathLike, category: str, known: Sequence[str], dataset:
     return folder
 
 
-def _split_folders(root: Path, category: str, split: str, known: Sequence[str], dataset: str
+def _split_folders(root: PathLike, category: str, split: str, known: Sequence[str], dataset: str
                    ) -> Tuple[Path, Path]:
     """``(category folder, split folder)``, each checked to exist."""
     if not isinstance(category, str):

@@ -21,7 +21,7 @@ from PIL import ExifTags, Image
 try:
     import imagecodecs
 except ImportError:  # an optional speed-up: Pillow decodes everything without it
-    imagecodecs = None
+    imagecodecs = None  # type: ignore[assignment]  # mypy's idiom for an optional module
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,9 @@ def decode_batch(batch: Dict[str, np.ndarray], preprocessor: Preprocessor) -> Di
     frame, the crop or a whole-image model's frame), and
     ``error`` ``[B]`` (str): "" where the image was read, else why it could not be (its
     ``image`` is then zeros)."""
+    if preprocessor.frame is None:
+        raise ValueError("decode_batch needs the frame of the model's images: a crop_size, or the "
+                         "frame a whole-image model was fit on")
     paths = [str(path) for path in batch["path"]]
     images = np.zeros((len(paths), 3, *preprocessor.frame), np.float32)
     errors = np.full(len(paths), "", dtype=object)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from sklearn.exceptions import NotFittedError
@@ -42,6 +42,18 @@ class Detector(Parameters):
     ``sklearn.exceptions.NotFittedError`` (a ValueError and an AttributeError).
     A parameter marked * builds the fitted parts: changed after fit, predict, calibrate and save
     refuse until the next fit. The others may change between predicts and are saved as set."""
+
+    # The fitted attributes (set by fit and load).
+    config_: Dict[str, Any]
+    preprocessor_: Preprocessor
+    extractor_: FeatureExtractor
+    scales_: List[Scale]
+    global_index_: FlatL2Index
+    global_features_: np.ndarray
+    image_rows_: np.ndarray
+    train_paths_: List[Optional[str]]
+    skipped_: List[Optional[str]]
+    thresholds_: Optional[Thresholds]
 
     def __init__(self, backbone="wide_resnet50_2", layers=None, fusion="max", weights="DEFAULT", k=1,
                  image_score="max", image_k=50, reweight_k=9, coreset=0.1, augment=None, backend="auto",
@@ -144,14 +156,14 @@ class Detector(Parameters):
         rename): its settings, memory bank, global features, thresholds and the backbone's
         identity, not its weights. Returns the path written."""
         return write_detector(path, self._settings("save"), self.extractor_, self.scales_, self.global_features_,
-                              self.train_paths_, self.skipped_, self.thresholds_, self.preprocessor_.frame)
+                              self.train_paths_, self.skipped_, self.thresholds_, self._frame)
 
     def export_onnx(self, path: PathLike, *, batch_size: Optional[int] = None, opset: int = MIN_OPSET) -> Path:
         """Write the fitted detector to one self-contained ONNX file (see :mod:`knnad.export`):
         float32 images ``[N, 3, H, W]`` (crop or whole-image frame) in, ``image_scores`` and ``anomaly_maps``
         out, thresholds in its metadata; ``batch_size`` None: any. Load it with ``knnad.OnnxDetector``."""
         return export_onnx(path, self._settings("export"), self.extractor_, self.scales_, self.thresholds_,
-                           self.preprocessor_.frame, batch_size=batch_size, opset=opset)
+                           self._frame, batch_size=batch_size, opset=opset)
 
     @classmethod
     def load(cls, path: PathLike, backbone: Any = None, weights: Any = None, backend: Optional[str] = None,
@@ -167,11 +179,19 @@ class Detector(Parameters):
         detector._build_parts(config)
         detector.preprocessor_.frame = saved_frame(path, config, meta)
         scales = saved_scales(path, meta, arrays, scale_embedders(detector.extractor_, config), index_placement(config))
-        check_identity(path, detector.extractor_, scales, detector.preprocessor_.frame, meta, arrays)
+        check_identity(path, detector.extractor_, scales, detector._frame, meta, arrays)
         detector._set_bank(config, scales, arrays["global_features"])
         detector.train_paths_, detector.skipped_ = meta["train_paths"], meta["skipped"]
         detector.thresholds_ = saved_thresholds(meta)
         return detector
+
+    @property
+    def _frame(self) -> Tuple[int, int]:
+        """The model's frame ``(height, width)``: the crop, or the whole-image frame that fit
+        and load fix."""
+        frame = self.preprocessor_.frame
+        assert frame is not None, "fit and load fix the frame"
+        return frame
 
     def _build_parts(self, config: Dict[str, Any]) -> None:
         """The feature parts for ``config``, after removing the previous hooks and index: a

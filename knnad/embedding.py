@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_int
+from .backbones import FeatureExtractor
 from .sources import Batch
 
 
@@ -94,7 +95,8 @@ class PatchEmbedder:
 
     def grid(self, features: Dict[str, torch.Tensor]) -> Tuple[int, int]:
         """The patch grid ``(h, w)``: the largest hooked resolution."""
-        return max((tuple(f.shape[-2:]) for f in features.values()), key=lambda hw: hw[0] * hw[1])
+        return max(((f.shape[-2], f.shape[-1]) for f in features.values()),
+                   key=lambda hw: hw[0] * hw[1])
 
     def __call__(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         if self.layers is not None:
@@ -117,7 +119,7 @@ class PatchEmbedder:
         return embedding.contiguous()
 
 
-def patch_features(extractor: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
+def patch_features(extractor: FeatureExtractor,
                    embedders: Sequence[PatchEmbedder], images: Any) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """One patch embedding ``[B, h_s, w_s, D_s]`` per scale (one per embedder) and SPADE's
     global features ``[B, G]``, on the CPU, of ``images`` ``[B, 3, H, W]`` (tensor or numpy
@@ -139,13 +141,13 @@ class Embedded:
     image_ids: List[np.ndarray]
     global_features: np.ndarray
     paths: List[Optional[str]]
-    skipped: List[str]
+    skipped: List[Optional[str]]
     frame: Tuple[int, int]
     kept: np.ndarray
     kept_ids: np.ndarray
 
 
-def embed_images(batches: Iterable[Batch], extractor: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
+def embed_images(batches: Iterable[Batch], extractor: FeatureExtractor,
                  embedders: Sequence[PatchEmbedder], augment: Optional[Tuple[str, ...]] = None,
                  keep: Sequence[int] = ()) -> Embedded:
     """:func:`patch_features` of every image of ``batches`` (from :func:`knnad.sources.batches`)
@@ -154,7 +156,13 @@ def embed_images(batches: Iterable[Batch], extractor: Callable[[torch.Tensor], D
     be read, or when the images do not share one size."""
     transforms = [lambda x: x] + [VIEWS[name] for name in check_augment(augment) or ()]
     patches: List[List[torch.Tensor]] = [[] for _ in embedders]
-    pooled, counts, paths, skipped, frame, kept, kept_ids = [], [[] for _ in embedders], [], [], None, [], []
+    pooled: List[torch.Tensor] = []
+    counts: List[List[int]] = [[] for _ in embedders]
+    paths: List[Optional[str]] = []
+    skipped: List[Optional[str]] = []
+    frame: Optional[Tuple[int, int]] = None
+    kept: List[torch.Tensor] = []
+    kept_ids: List[int] = []
     wanted, read = set(keep), 0
     for batch in batches:
         skipped += batch.skipped
@@ -164,7 +172,7 @@ def embed_images(batches: Iterable[Batch], extractor: Callable[[torch.Tensor], D
         if frame is not None and tuple(images.shape[-2:]) != frame:
             raise ValueError(f"fit: images of {images.shape[-1]}x{images.shape[-2]} pixels after "
                              f"preprocessing among images of {frame[1]}x{frame[0]}; give images of one size")
-        frame = tuple(images.shape[-2:])
+        frame = (images.shape[-2], images.shape[-1])
         views = [patch_features(extractor, embedders, transform(images)) for transform in transforms]
         for image in range(len(images)):  # each image's views in turn: image ids stay sorted
             if read + image in wanted:
@@ -177,7 +185,7 @@ def embed_images(batches: Iterable[Batch], extractor: Callable[[torch.Tensor], D
                 pooled.append(global_features[image])
         read += len(images)
         paths += batch.paths
-    if not pooled:
+    if frame is None:  # no image read
         raise ValueError(f"fit: none of the {len(skipped)} images could be read (skipped: {skipped})")
     image_ids = [np.repeat(np.arange(len(pooled), dtype=np.int64), scale_counts) for scale_counts in counts]
     kept_array = torch.stack(kept).numpy() if kept else np.empty((0, 3, *frame), np.float32)

@@ -31,7 +31,7 @@ def score_prediction(prediction: Prediction, labels: np.ndarray, defects, masks:
         return result
 
     defects = np.asarray(defects)
-    everything = block(np.arange(len(labels)))
+    everything: Dict[str, Any] = block(np.arange(len(labels)))
     everything["per_defect"] = {
         defect: block(np.flatnonzero((defects == defect) | (labels == 0)))
         for defect in sorted(set(defects[labels == 1]))}

@@ -75,6 +75,18 @@ class Scale:
     weight: float = 1.0
 
 
+def normal_scores(scales: Sequence[Scale]) -> List[NormalScores]:
+    """The :class:`NormalScores` of each of ``scales`` (a detector of several scales measures
+    them at fit); a ValueError for a scale without them."""
+    found = []
+    for number, scale in enumerate(scales):
+        if scale.normal is None:
+            raise ValueError(f"scale {number} of {len(scales)} has no normal scores, which fusing "
+                             f"several scales needs; fit the detector again")
+        found.append(scale.normal)
+    return found
+
+
 def weight_grid(scales: int, step: float = WEIGHT_STEP) -> List[Tuple[float, ...]]:
     """Every weight vector of ``scales`` non-negative multiples of ``step`` that sum to 1, the
     first scale's weight descending: ``[(1, 0), (0.75, 0.25), ..., (0, 1)]`` for two."""

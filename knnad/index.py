@@ -166,7 +166,7 @@ class FlatL2Index(ExactIndex):
             # faiss's IndexShards can neither reconstruct vectors (refinement, vectors()) nor
             # take a second add(): a host copy serves the reads and rebuilds the shards.
             self._host = np.empty((0, self._dim), np.float32)
-            self._faiss_index = None
+            self._faiss_index: Any = None  # faiss's IndexShards, built by add()
         else:
             self._faiss_index = self._new_faiss_index()
 
@@ -295,6 +295,7 @@ class FlatL2Index(ExactIndex):
             raise ValueError(f"k + rerank = {candidates} exceeds faiss's GPU limit of "
                              f"{_FAISS_GPU_MAX_K}; use a smaller k or device='cpu'")
         checked = check_matrix(queries, "queries", self._dim)
+        find: Callable[[torch.Tensor], torch.Tensor]
         if self._backend == "faiss":
             def find(block: torch.Tensor) -> torch.Tensor:
                 return torch.from_numpy(self._faiss_index.search(block.cpu().numpy(), candidates)[1])
@@ -317,6 +318,7 @@ class FlatL2Index(ExactIndex):
         k = check_int(k, "k", 1, len(gallery), " (the rows in the ranges)")
         candidates = min(k + self.rerank, len(gallery))
         checked = check_matrix(queries, "queries", self._dim)
+        find: Callable[[torch.Tensor], torch.Tensor]
         if self._backend == "faiss":
             faiss = import_faiss()
 
@@ -413,11 +415,12 @@ def _torch_candidates(block: torch.Tensor, vectors: torch.Tensor, count: int, ba
         chunk_d, chunk_i = torch.topk(d, min(count, bank.shape[0]), dim=1, largest=False, sorted=True)
         del d
         chunk_i += offset
-        if best_d is None:
+        if best_d is None or best_i is None:
             best_d, best_i = chunk_d, chunk_i
         else:
             merged_d = torch.cat([best_d, chunk_d], dim=1)
             merged_i = torch.cat([best_i, chunk_i], dim=1)
             best_d, order = torch.topk(merged_d, count, dim=1, largest=False, sorted=True)
             best_i = torch.gather(merged_i, 1, order)
+    assert best_i is not None, "no vectors to search"  # the callers' indexes hold some
     return best_i

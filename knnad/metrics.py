@@ -14,9 +14,6 @@ from sklearn.metrics import roc_curve as _sklearn_roc_curve
 
 from ._checks import check_int
 
-_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
-
-
 def _binary_and_scores(labels, scores, what: str) -> Tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     scores = np.asarray(scores)
@@ -112,7 +109,7 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     end = np.searchsorted(fpr, fpr_limit, side="right")
     x = np.append(fpr[:end], fpr_limit)
     y = np.append(pro[:end], np.interp(fpr_limit, fpr, pro))
-    return float(_trapezoid(y, x) / fpr_limit)
+    return float(np.trapezoid(y, x) / fpr_limit)
 
 
 def _ordered_pair_counts(masks: np.ndarray, maps: np.ndarray) -> np.ndarray:

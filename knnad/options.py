@@ -259,7 +259,7 @@ def describe(cls: type) -> str:
 def defaults(cls: type) -> Dict[str, Any]:
     """``{name: default}`` of the keyword arguments of ``cls.__init__``, in signature order."""
     return {name: parameter.default for name, parameter in
-            inspect.signature(cls.__init__).parameters.items() if name != "self"}
+            inspect.signature(cls).parameters.items()}
 
 
 def _shown(value: Any) -> str:

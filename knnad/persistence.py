@@ -22,7 +22,7 @@ from ._version import __version__
 from .archive import ModelFileError, read_archive, write_archive
 from .backbones import FeatureExtractor
 from .embedding import PatchEmbedder, patch_features
-from .fusion import NormalScores, Scale
+from .fusion import NormalScores, Scale, normal_scores
 from .index import FlatL2Index
 from .options import check, validate
 from .thresholds import Thresholds
@@ -73,8 +73,9 @@ def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureE
             "frame": list(frame)}
     if len(scales) > 1:
         params["layers"] = [list(layers) for layers in extractor.scales]
-        meta["scales"] = [{"layers": list(layers), "normal": asdict(scale.normal), "weight": scale.weight}
-                          for layers, scale in zip(extractor.scales, scales)]
+        meta["scales"] = [{"layers": list(layers), "normal": asdict(normal), "weight": scale.weight}
+                          for layers, scale, normal in
+                          zip(extractor.scales, scales, normal_scores(scales))]
     return write_archive(path, KIND, FORMAT_VERSION if len(scales) > 1 else _SINGLE_SCALE_VERSION, meta, arrays)
 
 
@@ -189,7 +190,8 @@ def saved_scales(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.ndar
             valid = (normal is None or (normal.spread > 0 and math.isfinite(normal.location))) and 0 <= weight <= 1
         except (TypeError, KeyError, ValueError):
             valid = False
-        if not valid or len(described) != len(embedders) or not _consistent_bank(bank, ids, len(arrays["global_features"])):
+        if (not valid or len(described) != len(embedders) or bank is None or ids is None
+                or not _consistent_bank(bank, ids, len(arrays["global_features"]))):
             raise ModelFileError(f"{path} is not a consistent knnad detector: scale {number} of "
                                  f"{len(embedders)} has no valid memory bank, image ids or normal "
                                  f"scores; restore it from a good copy or fit again")
@@ -197,10 +199,10 @@ def saved_scales(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.ndar
     return scales
 
 
-def _consistent_bank(bank: Optional[np.ndarray], ids: Optional[np.ndarray], images: int) -> bool:
+def _consistent_bank(bank: np.ndarray, ids: np.ndarray, images: int) -> bool:
     """Whether ``bank`` is a finite float32 ``[R, D]`` matrix and ``ids`` its ``R`` sorted image
     ids below ``images``."""
-    return (bank is not None and ids is not None and bank.ndim == 2 and ids.ndim == 1
+    return (bank.ndim == 2 and ids.ndim == 1
             and len(ids) == len(bank) > 0 and bank.dtype == np.float32 and np.issubdtype(ids.dtype, np.integer)
             and bool(np.all(np.diff(ids) >= 0)) and 0 <= ids.min() and ids.max() < images and _finite(bank))
 

@@ -17,7 +17,7 @@ class Prediction:
     ``map_size="original"``); ``paths``: the image paths (None for in-memory images);
     ``labels`` (bool ``[N]``, True = anomalous) and ``masks`` (bool ``[N, H, W]``) once the
     detector is calibrated; ``skipped``: paths that could not be decoded and were skipped
-    (``on_error="skip"``); ``image_sizes``: ``(height, width)`` of each image as given.
+    (``on_error="skip"``; None for an in-memory image); ``image_sizes``: ``(height, width)`` of each image as given.
     """
 
     image_scores: np.ndarray
@@ -25,14 +25,14 @@ class Prediction:
     paths: List[Optional[str]]
     labels: Optional[np.ndarray] = None
     masks: Optional[np.ndarray] = None
-    skipped: List[str] = field(default_factory=list)
+    skipped: List[Optional[str]] = field(default_factory=list)
     image_sizes: List[Tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_scores)
 
     @classmethod
-    def empty(cls, size: Tuple[int, int], skipped: List[str]) -> "Prediction":
+    def empty(cls, size: Tuple[int, int], skipped: List[Optional[str]]) -> "Prediction":
         """A prediction of no image (its images were all ``skipped``), maps of ``size``."""
         return cls(np.empty(0, np.float32), np.empty((0, *size), np.float32), [], skipped=skipped)
 

@@ -115,9 +115,10 @@ def upright_size(path: PathLike) -> Tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def _resize_shorter_side(image: Image.Image, size: Optional[int], resample: int = Image.BILINEAR
-                         ) -> Image.Image:
-    """Shorter side to ``size`` (None: as it is), the longer one truncated as torchvision's Resize does."""
+def _resize_shorter_side(image: Image.Image, size: Optional[int],
+                         resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
+    """Shorter side to ``size`` (None: as it is), the longer one truncated as torchvision's
+    Resize does."""
     target = image.size if size is None else resized_size(*image.size, size)
     return image if target == image.size else image.resize(target, resample)
 
@@ -296,7 +297,7 @@ class Preprocessor:
         if original:
             return binary
         resized = np.asarray(_resize_shorter_side(Image.fromarray(binary.astype(np.uint8)),
-                                                  self.image_size, Image.NEAREST))
+                                                  self.image_size, Image.Resampling.NEAREST))
         return (resized if self.crop_size is None else center_crop(resized, self.crop_size)) > 0
 
     def frame_of(self, width: int, height: int) -> Tuple[int, int]:
@@ -316,7 +317,7 @@ class Preprocessor:
             raise ValueError(f"maps at the original image size need whole-image mode: the map of a "
                              f"crop_size={self.crop_size} crop does not cover the image's border; "
                              f"set crop_size=None (and fit again), or map_size='processed'")
-        sizes = [tuple(int(side) for side in size) for size in sizes]
+        sizes = [(int(height), int(width)) for height, width in sizes]
         if len(sizes) != len(maps):
             raise ValueError(f"{len(maps)} maps but {len(sizes)} image sizes")
         if len(set(sizes)) > 1:
@@ -328,7 +329,8 @@ class Preprocessor:
             return maps
         height, width = sizes[0]
         return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(one, np.float32))
-                                    .resize((width, height), Image.BILINEAR)) for one in maps])
+                                    .resize((width, height), Image.Resampling.BILINEAR))
+                         for one in maps])
 
 
 def image_files(path: PathLike) -> List[Path]:

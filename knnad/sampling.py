@@ -276,8 +276,9 @@ class _Points:
         self.vectors = points
         self.norms = (points * points).sum(dim=1)
         self.distances = torch.empty_like(self.norms)
-        self.projected = None if basis is None else points @ basis
+        self.projected: Optional[torch.Tensor] = None
         if basis is not None:
+            self.projected = points @ basis
             self.projected_norms = (self.projected * self.projected).sum(dim=1)
 
     def closer(self, pick: torch.Tensor, candidates: Optional[torch.Tensor],
@@ -285,7 +286,7 @@ class _Points:
         """``(rows, squared distances)`` of the points, among ``candidates`` (None: all), to
         which the point ``pick`` is strictly closer than their ``nearest``."""
         if self.projected is not None:
-            candidates = self._bounded(pick, candidates, nearest)
+            candidates = self._bounded(self.projected, pick, candidates, nearest)
         centre, centre_norm = self.vectors[pick], self.norms[pick]
         if candidates is None or len(candidates) > _DENSE_FRACTION * len(self.vectors):
             # Most points may come closer: one pass over all beats gathering them.
@@ -298,11 +299,12 @@ class _Points:
         closer = torch.nonzero(near < nearest.index_select(0, candidates)).squeeze(1)
         return candidates.index_select(0, closer), near.index_select(0, closer)
 
-    def _bounded(self, pick, candidates, nearest) -> torch.Tensor:
-        """The ``candidates`` (None: all rows) whose distance to ``pick`` in the projection,
-        a lower bound of the true one, is below their ``nearest``."""
+    def _bounded(self, projected: torch.Tensor, pick, candidates, nearest) -> torch.Tensor:
+        """The ``candidates`` (None: all rows) whose distance to ``pick`` in the projection
+        (``projected``, the rows' projections), a lower bound of the true one, is below their
+        ``nearest``."""
         rows = slice(None) if candidates is None else candidates
-        lower = _lower_gaps(self.projected, self.projected_norms, rows, pick, self.norms)
+        lower = _lower_gaps(projected, self.projected_norms, rows, pick, self.norms)
         passed = torch.nonzero(lower < _rows(nearest, rows)).squeeze(1)
         return passed if candidates is None else candidates.index_select(0, passed)
 

@@ -21,7 +21,7 @@ from ._checks import check_int
 from .anomaly_map import anomaly_maps
 from .backbones import FeatureExtractor
 from .embedding import Embedded, PatchEmbedder
-from .fusion import Scale, fused_maps
+from .fusion import Scale, fused_maps, normal_scores
 from .index import FlatL2Index
 from .sampling import CoresetSpec, subsample
 from .scoring import patch_knn_scores, score_patches
@@ -97,7 +97,7 @@ def check_scales(settings: Dict[str, Any], scales: Sequence[Scale]) -> Dict[str,
         raise ValueError(f"image_score={settings['image_score']!r} scores one scale; a detector of "
                          f"{len(scales)} scales takes the maximum of its fused map: set "
                          f"image_score='max', or fit one scale (layers='coarse')")
-    fitted_k = scales[0].normal.k
+    fitted_k = normal_scores(scales)[0].k
     if settings["k"] != fitted_k:
         raise ValueError(f"k={settings['k']}: this detector's scales are fused in units of normal "
                          f"scores measured with k={fitted_k}; set k={fitted_k}, or fit again with "
@@ -118,5 +118,5 @@ def predict_maps(scales: Sequence[Scale], settings: Dict[str, Any], embeddings: 
     active = [scale for scale in scales if scale.weight != 0]
     maps = [anomaly_maps(patch_knn_scores(scale.index, embedding, settings["k"]), size, settings["sigma"],
                          settings["upsampling"]) for scale, embedding in zip(active, embeddings)]
-    return fused_maps(maps, [scale.normal for scale in active], [scale.weight for scale in active],
+    return fused_maps(maps, normal_scores(active), [scale.weight for scale in active],
                       settings["fusion"]), None

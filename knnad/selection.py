@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .anomaly_map import anomaly_maps
 from .embedding import patch_features
-from .fusion import NormalScores, Scale, fused_maps, weight_grid
+from .fusion import NormalScores, Scale, fused_maps, normal_scores, weight_grid
 from .metrics import pixel_auroc
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .scoring import image_row_ranges
@@ -131,7 +131,8 @@ def calibrate_scales(scales: Sequence[Scale], kept: np.ndarray, kept_ids: np.nda
                              f"fewer than k={config['k']} rows of other images for all but "
                              f"{int(scored.sum())}; use a larger coreset, more images, or one scale "
                              f"(layers='coarse')")
-        return [[image for image, keep in zip(per_scale, scored) if keep] for per_scale in found], scored
+        return [[image for image, keep in zip(per_scale, scored) if keep and image is not None]
+                for per_scale in found], scored
 
     for scale, normal in zip(scales, scores(kept_images, range(len(kept)))[0]):
         scale.normal = NormalScores.of([image.numpy() for image in normal], config["k"])
@@ -143,7 +144,7 @@ def calibrate_scales(scales: Sequence[Scale], kept: np.ndarray, kept_ids: np.nda
     masks = masks[scored]
     maps = [anomaly_maps(torch.stack(per_scale), tuple(kept.shape[-2:]), config["sigma"], config["upsampling"])
             for per_scale in defect_scores]
-    normals = [scale.normal for scale in scales]
+    normals = normal_scores(scales)
     ranked = [(pixel_auroc(masks, fused_maps(maps, normals, weights).numpy()), weights)
               for weights in weight_grid(len(scales))]
     best_auroc, best = max(ranked, key=lambda pair: pair[0])  # the first of equals

@@ -53,12 +53,13 @@ def check_finite(images: Any, prefix: str = "") -> None:
 class Batch:
     """Preprocessed ``images`` ``[B, 3, H, W]`` (a float32 numpy array; a slice of the
     caller's float batch, of its type and dtype, when given one), their ``paths`` (None for
-    in-memory images), the ``skipped`` paths of this batch that could not be decoded, and the
-    ``sizes`` ``(height, width)`` of the images as given (of the arrays, for a float batch)."""
+    in-memory images), the ``skipped`` paths of this batch that could not be decoded (None for
+    an in-memory image), and the ``sizes`` ``(height, width)`` of the images as given (of the
+    arrays, for a float batch)."""
 
     images: Any
     paths: List[Optional[str]]
-    skipped: List[str]
+    skipped: List[Optional[str]]
     sizes: List[Tuple[int, int]] = field(default_factory=list)
 
 
@@ -134,9 +135,9 @@ def batches(items: Items, preprocessor: Preprocessor, batch_size: int, on_error:
                 pending.append([pool.submit(load, item) for item in chunks[position + 1]])
             loaded = [future.result() for future in pending.popleft()]
             paths = [None if isinstance(item, Image.Image) else str(item) for item in chunk]
-            kept = [i for i, image in enumerate(loaded) if image is not None]
-            for i in kept:
-                shape = loaded[i][0].shape[-2:]
+            kept = {i: image for i, image in enumerate(loaded) if image is not None}
+            for i, (array, _) in kept.items():
+                shape = array.shape[-2:]
                 if frame is None:
                     frame, first = shape, _shown(chunk[i])
                 elif shape != frame:
@@ -146,11 +147,11 @@ def batches(items: Items, preprocessor: Preprocessor, batch_size: int, on_error:
                                      f"the images of a model must have one aspect ratio; fit one model "
                                      f"per image shape, bring them to one aspect ratio first, or set crop_size")
             bar.update(len(chunk))
-            yield Batch(np.stack([loaded[i][0] for i in kept]) if kept else
+            yield Batch(np.stack([array for array, _ in kept.values()]) if kept else
                         np.empty((0, 3, *(frame or (0, 0))), np.float32),
                         [paths[i] for i in kept],
                         [paths[i] for i, image in enumerate(loaded) if image is None],
-                        [loaded[i][1] for i in kept])
+                        [size for _, size in kept.values()])
 
 
 def _shown(item: Any) -> str:

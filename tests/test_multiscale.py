@@ -10,7 +10,7 @@ import torch
 from knnad import Detector, OnnxDetector
 from knnad.anomaly_map import anomaly_maps
 from knnad.archive import read_archive
-from knnad.fusion import NormalScores, weight_grid
+from knnad.fusion import NormalScores, Scale, normal_scores, weight_grid
 from knnad.options import check
 from knnad.selection import DEFECT_AREA, held_out_numbers, synthetic_defects
 
@@ -103,6 +103,14 @@ def test_settings_that_the_statistics_do_not_cover_are_refused(fitted):
         Detector(**SMALL).fit(textured_images(1, seed=7))
     with pytest.raises(ValueError, match=r"banks \(128, 512 rows\) keep fewer than k=100 rows of other images"):
         Detector(**SMALL, k=100).fit(textured_images(2, seed=7))  # 64 coarse rows per image
+
+
+def test_fusing_needs_every_scale_s_normal_scores(fitted):
+    measured = fitted.scales_
+    assert normal_scores(measured) == [scale.normal for scale in measured]
+    unmeasured = Scale(measured[1].embedder, measured[1].index, measured[1].image_ids)
+    with pytest.raises(ValueError, match="scale 1 of 2 has no normal scores.*fit the detector again"):
+        normal_scores([measured[0], unmeasured])
 
 
 def test_layers_name_scales_in_the_api_and_on_the_command_line():
