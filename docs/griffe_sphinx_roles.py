@@ -11,6 +11,7 @@ that Markdown and griffe do not know, and this makes them render.
   for the type annotations it cannot resolve.
 - Module and class constants are documented by ``#:`` comments above them; each such comment
   becomes the constant's docstring.
+- Web links are reStructuredText's ```text <https://...>`_``; each becomes a Markdown link.
 
 Loaded by mkdocs.yml (``plugins: mkdocstrings: handlers: python: options: extensions``); it
 reads the source only, like griffe itself: nothing is imported.
@@ -27,6 +28,8 @@ from typing import Any, Dict, Optional
 import griffe
 
 ROLE = re.compile(r":(?:py:)?(?P<role>class|func|meth|mod|data|attr|exc|obj|const):`(?P<target>[^`]+)`")
+#: A reStructuredText hyperlink, ```text <https://...>`_``.
+LINK = re.compile(r"`(?P<text>[^`<]+?)\s*<(?P<url>https?://[^>]+)>`__?")
 
 
 def _public_names(package: Any) -> Dict[str, str]:
@@ -46,7 +49,8 @@ def _public_names(package: Any) -> Dict[str, str]:
 
 
 class SphinxRoles(griffe.Extension):
-    """Rewrite ``#:`` comments into docstrings and Sphinx roles into cross-references."""
+    """Rewrite ``#:`` comments into docstrings, Sphinx roles into cross-references and
+    reStructuredText links into Markdown links."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -124,7 +128,8 @@ class SphinxRoles(griffe.Extension):
                 self.defined[obj.name].append(obj.path)
         for obj in objects:
             if obj.docstring is not None and ":" in obj.docstring.value:
-                obj.docstring.value = ROLE.sub(lambda match: self._link(match, obj), obj.docstring.value)
+                text = ROLE.sub(lambda match: self._link(match, obj), obj.docstring.value)
+                obj.docstring.value = LINK.sub(r"[\g<text>](\g<url>)", text)
 
     def on_package_loaded(self, *, pkg: Any, **kwargs: Any) -> None:  # griffe < 1.14
         self._rewrite(pkg)
