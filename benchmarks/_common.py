@@ -49,7 +49,8 @@ def machine_description() -> Dict[str, object]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+            cpu = next(line.split(":", 1)[1].strip() for line in handle
+                       if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -159,7 +160,8 @@ def write_results(name: str, tables: Dict[str, List[Dict[str, object]]],
         text += f"\n## {title}\n\n" + markdown_table(rows)
     if summary:
         text += "\n## Summary\n\n" + "".join(f"- {key}: {value:.4g}\n" if isinstance(value, float)
-                                              else f"- {key}: {value}\n" for key, value in summary.items())
+                                              else f"- {key}: {value}\n"
+                                             for key, value in summary.items())
     print(text)
     stem = RESULTS / f"{name}-{tag}"
     stem.with_suffix(".md").write_text(text)
@@ -223,7 +225,8 @@ class CompetingProcess:
         if self.active:
             import multiprocessing
             self._stop = multiprocessing.Event()
-            self._process = multiprocessing.Process(target=_busy_loop, args=(self._stop,), daemon=True)
+            self._process = multiprocessing.Process(target=_busy_loop, args=(self._stop,),
+                                                    daemon=True)
             self._process.start()
             time.sleep(1.0)  # running before the measurement starts
         return self

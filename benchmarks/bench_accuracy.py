@@ -29,14 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-import _common
-from _common import category_parser, interval, write_results
 from knnad import Detector, evaluate
 from knnad.datasets import MVTecAD
 from knnad.metrics import aupro, image_auroc, pixel_auroc, pixel_auroc_bootstrap
 from knnad.preprocessing import center_crop
+
+import _common
+from _common import category_parser, interval, write_results
 
 BOOTSTRAP_ROUNDS = 2000
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -45,14 +44,18 @@ COARSE_ROWS = "coarse rows"
 COARSE, FINE = "defaults (layers=coarse)", "layers=fine, coarse's bank rows"
 #: The fits: (parameters that need a new fit, then (row name, predict-time settings) of each).
 FITS = [
-    ({}, [(COARSE, {}), ("k=3", {"k": 3}), ("image_score=reweighted", {"image_score": "reweighted"})]),
+    ({},
+     [(COARSE, {}), ("k=3", {"k": 3}), ("image_score=reweighted", {"image_score": "reweighted"})]),
     ({"layers": "fine", "coreset": COARSE_ROWS}, [(FINE, {})]),
     ({"layers": "multiscale"}, [("layers=multiscale, fusion=max", {})]),
     ({"layers": "multiscale", "fusion": "mean"}, [("layers=multiscale, fusion=mean", {})]),
-    ({"layers": "multiscale", "fusion": "auto"}, [("layers=multiscale, fusion=auto (synthetic defects)", {})]),
-    ({"layers": "fine", "reduce_dim": 128, "coreset": COARSE_ROWS}, [("layers=fine, reduce_dim=128, coarse's bank rows", {})]),
+    ({"layers": "multiscale", "fusion": "auto"},
+     [("layers=multiscale, fusion=auto (synthetic defects)", {})]),
+    ({"layers": "fine", "reduce_dim": 128, "coreset": COARSE_ROWS},
+     [("layers=fine, reduce_dim=128, coarse's bank rows", {})]),
     ({"crop_size": None}, [("crop_size=None (whole image)", {})]),
-    ({"augment": "rotations", "coreset": COARSE_ROWS}, [("augment=rotations, coarse's bank rows", {})]),
+    ({"augment": "rotations", "coreset": COARSE_ROWS},
+     [("augment=rotations, coarse's bank rows", {})]),
 ]
 #: The defaults' crop, whose pixels every setting is compared on.
 CROP = Detector().crop_size
@@ -60,16 +63,16 @@ CROP = Detector().crop_size
 
 def peer_row(python: str, root: Path, category: str, weights: Path) -> dict:
     """anomalib PatchCore at a 1 % coreset, run by ``python`` with the shared measuring tool."""
-    output = subprocess.run([python, str(SHARED / "tools" / "peer_anomalib.py"), str(root), category,
-                             str(weights), "0.01"], capture_output=True, text=True, check=True,
-                            env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}).stdout
+    output = subprocess.run([python, str(SHARED / "tools" / "peer_anomalib.py"), str(root),
+                             category, str(weights), "0.01"], capture_output=True, text=True,
+                            check=True, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}).stdout
     found = dict(re.findall(r"(image AUROC|pixel AUROC|fit)[= ]*([0-9.]+)", output))
     found["img/s"] = re.search(r"([0-9.]+) img/s", output).group(1)
     bank = re.search(r"bank=\((\d+), (\d+)\)", output)
     return {"setting": "anomalib 2.7 PatchCore, coreset 1 %", "bank rows": int(bank.group(1)),
-            "bank MiB": int(bank.group(1)) * int(bank.group(2)) * 4 / 2**20, "fit s": float(found["fit"]),
-            "ms/image": 1000.0 / float(found["img/s"]), "image AUROC": float(found["image AUROC"]),
-            "pixel AUROC": float(found["pixel AUROC"])}
+            "bank MiB": int(bank.group(1)) * int(bank.group(2)) * 4 / 2**20,
+            "fit s": float(found["fit"]), "ms/image": 1000.0 / float(found["img/s"]),
+            "image AUROC": float(found["image AUROC"]), "pixel AUROC": float(found["pixel AUROC"])}
 
 
 def main() -> None:
@@ -100,18 +103,22 @@ def main() -> None:
         detector.predict(test.samples[0].path)  # warm-up: the first call's setup is not timed
         fitted = detector.get_params()
         for name, params in settings:
-            detector.set_params(**{**{key: fitted[key] for _, earlier in settings for key in earlier}, **params})
+            detector.set_params(**{**{key: fitted[key] for _, earlier in settings
+                                      for key in earlier}, **params})
             results, prediction, masks = evaluate(detector, test, return_prediction=True)
-            maps = prediction.anomaly_maps if detector.crop_size else center_crop(prediction.anomaly_maps, CROP)
+            maps = prediction.anomaly_maps
+            maps = maps if detector.crop_size else center_crop(maps, CROP)
             crop_masks = masks if crop_masks is None else crop_masks
             crop_maps.append(maps)
             rows.append({"setting": name, "bank rows": " + ".join(str(len(bank)) for bank in banks),
                          "bank MiB": sum(len(bank) * bank.dim * 4 for bank in banks) / 2**20,
-                         "fusion weights": " / ".join(f"{scale.weight:g}" for scale in detector.scales_)
+                         "fusion weights": " / ".join(f"{scale.weight:g}"
+                                                      for scale in detector.scales_)
                          if len(banks) > 1 and detector.fusion == "auto" else "",
                          "fit s": fit_seconds, "ms/image": 1000.0 / results["images_per_second"],
                          "image AUROC": image_auroc(labels, prediction.image_scores),
-                         "pixel AUROC": pixel_auroc(crop_masks, maps), "AUPRO": aupro(crop_masks, maps)})
+                         "pixel AUROC": pixel_auroc(crop_masks, maps),
+                         "AUPRO": aupro(crop_masks, maps)})
             print(f"{name}: {rows[-1]}", flush=True)
     replicates = pixel_auroc_bootstrap(crop_masks, *crop_maps, rounds=rounds)
     names = [row["setting"] for row in rows]
@@ -120,15 +127,19 @@ def main() -> None:
     for row, column in zip(rows, replicates.T):
         row["pixel AUROC 95% interval"] = interval(column)
         row["- coarse, paired 95%"] = interval(column - replicates[:, coarse], digits=5)
-        row["- better single scale, paired 95%"] = interval(column - replicates[:, better], digits=5)
+        row["- better single scale, paired 95%"] = interval(column - replicates[:, better],
+                                                            digits=5)
         row["AUPRO"] = row.pop("AUPRO")  # last, as in the other tables
     if args.peer_python and not args.quick:
         weights = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
-        rows.append({key: "" for key in rows[0]} | peer_row(args.peer_python, args.mvtec_root, args.category, weights))
+        peer = peer_row(args.peer_python, args.mvtec_root, args.category, weights)
+        rows.append({key: "" for key in rows[0]} | peer)
     summary = {"test images": len(labels), "defect images": int((labels == 1).sum()),
-               "better single scale (point pixel AUROC)": names[better], "bootstrap resamples": rounds}
-    title = (f"MVTec AD {args.category}, MobileNetV2 {args.weights}, coreset {args.coreset}, k = 1, "
-             f"pixels of the 224 crop" + (" (QUICK smoke run: a few images, not figures)" if args.quick else ""))
+               "better single scale (point pixel AUROC)": names[better],
+               "bootstrap resamples": rounds}
+    title = (f"MVTec AD {args.category}, MobileNetV2 {args.weights}, coreset {args.coreset}, k = "
+             f"1, pixels of the 224 crop"
+             + (" (QUICK smoke run: a few images, not figures)" if args.quick else ""))
     write_results(f"accuracy-{args.category}", {title: rows}, summary)
 
 

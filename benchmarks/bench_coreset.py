@@ -1,4 +1,4 @@
-"""Greedy coreset at scale, on real banks, against anomalib 2.7's KCenterGreedy; quiet and loaded.
+r"""Greedy coreset at scale, on real banks, against anomalib 2.7's KCenterGreedy; quiet and loaded.
 
 Banks (MobileNetV2 patch features of MVTec AD bottle's 209 training images, cached under
 benchmarks/.cache/coreset/):
@@ -20,7 +20,8 @@ own space) of knnad's picks and of anomalib's: anomalib's whole selection is its
 projected features, run to the end with knnad's exact loop from anomalib's first pick (its 600
 measured picks are compared with it).
 
-  python benchmarks/bench_coreset.py --mvtec-root ../shared/data/mvtec --peer-python /tmp/peer/bin/python
+  python benchmarks/bench_coreset.py --mvtec-root ../shared/data/mvtec \
+      --peer-python /tmp/peer/bin/python
 """
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import _common
-from _common import CompetingProcess, PeakMemory, write_results
 from knnad import Detector
 from knnad.datasets import MVTecAD
 from knnad.sampling import _greedy_k_center, coreset, covering_radius
+
+import _common
+from _common import CompetingProcess, PeakMemory, write_results
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "coreset"
 BANKS = {  # name: (description, Detector settings)
@@ -52,6 +54,11 @@ BANKS = {  # name: (description, Detector settings)
 RATIOS = (0.1, 0.01)
 PEER_PICKS, PEER_SKIPPED = 600, 100  # anomalib: picks timed, first picks left out of its rate
 QUICK_ROWS = 20000  # --quick: the first rows of each bank
+#: The tables' titles.
+KNNAD = "knnad.coreset"
+PEER = "anomalib KCenterGreedy (per-pick rate over picks 100-600, extrapolated)"
+END_TO_END = "Bank A's settings end to end"
+RADIUS = "Covering radius (largest distance to the nearest pick, bank space)"
 
 _PEER = textwrap.dedent("""
     import json, sys, time, warnings
@@ -71,7 +78,8 @@ _PEER = textwrap.dedent("""
     sampler = KCenterGreedy(bank, 0.1)
     sampler.coreset_size = picks
     stamps, update = [], sampler.update_distances
-    sampler.update_distances = lambda cluster_center: (stamps.append(time.perf_counter()), update(cluster_center))[1]
+    sampler.update_distances = lambda cluster_center: (stamps.append(time.perf_counter()),
+                                                       update(cluster_center))[1]
     start = time.perf_counter()
     chosen = sampler.select_coreset_idxs()
     stamps.append(time.perf_counter())
@@ -88,7 +96,8 @@ def bank_of(name: str, mvtec_root: Path) -> np.ndarray:
     if not path.is_file():
         paths = [s.path for s in MVTecAD(mvtec_root, "bottle", "train").samples]
         detector = Detector(backbone="mobilenet_v2", weights="IMAGENET1K_V1", coreset=None,
-                            backend="torch", device="cpu", progress=False, **BANKS[name][1]).fit(paths)
+                            backend="torch", device="cpu", progress=False,
+                            **BANKS[name][1]).fit(paths)
         CACHE.mkdir(parents=True, exist_ok=True)
         np.save(path, detector.index_.vectors())
     return np.load(path)
@@ -126,8 +135,9 @@ def knnad_rows(banks: dict, load: str, picks: dict) -> list:
                 seconds = time.perf_counter() - start
             picks.setdefault((name, ratio), chosen)
             rows.append({"bank": f"{name}: {BANKS[name][0]}, {bank.shape[0]:,} x {bank.shape[1]}",
-                         "machine": load, "coreset": f"{ratio:.0%} ({len(chosen):,})", "seconds": seconds,
-                         "picks/s": len(chosen) / seconds, "peak MiB above bank": memory.bytes / 2 ** 20,
+                         "machine": load, "coreset": f"{ratio:.0%} ({len(chosen):,})",
+                         "seconds": seconds, "picks/s": len(chosen) / seconds,
+                         "peak MiB above bank": memory.bytes / 2 ** 20,
                          "bank MiB": bank.nbytes / 2 ** 20,
                          "same picks as quiet": bool(np.array_equal(chosen, picks[(name, ratio)]))})
     return rows
@@ -142,7 +152,8 @@ def peer_rows(python: str, banks: dict, load: str, peers: dict) -> list:
             rows.append({"bank": name, "machine": load, "coreset": f"{ratio:.0%} ({count:,})",
                          "projection dim": peer["dim"], "projection s": peer["projection_s"],
                          "ms per pick": 1e3 * peer["per_pick_s"],
-                         "seconds (extrapolated)": peer["projection_s"] + count * peer["per_pick_s"],
+                         "seconds (extrapolated)":
+                             peer["projection_s"] + count * peer["per_pick_s"],
                          "peak MiB above bank (600 picks)": peer["peak_bytes"] / 2 ** 20})
     return rows
 
@@ -151,8 +162,8 @@ def detector_rows(args, load: str) -> list:
     """Fit (coreset 10 %), search and predict on bank A's settings, from image files."""
     train = [s.path for s in MVTecAD(args.mvtec_root, "bottle", "train").samples]
     test = [s.path for s in MVTecAD(args.mvtec_root, "bottle", "test").samples]
-    detector = Detector(backbone="mobilenet_v2", weights="IMAGENET1K_V1", coreset=0.1, progress=False,
-                        **BANKS["A"][1])
+    detector = Detector(backbone="mobilenet_v2", weights="IMAGENET1K_V1", coreset=0.1,
+                        progress=False, **BANKS["A"][1])
     start = time.perf_counter()
     detector.fit(train)
     fit = time.perf_counter() - start
@@ -167,12 +178,15 @@ def detector_rows(args, load: str) -> list:
     start = time.perf_counter()
     detector.predict(test)
     predict = time.perf_counter() - start
-    return [{"machine": load, "step": "Detector.fit, coreset 10 % (209 images from files)", "seconds": fit,
-             "rate": f"{len(train) / fit:.2f} img/s", "bank": f"{len(detector.index_):,} x {detector.index_.dim}"},
-            {"machine": load, "step": f"FlatL2Index.search, {len(queries):,} test patches, k=1", "seconds": search,
-             "rate": f"{len(queries) / search:,.0f} queries/s", "bank": f"{len(detector.index_):,} x {detector.index_.dim}"},
-            {"machine": load, "step": f"Detector.predict, {len(test)} test images from files", "seconds": predict,
-             "rate": f"{len(test) / predict:.2f} img/s", "bank": f"{len(detector.index_):,} x {detector.index_.dim}"}]
+    return [{"machine": load, "step": "Detector.fit, coreset 10 % (209 images from files)",
+             "seconds": fit, "rate": f"{len(train) / fit:.2f} img/s",
+             "bank": f"{len(detector.index_):,} x {detector.index_.dim}"},
+            {"machine": load, "step": f"FlatL2Index.search, {len(queries):,} test patches, k=1",
+             "seconds": search, "rate": f"{len(queries) / search:,.0f} queries/s",
+             "bank": f"{len(detector.index_):,} x {detector.index_.dim}"},
+            {"machine": load, "step": f"Detector.predict, {len(test)} test images from files",
+             "seconds": predict, "rate": f"{len(test) / predict:.2f} img/s",
+             "bank": f"{len(detector.index_):,} x {detector.index_.dim}"}]
 
 
 def radius_rows(banks: dict, picks: dict, peers: dict) -> list:
@@ -188,60 +202,69 @@ def radius_rows(banks: dict, picks: dict, peers: dict) -> list:
             row = {"bank": name, "coreset": f"{ratio:.0%} ({count:,})",
                    "knnad radius": covering_radius(bank, picks[(name, ratio)])}
             if peer:
-                theirs = _greedy_k_center(torch.from_numpy(features), count, peer["picks"][0], False).numpy()
+                theirs = _greedy_k_center(torch.from_numpy(features), count, peer["picks"][0],
+                                          False).numpy()
                 measured = np.asarray(peer["picks"])[:count]
                 row["anomalib radius"] = covering_radius(bank, theirs)
                 row["knnad / anomalib"] = row["knnad radius"] / row["anomalib radius"]
+                reproduced = np.argmin(np.append(theirs[:len(measured)] == measured, False))
                 row["anomalib's measured picks: reproduced / measured"] = \
-                    f"{np.argmin(np.append(theirs[:len(measured)] == measured, False))} / {len(measured)}"
+                    f"{reproduced} / {len(measured)}"
             rows.append(row)
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mvtec-root", type=Path, required=True)
-    parser.add_argument("--peer-python", help="python of a venv with anomalib 2.7 (no anomalib figures without)")
+    parser.add_argument("--peer-python",
+                        help="python of a venv with anomalib 2.7 (no anomalib figures without)")
     parser.add_argument("--banks", default="ABC", help="which banks (default ABC)")
     parser.add_argument("--loaded-banks", default="AB",
                         help="banks measured again beside the competing process (default AB: C's "
                              "10 %% selection alone takes minutes)")
     parser.add_argument("--peer-loaded-banks", default="A",
-                        help="banks on which anomalib also runs beside the competing process (default A: "
-                             "its 600 picks take minutes on the larger banks)")
+                        help="banks on which anomalib also runs beside the competing process "
+                             "(default A: its 600 picks take minutes on the larger banks)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: the first {QUICK_ROWS:,} rows of each bank, the detector only "
-                             f"on a quiet machine, no result files")
+                        help=f"smoke run: the first {QUICK_ROWS:,} rows of each bank, the detector "
+                             f"only on a quiet machine, no result files")
     args = parser.parse_args()
-    banks = {name: bank_of(name, args.mvtec_root)[:QUICK_ROWS if args.quick else None] for name in args.banks}
-    tables = {"knnad.coreset": [], "anomalib KCenterGreedy (per-pick rate over picks 100-600, extrapolated)": [],
-              "Bank A's settings end to end": []}
+    banks = {name: bank_of(name, args.mvtec_root)[:QUICK_ROWS if args.quick else None]
+             for name in args.banks}
+    tables = {KNNAD: [], PEER: [], END_TO_END: []}
     picks, peers = {}, {}
     for load in ("quiet", "one competing process"):
         with CompetingProcess(load != "quiet"):
-            measured = banks if load == "quiet" else {n: banks[n] for n in args.loaded_banks if n in banks}
-            tables["knnad.coreset"] += knnad_rows(measured, load, picks)
+            measured = banks if load == "quiet" else {
+                n: banks[n] for n in args.loaded_banks if n in banks}
+            tables[KNNAD] += knnad_rows(measured, load, picks)
             if args.peer_python:
-                chosen = banks if load == "quiet" else {n: banks[n] for n in args.peer_loaded_banks if n in banks}
-                tables["anomalib KCenterGreedy (per-pick rate over picks 100-600, extrapolated)"] += \
-                    peer_rows(args.peer_python, chosen, load, peers)
+                chosen = banks if load == "quiet" else {
+                    n: banks[n] for n in args.peer_loaded_banks if n in banks}
+                tables[PEER] += peer_rows(args.peer_python, chosen, load, peers)
             if "A" in banks and not (args.quick and load != "quiet"):
-                tables["Bank A's settings end to end"] += detector_rows(args, load)
-    tables["Covering radius (largest distance to the nearest pick, bank space)"] = radius_rows(banks, picks, peers)
-    knnad_s = {(r["bank"][0], r["machine"], r["coreset"]): r["seconds"] for r in tables["knnad.coreset"]}
+                tables[END_TO_END] += detector_rows(args, load)
+    tables[RADIUS] = radius_rows(banks, picks, peers)
+    knnad_s = {(r["bank"][0], r["machine"], r["coreset"]): r["seconds"]
+               for r in tables[KNNAD]}
     summary = {}
-    for row in tables["anomalib KCenterGreedy (per-pick rate over picks 100-600, extrapolated)"]:
-        summary[f"knnad speed-up over anomalib, bank {row['bank']}, {row['coreset']}, {row['machine']}"] = \
+    for row in tables[PEER]:
+        summary[f"knnad speed-up over anomalib, bank {row['bank']}, {row['coreset']}, "
+                f"{row['machine']}"] = \
             row["seconds (extrapolated)"] / knnad_s[(row["bank"], row["machine"], row["coreset"])]
     for key, seconds in knnad_s.items():
         if key[1] != "quiet":
             summary[f"knnad slow-down with a competing process, bank {key[0]}, {key[2]}"] = \
                 seconds / knnad_s[(key[0], "quiet", key[2])]
-    end_to_end = tables["Bank A's settings end to end"]
+    end_to_end = tables[END_TO_END]
     for row in end_to_end:
         if row["machine"] != "quiet":
-            quiet = next(r for r in end_to_end if r["machine"] == "quiet" and r["step"] == row["step"])
-            summary[f"slow-down with a competing process: {row['step']}"] = row["seconds"] / quiet["seconds"]
+            quiet = next(r for r in end_to_end
+                         if r["machine"] == "quiet" and r["step"] == row["step"])
+            summary[f"slow-down with a competing process: {row['step']}"] = \
+                row["seconds"] / quiet["seconds"]
     if args.quick:  # a smoke run's figures are not results
         _common.RESULTS = Path(tempfile.mkdtemp())
     write_results("coreset", tables, summary)

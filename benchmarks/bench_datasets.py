@@ -21,10 +21,10 @@ import torch
 from knnad import metrics
 from knnad.anomaly_map import anomaly_maps
 from knnad.backbones import FeatureExtractor
+from knnad.datasets import dataset_pairs, discover_categories
 from knnad.evaluation import load_masks
 from knnad.index import FlatL2Index
 from knnad.preprocessing import Preprocessor
-from knnad.datasets import dataset_pairs, discover_categories
 from knnad.sampling import coreset
 
 from _common import PeakMemory, best_time, method, patch_embeddings, search_backends, write_results
@@ -62,7 +62,8 @@ def exactness(distances, indices, ref_d, ref_i, bank, queries):
     relative distance error."""
     same = (indices == ref_i).all(axis=1)
     for row in np.flatnonzero(~same):  # a differing list is fine where the distances tie
-        true = np.linalg.norm(bank[indices[row]].astype(np.float64) - queries[row].astype(np.float64), axis=1)
+        offsets = bank[indices[row]].astype(np.float64) - queries[row].astype(np.float64)
+        true = np.linalg.norm(offsets, axis=1)
         same[row] = np.allclose(true, ref_d[row], rtol=1e-5, atol=1e-6)
     relative = np.abs(distances - ref_d) / np.maximum(ref_d, 1e-12)
     return float(same.mean()), float(relative.max())
@@ -90,21 +91,25 @@ def category_rows(name, train, test, extractor, cache, ratio, peak_gflops, reran
                 distances, indices = index.search(queries, K)
             seconds = best_time(lambda: index.search(queries, K), repeats=2, warmup=0)
             same, error = exactness(distances, indices, ref_d, ref_i, bank, queries)
-            maps = anomaly_maps(torch.from_numpy(distances.mean(1)).reshape(n, h, w), 224, 4.0).numpy()
+            maps = anomaly_maps(torch.from_numpy(distances.mean(1)).reshape(n, h, w), 224,
+                                4.0).numpy()
             gflops = 2 * len(queries) * len(bank) * dim / seconds / 1e9
-            rows.append({"category": name, "coreset": label, "bank": len(bank), "backend": method(backend, device),
-                         "rerank": rerank,
+            rows.append({"category": name, "coreset": label, "bank": len(bank),
+                         "backend": method(backend, device), "rerank": rerank,
                          "build s": build + coreset_seconds, "search s": seconds,
                          "queries/s": len(queries) / seconds, "GFLOP/s": gflops,
                          "% of matmul": 100 * gflops / peak_gflops, "peak MiB": peak.bytes / 2**20,
                          "identical lists": same, "max rel. error": error,
-                         "image AUROC": metrics.image_auroc(test.labels, maps.reshape(n, -1).max(1)),
-                         "pixel AUROC": metrics.pixel_auroc(masks, maps) if masks is not None else None})
+                         "image AUROC": metrics.image_auroc(test.labels,
+                                                            maps.reshape(n, -1).max(1)),
+                         "pixel AUROC": (metrics.pixel_auroc(masks, maps) if masks is not None
+                                         else None)})
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mvtec-root", type=Path)
     parser.add_argument("--btad-root", type=Path)
     parser.add_argument("--categories", nargs="+", help="only these categories")
@@ -123,7 +128,8 @@ def main() -> None:
     for kind, root in (("mvtec", args.mvtec_root), ("btad", args.btad_root)):
         if root is None:
             continue
-        wanted = [c for c in discover_categories(kind, root) if not args.categories or c in args.categories]
+        wanted = [c for c in discover_categories(kind, root)
+                  if not args.categories or c in args.categories]
         if not wanted:
             continue
         for category, train, test in dataset_pairs(kind, root, wanted):
@@ -132,10 +138,12 @@ def main() -> None:
     summary = {"matmul GFLOP/s": peak}
     for row in rows:
         if row["backend"] == method("faiss"):
-            torch_row = next(r for r in rows if r["category"] == row["category"] and r["rerank"] == row["rerank"]
+            torch_row = next(r for r in rows
+                             if r["category"] == row["category"] and r["rerank"] == row["rerank"]
                              and r["coreset"] == row["coreset"] and r["backend"] == method("torch"))
             key = f"{row['category']} coreset={row['coreset']} rerank={row['rerank']}"
-            summary[f"faiss/(torch.cdist + topk) speedup {key}"] = torch_row["search s"] / row["search s"]
+            summary[f"faiss/(torch.cdist + topk) speedup {key}"] = \
+                torch_row["search s"] / row["search s"]
             summary[f"AUROC difference faiss - (torch.cdist + topk) {key}"] = max(
                 abs(row[name] - torch_row[name]) for name in ("image AUROC", "pixel AUROC")
                 if row[name] is not None)

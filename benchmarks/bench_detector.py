@@ -27,7 +27,8 @@ from knnad.metrics import pixel_auroc, pixel_auroc_bootstrap
 from _common import category_parser, interval, write_results
 
 PEER_PATTERN = re.compile(r"image AUROC=(?P<image>[\d.]+) pixel AUROC=(?P<pixel>[\d.]+).*?"
-                          r"fit (?P<fit>[\d.]+)s predict (?P<predict>[\d.]+)s \((?P<rate>[\d.]+) img/s\)",
+                          r"fit (?P<fit>[\d.]+)s predict (?P<predict>[\d.]+)s \((?P<rate>[\d.]+) "
+                          r"img/s\)",
                           re.S)
 #: Runs the peer script unchanged and keeps the maps it computed, in test-path order.
 PEER_RUNNER = """
@@ -73,8 +74,9 @@ def peer_row(args):
         raise RuntimeError(f"cannot read the peer's output:\n{output}")
     bank = re.search(r"bank=\((\d+)", output)
     return {"method": "anomalib 2.7 PatchCore", "coreset": args.coreset, "upsampling": "nearest",
-            "memory bank": int(bank.group(1)) if bank else "?", "image AUROC": float(found["image"]),
-            "pixel AUROC": float(found["pixel"]), "AUPRO": None, "fit s": float(found["fit"]),
+            "memory bank": int(bank.group(1)) if bank else "?",
+            "image AUROC": float(found["image"]), "pixel AUROC": float(found["pixel"]),
+            "AUPRO": None, "fit s": float(found["fit"]),
             "predict img/s": float(found["rate"])}, paths, maps
 
 
@@ -84,9 +86,10 @@ def main() -> None:
     parser.add_argument("--peer-script", help="path of shared/tools/peer_anomalib.py")
     parser.add_argument("--peer-weights", help="the MobileNetV2 .pth file for the peer")
     args = parser.parse_args()
-    coreset_row, order, coreset_maps, masks = knnad_row(args.mvtec_root, args.category, args.coreset, args.weights)
-    nearest_row, _, nearest_maps, _ = knnad_row(args.mvtec_root, args.category, args.coreset, args.weights,
-                                                upsampling="nearest")
+    coreset_row, order, coreset_maps, masks = knnad_row(args.mvtec_root, args.category,
+                                                        args.coreset, args.weights)
+    nearest_row, _, nearest_maps, _ = knnad_row(args.mvtec_root, args.category, args.coreset,
+                                                args.weights, upsampling="nearest")
     full_row, _, full_maps, _ = knnad_row(args.mvtec_root, args.category, None, args.weights)
     rows, map_sets = [coreset_row, nearest_row, full_row], [coreset_maps, nearest_maps, full_maps]
     summary = {}
@@ -96,7 +99,8 @@ def main() -> None:
         peer["pixel AUROC"] = pixel_auroc(masks, map_sets[-1])  # all digits, not the printed 4
         rows.append(peer)
         summary = {"fit speedup over anomalib (same coreset)": peer["fit s"] / coreset_row["fit s"],
-                   "predict speedup over anomalib (same coreset)": coreset_row["predict img/s"] / peer["predict img/s"]}
+                   "predict speedup over anomalib (same coreset)":
+                       coreset_row["predict img/s"] / peer["predict img/s"]}
     replicates = pixel_auroc_bootstrap(masks, *map_sets, rounds=BOOTSTRAP_ROUNDS)
     for row, column in zip(rows, replicates.T):
         row["pixel AUROC 95% interval"] = interval(column)
@@ -109,8 +113,8 @@ def main() -> None:
                     f" [{row['upsampling']}]"] = interval(difference, digits=5)
             summary[f"share of resamples where knnad's is the higher [{row['upsampling']}]"] = \
                 float(np.mean(difference > 0))
-    write_results(f"detector-{args.category}", {f"MVTec AD {args.category}, MobileNetV2 IMAGENET1K_V1, 224 crop": rows},
-                  summary)
+    write_results(f"detector-{args.category}",
+                  {f"MVTec AD {args.category}, MobileNetV2 IMAGENET1K_V1, 224 crop": rows}, summary)
 
 
 if __name__ == "__main__":

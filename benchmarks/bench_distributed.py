@@ -28,7 +28,8 @@ with a MobileNetV2 model (IMAGENET1K_V1 weights, 10 % coreset) fitted on its tra
    three after a warm-up; the neighbours are checked to be the same.
 
   python benchmarks/bench_distributed.py --mvtec-root ../shared/data/mvtec
-  python benchmarks/bench_distributed.py --mvtec-root ../shared/data/mvtec --quick   # smoke test, no result files
+  # A smoke test, no result files:
+  python benchmarks/bench_distributed.py --mvtec-root ../shared/data/mvtec --quick
 """
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ from typing import Dict, List
 
 import numpy as np
 
-from _common import best_time, markdown_table, patch_embeddings, write_results
 from knnad import Detector
 from knnad.datasets import MVTecAD
+
+from _common import best_time, markdown_table, patch_embeddings, write_results
 
 #: Titles Ray gives its worker processes (``ray::<what runs>``), by role.
 ROLES = {"scoring actor": "_Scorer", "decoding tasks": "decode_batch"}
@@ -59,7 +61,8 @@ def vm_hwm(pid="self", field: str = "VmHWM") -> int:
     shared object store that it has read); 0 once it has ended."""
     try:
         with open(f"/proc/{pid}/status") as handle:
-            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(f"{field}:"))
+            return next(int(line.split()[1]) * 1024 for line in handle
+                        if line.startswith(f"{field}:"))
     except (OSError, StopIteration, ValueError):
         return 0
 
@@ -126,25 +129,30 @@ def memory_child(model: str, paths_file: str, out: str, cpus: int) -> None:
     Path(out).write_text(json.dumps({"images": summary["images"], "seconds": summary["seconds"],
                                      "driver": vm_hwm(), **workers.peaks,
                                      "private": workers.private,
-                                     "titles": sorted({t for ts in workers.titles.values() for t in ts})}))
+                                     "titles": sorted({t for ts in workers.titles.values()
+                                                       for t in ts})}))
 
 
-def memory_rows(model: Path, test: List[str], repeats: List[int], cpus: int, folder: Path) -> List[Dict]:
+def memory_rows(model: Path, test: List[str], repeats: List[int], cpus: int,
+                folder: Path) -> List[Dict]:
     rows = []
     for repeat in repeats:
         paths_file, out = folder / f"paths-{repeat}.json", folder / f"memory-{repeat}.json"
         paths_file.write_text(json.dumps(test * repeat))
-        done = subprocess.run([sys.executable, __file__, "--memory-child", str(model), str(paths_file),
-                               str(out), "--cpus", str(cpus)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, __file__, "--memory-child", str(model),
+                               str(paths_file), str(out), "--cpus", str(cpus)], capture_output=True,
+                              text=True)
         if done.returncode:
-            raise RuntimeError(f"memory run of {len(test) * repeat} images failed:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"memory run of {len(test) * repeat} images "
+                               f"failed:\n{done.stderr[-3000:]}")
         found = json.loads(out.read_text())
         missing = [role for role in ROLES if not found[role]]
         if missing:
             raise RuntimeError(f"no Ray worker seen for {missing}; titles seen: {found['titles']}")
         rows.append({"images": found["images"], "driver VmHWM MiB": found["driver"] / 2**20,
                      **{f"{role} VmHWM MiB": found[role] / 2**20 for role in ROLES},
-                     **{f"{role} largest RssAnon MiB": found["private"][role] / 2**20 for role in ROLES},
+                     **{f"{role} largest RssAnon MiB": found["private"][role] / 2**20
+                        for role in ROLES},
                      "seconds": found["seconds"]})
     return rows
 
@@ -170,10 +178,12 @@ class Threads:
         faiss.omp_set_num_threads(self.before[1])
 
 
-def throughput_rows(model: Path, test: List[str], repeat: int, rounds: int, cpus: int, folder: Path):
+def throughput_rows(model: Path, test: List[str], repeat: int, rounds: int, cpus: int,
+                    folder: Path):
     """Rows of seconds and images/s per method at N1 and N2 images, and the largest difference
     of predict_dataset's image scores to Detector.predict's."""
     import pandas as pd
+
     from knnad.distributed import predict_dataset
 
     detector = Detector.load(model)
@@ -196,10 +206,12 @@ def throughput_rows(model: Path, test: List[str], repeat: int, rounds: int, cpus
                     reference.update(zip(paths, scores))
                 else:
                     out = folder / f"out-{size}"
-                    predict_dataset(model, paths, out, num_workers=run[0], num_cpus_per_worker=run[1])
+                    predict_dataset(model, paths, out, num_workers=run[0],
+                                    num_cpus_per_worker=run[1])
                     seconds = time.perf_counter() - start
                     rows = pd.read_parquet(out, columns=["path", "image_score"])
-                    difference = max(difference, float(np.abs(rows.image_score - rows.path.map(reference)).max()))
+                    gap = np.abs(rows.image_score - rows.path.map(reference)).max()
+                    difference = max(difference, float(gap))
                 best[name, size] = min(best[name, size], seconds)
     n1, n2 = len(sizes["N1"]), len(sizes["N2"])
     table = []
@@ -207,7 +219,8 @@ def throughput_rows(model: Path, test: List[str], repeat: int, rounds: int, cpus
         t1, t2 = best[name, "N1"], best[name, "N2"]
         rate = (n2 - n1) / (t2 - t1)
         table.append({"method": name, f"s at {n1} images": t1, f"s at {n2} images": t2,
-                      f"images/s at {n2}": n2 / t2, "steady images/s": rate, "fixed s": t1 - n1 / rate})
+                      f"images/s at {n2}": n2 / t2, "steady images/s": rate,
+                      "fixed s": t1 - n1 / rate})
     return table, difference
 
 
@@ -221,7 +234,8 @@ def shard_rows(bank: np.ndarray, queries: np.ndarray, shards: List[int], cpus: i
              "search s": best_time(lambda: flat.search(queries, 1)), "same neighbours": 1.0,
              "same distances": 1.0}]
     for count in shards:
-        with ShardedIndex.of(bank, count, backend="faiss", num_cpus_per_shard=cpus / count) as sharded:
+        with ShardedIndex.of(bank, count, backend="faiss",
+                             num_cpus_per_shard=cpus / count) as sharded:
             distances, indices = sharded.search(queries, 1)
             rows.append({"index": "ShardedIndex", "shards": count, "CPUs per shard": cpus / count,
                          "search s": best_time(lambda: sharded.search(queries, 1)),
@@ -233,12 +247,14 @@ def shard_rows(bank: np.ndarray, queries: np.ndarray, shards: List[int], cpus: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mvtec-root", type=Path)
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--weights", default="IMAGENET1K_V1")
     parser.add_argument("--coreset", type=float, default=0.1)
-    parser.add_argument("--repeat", type=int, default=4, help="N2 = the test images this many times")
+    parser.add_argument("--repeat", type=int, default=4,
+                        help="N2 = the test images this many times")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--memory-repeats", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
@@ -246,7 +262,8 @@ def main() -> None:
                         help="test images whose patches are the search's queries")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="the Ray cluster's CPUs")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: a few images, one round, small bank; prints, writes no results")
+                        help="smoke test: a few images, one round, small bank; prints, writes no "
+                             "results")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "PATHS_JSON", "OUT_JSON"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -256,7 +273,8 @@ def main() -> None:
         parser.error("--mvtec-root is required")
     if args.cpus < 2:
         parser.error("--cpus must be at least 2: the decoding tasks need a CPU beside the workers")
-    train = [str(s.path.resolve()) for s in MVTecAD(args.mvtec_root, args.category, "train").samples]
+    train = [str(s.path.resolve())
+             for s in MVTecAD(args.mvtec_root, args.category, "train").samples]
     test = [str(s.path.resolve()) for s in MVTecAD(args.mvtec_root, args.category, "test").samples]
     if args.quick:
         train, test = train[:4], test[:3]
@@ -271,7 +289,8 @@ def main() -> None:
         queries = patch_embeddings(test[:args.query_images], full.extractor_)
         queries = queries.reshape(-1, queries.shape[-1])
         ray = start_ray(args.cpus)
-        throughput, difference = throughput_rows(model, test, args.repeat, args.rounds, args.cpus, folder)
+        throughput, difference = throughput_rows(model, test, args.repeat, args.rounds, args.cpus,
+                                                 folder)
         shards = shard_rows(bank, queries, args.shards, args.cpus)
         ray.shutdown()
     n2 = len(test) * args.repeat
@@ -289,17 +308,22 @@ def main() -> None:
         f"Exact search, k = 1: bank {bank.shape[0]} x {bank.shape[1]} (no coreset), "
         f"{len(queries)} query patches; best of 3 after a warm-up": shards}
     summary = {
-        "Ray overhead at one worker, steady, against Detector.predict with the worker's threads (target <= 0.15)":
+        "Ray overhead at one worker, steady, against Detector.predict with the worker's threads "
+        "(target <= 0.15)":
             overhead(one, share, "steady images/s"),
-        f"Ray overhead at one worker, at {n2} images (start-up included), against the same": overhead(one, share, f"images/s at {n2}"),
-        "Ray overhead at one worker, steady, against Detector.predict on every thread": overhead(one, default, "steady images/s"),
+        f"Ray overhead at one worker, at {n2} images (start-up included), against the same":
+            overhead(one, share, f"images/s at {n2}"),
+        "Ray overhead at one worker, steady, against Detector.predict on every thread":
+            overhead(one, default, "steady images/s"),
         "Ray fixed start-up s, one worker (actor start, model load)": one["fixed s"],
         "2 workers / 1 worker, steady images/s": two["steady images/s"] / one["steady images/s"],
         "largest |predict_dataset - Detector.predict| image score": difference,
-        **{f"{process} VmHWM growth MiB, {memory[first]['images']} to {memory[last]['images']} images":
+        **{f"{process} VmHWM growth MiB, {memory[first]['images']} to {memory[last]['images']} "
+           "images":
             memory[last][f"{process} VmHWM MiB"] - memory[first][f"{process} VmHWM MiB"]
             for process in ("driver", "scoring actor", "decoding tasks")
-            for first, last in sorted({(0, len(memory) - 1), (max(0, len(memory) - 2), len(memory) - 1)})}}
+            for first, last in sorted({(0, len(memory) - 1),
+                                       (max(0, len(memory) - 2), len(memory) - 1)})}}
     summary.update({f"ShardedIndex {row['shards']} shards / FlatL2Index": row["time / FlatL2Index"]
                     for row in shards[1:]})
     if args.quick:

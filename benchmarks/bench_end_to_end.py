@@ -33,12 +33,14 @@ def timed(function):
 def stage_costs(detector: Detector, paths, backend_index) -> dict:
     """Milliseconds per image of each stage, run one after the other on one batch size."""
     images, decode = timed(lambda: [detector.preprocessor_(p) for p in paths])
-    batches = [torch.from_numpy(np.stack(images[i:i + detector.batch_size])) for i in range(0, len(images), detector.batch_size)]
+    batches = [torch.from_numpy(np.stack(images[i:i + detector.batch_size]))
+               for i in range(0, len(images), detector.batch_size)]
     features, backbone = timed(lambda: [detector.extractor_(b) for b in batches])
     embedded, embed = timed(lambda: [detector.embedder_(f) for f in features])
     queries = [e.reshape(-1, e.shape[-1]) for e in embedded]
     distances, search = timed(lambda: [backend_index.search(q, detector.k)[0] for q in queries])
-    _, maps = timed(lambda: [anomaly_maps(torch.from_numpy(d.mean(1)).reshape(e.shape[:3]), 224, detector.sigma)
+    _, maps = timed(lambda: [anomaly_maps(torch.from_numpy(d.mean(1)).reshape(e.shape[:3]), 224,
+                                          detector.sigma)
                              for d, e in zip(distances, embedded)])
     per_image = 1000 / len(paths)
     return {"decode+preprocess ms": decode * per_image, "backbone ms": backbone * per_image,
@@ -47,14 +49,17 @@ def stage_costs(detector: Detector, paths, backend_index) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mvtec-root", type=Path, required=True)
     parser.add_argument("--category", default="bottle")
-    parser.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "resnet18", "wide_resnet50_2"])
+    parser.add_argument("--backbones", nargs="+",
+                        default=["mobilenet_v2", "resnet18", "wide_resnet50_2"])
     parser.add_argument("--backends", nargs="+", default=["faiss", "torch"])
     parser.add_argument("--coreset", type=float, default=0.1)
     args = parser.parse_args()
-    train, test = MVTecAD(args.mvtec_root, args.category, "train"), MVTecAD(args.mvtec_root, args.category, "test")
+    train = MVTecAD(args.mvtec_root, args.category, "train")
+    test = MVTecAD(args.mvtec_root, args.category, "test")
     test_paths = [s.path for s in test.samples]
     rows = []
     for backbone in args.backbones:
@@ -68,15 +73,18 @@ def main() -> None:
                                 progress=False)
             _, fit_seconds = timed(lambda: detector.fit(train))
             prediction, predict_seconds = timed(lambda: detector.predict(test))
-            row = {"backbone": backbone, "weights": weights or "random", "search": method(detector.index_.backend, detector.index_.device),
+            row = {"backbone": backbone, "weights": weights or "random",
+                   "search": method(detector.index_.backend, detector.index_.device),
                    "bank": f"{len(detector.index_)}x{detector.index_.dim}",
-                   "fit img/s": len(train) / fit_seconds, "predict img/s": len(test) / predict_seconds}
+                   "fit img/s": len(train) / fit_seconds,
+                   "predict img/s": len(test) / predict_seconds}
             row.update(stage_costs(detector, test_paths, detector.index_))
             stages = {k: v for k, v in row.items() if k.endswith(" ms")}
             row["slowest stage"] = max(stages, key=stages.get).replace(" ms", "")
             rows.append(row)
             assert np.isfinite(prediction.image_scores).all()
-    write_results(f"end_to_end-{args.category}", {f"MVTec AD {args.category}, coreset {args.coreset}": rows})
+    write_results(f"end_to_end-{args.category}",
+                  {f"MVTec AD {args.category}, coreset {args.coreset}": rows})
 
 
 if __name__ == "__main__":

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import PeakMemory, category_parser, write_results
 from knnad import Detector, OnnxDetector
 from knnad.datasets import MVTecAD
 from knnad.sources import batches, image_items
+
+from _common import PeakMemory, category_parser, write_results
 
 BIG_CROP = 576
 
@@ -89,19 +90,21 @@ def compare(args, coreset, rerank, folder: Path, openvino: bool):
         found = _openvino_runner(path, onnx_detector, precision)
         if found is not None:
             openvino, hint = found
-            runners[f"OpenVINO CPU ({precision} precision hint: {hint})"] = (lambda run: lambda: run(tests))(openvino)
+            runners[f"OpenVINO CPU ({precision} precision hint: {hint})"] = \
+                (lambda run: lambda: run(tests))(openvino)
     results = _timed_in_turn(runners)
     reference = results["knnad Detector (torch, faiss)"][0]
     bank_bytes = detector.index_.vectors().nbytes
     rows = []
     for name, (output, seconds, growth) in results.items():
-        scores, maps = (output.image_scores, output.anomaly_maps) if hasattr(output, "image_scores") else output
-        rows.append({"coreset": str(coreset), "rerank": rerank, "runtime": name, "images/s": len(tests) / seconds,
-                     "RSS growth MiB": growth / 2**20,
+        scores, maps = ((output.image_scores, output.anomaly_maps)
+                        if hasattr(output, "image_scores") else output)
+        rows.append({"coreset": str(coreset), "rerank": rerank, "runtime": name,
+                     "images/s": len(tests) / seconds, "RSS growth MiB": growth / 2**20,
                      "max rel. diff image scores": _max_relative(scores, reference.image_scores),
                      "max rel. diff maps": _max_relative(maps, reference.anomaly_maps)})
-    size = {"coreset": str(coreset), "bank rows": len(detector.index_), "bank MiB": bank_bytes / 2**20,
-            "file MiB": path.stat().st_size / 2**20,
+    size = {"coreset": str(coreset), "bank rows": len(detector.index_),
+            "bank MiB": bank_bytes / 2**20, "file MiB": path.stat().st_size / 2**20,
             "file - bank MiB (backbone)": (path.stat().st_size - bank_bytes) / 2**20,
             "export s": export_seconds}
     return rows, size
@@ -113,8 +116,8 @@ sys.path.insert(0, {benchmarks!r})
 from _common import PeakMemory
 from knnad import Detector
 from knnad.datasets import MVTecAD
-detector = Detector("mobilenet_v2", weights={weights!r}, coreset=None, image_size={crop}, crop_size={crop},
-                    progress=False).fit(MVTecAD({root!r}, {category!r}, "train"))
+detector = Detector("mobilenet_v2", weights={weights!r}, coreset=None, image_size={crop},
+                    crop_size={crop}, progress=False).fit(MVTecAD({root!r}, {category!r}, "train"))
 with PeakMemory() as peak:
     start = time.perf_counter()
     detector.export_onnx({path!r})
@@ -137,13 +140,16 @@ prediction = OnnxDetector({path!r}, session_options=options).predict([{image!r}]
 seconds = time.perf_counter() - start
 assert "torch" not in sys.modules and "faiss" not in sys.modules
 # VmHWM: this process's own peak (ru_maxrss would count the forking parent's size).
-peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({{"peak_kib": peak_kib, "seconds": seconds, "score": float(prediction.image_scores[0])}}))
+peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status")
+                if line.startswith("VmHWM"))
+print(json.dumps({{"peak_kib": peak_kib, "seconds": seconds,
+                  "score": float(prediction.image_scores[0])}}))
 """
 
 
 def _run(code: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -152,8 +158,9 @@ def _run(code: str) -> dict:
 def big_bank(args, folder: Path):
     path = str(folder / "big.onnx")
     image = str(next((args.mvtec_root / args.category / "test" / "broken_large").glob("*.png")))
-    fields = dict(benchmarks=str(Path(__file__).resolve().parent), weights=args.weights, crop=BIG_CROP,
-                  root=str(args.mvtec_root), category=args.category, path=path, image=image)
+    fields = dict(benchmarks=str(Path(__file__).resolve().parent), weights=args.weights,
+                  crop=BIG_CROP, root=str(args.mvtec_root), category=args.category, path=path,
+                  image=image)
     exported = _run(_EXPORT_BIG.format(**fields))
     bank = exported["bank_bytes"]
     rows = [{"step": "export (process holding the fitted detector)", "bank rows": exported["rows"],
@@ -162,11 +169,14 @@ def big_bank(args, folder: Path):
              "RSS / bank": exported["export_growth"] / bank, "rel. diff vs Detector": 0.0}]
     for lean in (False, True):
         scored = _run(_SCORE_BIG.format(lean=lean, **fields))
-        rows.append({"step": "OnnxDetector: load, score one image" + (", prepacking off" if lean else ""),
+        step = "OnnxDetector: load, score one image" + (", prepacking off" if lean else "")
+        rows.append({"step": step,
                      "bank rows": exported["rows"], "bank MiB": bank / 2**20,
                      "file MiB": Path(path).stat().st_size / 2**20, "seconds": scored["seconds"],
-                     "RSS MiB": scored["peak_kib"] / 1024, "RSS / bank": scored["peak_kib"] * 1024 / bank,
-                     "rel. diff vs Detector": abs(scored["score"] - exported["score"]) / exported["score"]})
+                     "RSS MiB": scored["peak_kib"] / 1024,
+                     "RSS / bank": scored["peak_kib"] * 1024 / bank,
+                     "rel. diff vs Detector":
+                         abs(scored["score"] - exported["score"]) / exported["score"]})
     return rows
 
 
@@ -176,7 +186,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         speed, sizes = [], []
-        for coreset, rerank, openvino in ((args.coreset, 0, True), (None, 0, True), (None, 4, False)):
+        for coreset, rerank, openvino in ((args.coreset, 0, True), (None, 0, True),
+                                          (None, 4, False)):
             rows, size = compare(args, coreset, rerank, folder, openvino)
             speed += rows
             if not rerank:

@@ -2,10 +2,14 @@
 and the decoding ceiling, on one CUDA device with the torch backend (no faiss needed), against
 the CPU of the same machine.
 
-  python benchmarks/bench_gpu.py                        # first CUDA GPU -> results/gpu-bottle-gpu.{md,json}
-  python benchmarks/bench_gpu.py --device cpu --quick   # the whole script on a CPU, < 2 min, temporary folder
-  python benchmarks/bench_gpu.py --data DIR --weights mobilenet_v2-b0353104.pth   # MVTec AD root, local weights
-  python benchmarks/bench_gpu.py --pack [DIR] [--pack-mib 56]   # data and weights for a GPU machine
+  # The first CUDA GPU -> results/gpu-bottle-gpu.{md,json}:
+  python benchmarks/bench_gpu.py
+  # The whole script on a CPU, < 2 min, into a temporary folder:
+  python benchmarks/bench_gpu.py --device cpu --quick
+  # An MVTec AD root and local weights:
+  python benchmarks/bench_gpu.py --data DIR --weights mobilenet_v2-b0353104.pth
+  # Data and weights for a GPU machine:
+  python benchmarks/bench_gpu.py --pack [DIR] [--pack-mib 56]
 
 On a GPU machine lent through the run tool, which copies the working tree (tracked files and
 untracked ones git does not ignore) and the git-ignored paths named in its carry list, 64 MiB in
@@ -85,8 +89,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-import _common
-from _common import best_time, category_parser, patch_embeddings, write_results
 from knnad import Detector
 from knnad.anomaly_map import anomaly_maps
 from knnad.datasets import MVTecAD, Sample
@@ -98,6 +100,9 @@ from knnad.runtime import resolve_device
 from knnad.sampling import coreset, coreset_size
 from knnad.scoring import patch_knn_scores
 from knnad.sources import _DECODE_THREADS, batches
+
+import _common
+from _common import best_time, category_parser, patch_embeddings, write_results
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 #: The MVTec AD root beside the checkout (../shared), as the tests find it.
@@ -132,7 +137,8 @@ TITLES = {"search": "1. Exact search: FlatL2Index (torch) against the torch.mm f
           "coreset": "2. Coreset on the device against the CPU",
           "detector": "3. Detector end to end on bottle",
           "stages": "3. Stage costs of Detector.predict, one after another",
-          "ray": "3. predict_dataset with one worker on a local Ray cluster (seconds include its start)",
+          "ray": "3. predict_dataset with one worker on a local Ray cluster (seconds include its "
+                 "start)",
           "decoding": "4. Decoding ceiling: knnad's decoding and preprocessing on this CPU"}
 
 
@@ -152,8 +158,8 @@ class Sizes:
 
 FULL = Sizes(random=(4096, 100_000, 1024), cpu_queries=1024, train=slice(None), test=slice(None),
              prefix=2000, repeats=3, predict_repeat=4, decode_images=64)
-QUICK = Sizes(random=(512, 20_000, 128), cpu_queries=256, train=slice(0, 4), test=slice(None, None, 12),
-              prefix=200, repeats=1, predict_repeat=1, decode_images=16)
+QUICK = Sizes(random=(512, 20_000, 128), cpu_queries=256, train=slice(0, 4),
+              test=slice(None, None, 12), prefix=200, repeats=1, predict_repeat=1, decode_images=16)
 
 _STARTED = time.perf_counter()
 
@@ -191,8 +197,9 @@ def nvidia_driver() -> str:
     if shutil.which("nvidia-smi") is None:
         return "unknown (no nvidia-smi)"
     try:
-        answer = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=60, check=True).stdout.split()
+        answer = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                                 "--format=csv,noheader"], capture_output=True, text=True,
+                                timeout=60, check=True).stdout.split()
     except (OSError, subprocess.SubprocessError) as error:
         return f"unknown (nvidia-smi: {error})"
     return answer[0] if answer else "unknown (nvidia-smi said nothing)"
@@ -208,7 +215,8 @@ def git(*arguments: str) -> str:
 def git_commit() -> str:
     """The checkout's HEAD commit, marked when tracked files differ from it, or why unknown."""
     try:
-        head, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        head = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git checkout here: pass --commit)"
     return head + (" with uncommitted changes" if changed else "")
@@ -218,17 +226,21 @@ def environment(device: torch.device, commit: Optional[str]) -> Dict[str, object
     """What the figures were measured with: device, GPU, driver, torch, CUDA and cuDNN versions,
     the TF32 settings as read back, faiss and Ray, the commit."""
     found = {"device": str(device),
-             "TF32 matmul (torch.backends.cuda.matmul.allow_tf32)": torch.backends.cuda.matmul.allow_tf32,
+             "TF32 matmul (torch.backends.cuda.matmul.allow_tf32)":
+                 torch.backends.cuda.matmul.allow_tf32,
              "TF32 cuDNN (torch.backends.cudnn.allow_tf32)": torch.backends.cudnn.allow_tf32,
-             "float32 matmul precision": torch.get_float32_matmul_precision(), "torch": torch.__version__,
-             "CUDA (torch's)": torch.version.cuda,
-             "cuDNN": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-             "CPU cores": os.cpu_count(), "faiss": module_version("faiss"), "ray": module_version("ray"),
-             "commit": commit or git_commit()}
+             "float32 matmul precision": torch.get_float32_matmul_precision(),
+             "torch": torch.__version__, "CUDA (torch's)": torch.version.cuda,
+             "cuDNN": (torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
+                       else None),
+             "CPU cores": os.cpu_count(), "faiss": module_version("faiss"),
+             "ray": module_version("ray"), "commit": commit or git_commit()}
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
-        found.update({"GPU": properties.name, "GPU memory GiB": round(properties.total_memory / 2**30, 1),
-                      "GPU multiprocessors": properties.multi_processor_count, "driver": nvidia_driver()})
+        found.update({"GPU": properties.name,
+                      "GPU memory GiB": round(properties.total_memory / 2**30, 1),
+                      "GPU multiprocessors": properties.multi_processor_count,
+                      "driver": nvidia_driver()})
     return found
 
 
@@ -251,7 +263,8 @@ def product_floor(queries: torch.Tensor, bank: torch.Tensor) -> Callable[[], Non
     return run
 
 
-def float64_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
+def float64_neighbours(queries: torch.Tensor, bank: torch.Tensor,
+                       k: int) -> Tuple[np.ndarray, np.ndarray]:
     """``(distances, indices)`` numpy ``[m, k]`` of the ``k`` nearest rows of ``bank`` for each
     query, computed in float64 on their device (blocks of about BLOCK_BYTES): the reference.
     Ranked by |q|² + |x|² − 2q·x, the winners' distances then taken as |q − x|, ascending."""
@@ -263,8 +276,8 @@ def float64_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int) -> Tup
         block = queries[start:start + step].double()
         squared = (block * block).sum(dim=1, keepdim=True) + norms - 2.0 * (block @ bank64.T)
         rows = torch.topk(squared, k, dim=1, largest=False, sorted=True)[1]
-        nearest, order = torch.sort(torch.linalg.vector_norm(bank64[rows] - block[:, None, :], dim=2),
-                                    dim=1, stable=True)
+        exact = torch.linalg.vector_norm(bank64[rows] - block[:, None, :], dim=2)
+        nearest, order = torch.sort(exact, dim=1, stable=True)
         distances.append(nearest.cpu())
         indices.append(torch.gather(rows, 1, order).cpu())
     return torch.cat(distances).numpy(), torch.cat(indices).numpy()
@@ -279,13 +292,15 @@ def equal_lists(found: np.ndarray, reference: Tuple[np.ndarray, np.ndarray], que
     if len(differ):
         rows = torch.from_numpy(differ).to(queries.device)
         picked = bank[torch.from_numpy(found[differ]).to(bank.device)].double()
-        own = torch.linalg.vector_norm(picked - queries[rows].double()[:, None, :], dim=2).cpu().numpy()
+        own = torch.linalg.vector_norm(picked - queries[rows].double()[:, None, :], dim=2)
+        own = own.cpu().numpy()
         ties = np.isclose(np.sort(own, axis=1), distances[differ], rtol=1e-9, atol=0).all(axis=1)
         differ = differ[~ties]
     return len(found) - len(differ)
 
 
-def search_rows(case: str, queries: torch.Tensor, bank: torch.Tensor, k: int, sizes: Sizes) -> List[Dict]:
+def search_rows(case: str, queries: torch.Tensor, bank: torch.Tensor, k: int,
+                sizes: Sizes) -> List[Dict]:
     """The search table's rows of one case: the torch.mm floor and FlatL2Index on the device
     (default and SEARCH_BUDGET memory budgets), FlatL2Index on the CPU for a subset of the
     queries; each list checked against the float64 reference, the CPU's against the device's."""
@@ -304,9 +319,11 @@ def search_rows(case: str, queries: torch.Tensor, bank: torch.Tensor, k: int, si
         index = FlatL2Index.of(bank, backend="torch", device=device, memory_budget=budget)
         distances, found[budget] = index.search(queries, k)  # also the warm-up
         seconds = best_time(lambda: index.search(queries, k), sizes.repeats, warmup=0)
-        rows.append({"case": case, "method": f"FlatL2Index torch ({device}), memory budget {budget / 2**20:,.0f} MiB",
-                     "queries": m, "seconds": seconds, "queries/s": m / seconds, "x floor": seconds / floor,
-                     "GFLOP/s": flops / seconds / 1e9,
+        rows.append({"case": case,
+                     "method": f"FlatL2Index torch ({device}), memory budget "
+                               f"{budget / 2**20:,.0f} MiB",
+                     "queries": m, "seconds": seconds, "queries/s": m / seconds,
+                     "x floor": seconds / floor, "GFLOP/s": flops / seconds / 1e9,
                      "lists equal to float64": equal_lists(found[budget], reference, queries, bank),
                      "lists equal to the device's": None,
                      "max |distance - float64|": float(np.abs(distances - reference[0]).max())})
@@ -320,7 +337,8 @@ def search_rows(case: str, queries: torch.Tensor, bank: torch.Tensor, k: int, si
                  "queries": len(subset), "seconds": seconds, "queries/s": len(subset) / seconds,
                  "x floor": None, "GFLOP/s": 2.0 * len(subset) * n * dim / seconds / 1e9,
                  "lists equal to float64": equal_lists(neighbours, reference, subset, cpu_bank),
-                 "lists equal to the device's": int((neighbours == found[DEFAULT_MEMORY_BUDGET][::step]).all(axis=1).sum()),
+                 "lists equal to the device's":
+                     int((neighbours == found[DEFAULT_MEMORY_BUDGET][::step]).all(axis=1).sum()),
                  "max |distance - float64|": float(np.abs(distances - reference[0]).max())})
     return rows
 
@@ -347,10 +365,10 @@ def coreset_row(name: str, bank: torch.Tensor, ratio: float, cpu_picks: Optional
     cpu_bank = bank.cpu()
     cpu, cpu_seconds = timed(lambda: coreset(cpu_bank, n=compared, device="cpu"), CPU)
     same = picks[:compared] == cpu
-    return {"bank": f"{name}, {len(bank):,} x {bank.shape[1]}", "coreset": f"{ratio:.0%} ({count:,} picks){note}",
-            "device seconds": seconds, "device picks/s": count / seconds,
-            "CPU picks": compared, "CPU seconds": cpu_seconds, "CPU picks/s": compared / cpu_seconds,
-            "identical picks": bool(same.all()),
+    return {"bank": f"{name}, {len(bank):,} x {bank.shape[1]}",
+            "coreset": f"{ratio:.0%} ({count:,} picks){note}", "device seconds": seconds,
+            "device picks/s": count / seconds, "CPU picks": compared, "CPU seconds": cpu_seconds,
+            "CPU picks/s": compared / cpu_seconds, "identical picks": bool(same.all()),
             "first different pick": None if same.all() else int(np.argmin(same))}, picks
 
 
@@ -362,7 +380,8 @@ def fitted_bank(detector: Detector, paths: List[str]) -> torch.Tensor:
 # 3. Detector end to end
 
 
-def relative_difference(values: np.ndarray, reference: np.ndarray, scale: Optional[float] = None) -> float:
+def relative_difference(values: np.ndarray, reference: np.ndarray,
+                        scale: Optional[float] = None) -> float:
     """Largest ``|values - reference|``, relative to each reference value or to ``scale``."""
     gaps = np.abs(values.astype(np.float64) - reference)
     return float((gaps / (np.abs(reference) if scale is None else scale)).max())
@@ -371,12 +390,15 @@ def relative_difference(values: np.ndarray, reference: np.ndarray, scale: Option
 def stage_rows(detector: Detector, paths: List[str], sizes: Sizes) -> List[Dict]:
     """Milliseconds per image of each stage of Detector.predict run one after another over
     ``paths`` in the detector's batches, as predict calls them (best of ``sizes.repeats``)."""
-    device, preprocessor, size = detector.extractor_.device, detector.preprocessor_, detector.batch_size
+    device, preprocessor = detector.extractor_.device, detector.preprocessor_
+    size = detector.batch_size
     images, decode = timed(lambda: np.stack([preprocessor(path) for path in paths]), CPU)
     chunks = [torch.from_numpy(images[start:start + size]) for start in range(0, len(images), size)]
-    embedded = [patch_features(detector.extractor_, [detector.embedder_], chunk)[0][0] for chunk in chunks]
+    embedded = [patch_features(detector.extractor_, [detector.embedder_], chunk)[0][0]
+                for chunk in chunks]
     stages = [("decode + preprocess (Preprocessor)", "CPU, 1 thread", decode),
-              ("backbone + patch embedding (patch_features: to the device, forward, back)", str(device),
+              ("backbone + patch embedding (patch_features: to the device, forward, back)",
+               str(device),
                best_time(lambda: [patch_features(detector.extractor_, [detector.embedder_], chunk)
                                   for chunk in chunks], sizes.repeats, warmup=0))]
     scores = [patch_knn_scores(detector.index_, embedding, detector.k) for embedding in embedded]
@@ -385,8 +407,9 @@ def stage_rows(detector: Detector, paths: List[str], sizes: Sizes) -> List[Dict]
                                       for embedding in embedded], sizes.repeats, warmup=0)))
     frame = preprocessor.frame
     stages.append(("anomaly maps (anomaly_maps, as predict: on the CPU)", "CPU",
-                   best_time(lambda: [anomaly_maps(score, frame, detector.sigma, detector.upsampling)
-                                      for score in scores], sizes.repeats, warmup=1)))
+                   best_time(lambda: [anomaly_maps(score, frame, detector.sigma,
+                                                   detector.upsampling) for score in scores],
+                             sizes.repeats, warmup=1)))
     return [{"stage": stage, "where": where, "ms/image": 1000 * seconds / len(paths),
              "images/s": len(paths) / seconds} for stage, where, seconds in stages]
 
@@ -398,33 +421,37 @@ def detector_rows(detector: Detector, device: torch.device, train: List[str], te
     score of each test path: ``detector`` (unfitted, on ``device``) is fit on ``train``, and
     saved to ``model`` and loaded on the CPU for the comparison."""
     _, seconds = timed(lambda: detector.fit(train), device)
-    rows = [{"run": f"Detector.fit from files, coreset {detector.coreset} ({len(detector.index_):,} rows)",
+    rows = [{"run": f"Detector.fit from files, coreset {detector.coreset} "
+                    f"({len(detector.index_):,} rows)",
              "where": str(device), "batch": detector.batch_size, "images": len(train),
              "seconds": seconds, "images/s": len(train) / seconds}]
     say(f"fitted in {seconds:.1f} s; predicting")
     files = test * sizes.predict_repeat
-    preprocessed = torch.from_numpy(np.stack([detector.preprocessor_(path) for path in test] * sizes.predict_repeat))
+    preprocessed = torch.from_numpy(np.stack([detector.preprocessor_(path) for path in test]
+                                             * sizes.predict_repeat))
     for source, data in (("files", files), ("preprocessed images (no decoding)", preprocessed)):
         for batch in BATCH_SIZES:
             detector.set_params(batch_size=batch)
             seconds = best_time(lambda: detector.predict(data), sizes.repeats, warmup=1)
-            rows.append({"run": f"Detector.predict from {source}", "where": str(device), "batch": batch,
-                         "images": len(data), "seconds": seconds, "images/s": len(data) / seconds})
+            rows.append({"run": f"Detector.predict from {source}", "where": str(device),
+                         "batch": batch, "images": len(data), "seconds": seconds,
+                         "images/s": len(data) / seconds})
     detector.set_params(batch_size=BATCH_SIZES[0])
     stages = stage_rows(detector, test, sizes)
     prediction = detector.predict(test)
     detector.save(model)
     on_cpu = Detector.load(model, weights=weights, backend="torch", device="cpu")
     cpu_prediction, seconds = timed(lambda: on_cpu.predict(test), CPU)
-    rows.append({"run": "Detector.predict from files, the same model loaded on the CPU", "where": "cpu",
-                 "batch": on_cpu.batch_size, "images": len(test), "seconds": seconds,
-                 "images/s": len(test) / seconds})
+    rows.append({"run": "Detector.predict from files, the same model loaded on the CPU",
+                 "where": "cpu", "batch": on_cpu.batch_size, "images": len(test),
+                 "seconds": seconds, "images/s": len(test) / seconds})
     scores = relative_difference(prediction.image_scores, cpu_prediction.image_scores)
     maps = relative_difference(prediction.anomaly_maps, cpu_prediction.anomaly_maps,
                                float(np.abs(cpu_prediction.anomaly_maps).max()))
     comparison = {"image scores, largest relative difference device - CPU": scores,
                   "maps, largest difference device - CPU relative to the largest map value": maps,
-                  f"scores and maps within {TOLERANCE:g} of the CPU's": scores <= TOLERANCE and maps <= TOLERANCE}
+                  f"scores and maps within {TOLERANCE:g} of the CPU's":
+                      scores <= TOLERANCE and maps <= TOLERANCE}
     return rows, stages, comparison, dict(zip(prediction.paths, prediction.image_scores.tolist()))
 
 
@@ -434,14 +461,16 @@ def ray_row(model: Path, paths: List[str], reference: Dict[str, float], device: 
     ``device`` is one) on a local Ray cluster of every CPU: seconds, images/s and the largest
     relative difference of its image scores to ``reference`` (path -> Detector.predict's score).
     Where Ray is missing, or fails, the row says so."""
-    row = {"run": f"predict_dataset, 1 worker ({device.type})", "images": len(paths), "Ray start s": None,
-           "seconds": None, "images/s": None, "image scores, largest relative difference to Detector.predict": None}
+    row = {"run": f"predict_dataset, 1 worker ({device.type})", "images": len(paths),
+           "Ray start s": None, "seconds": None, "images/s": None,
+           "image scores, largest relative difference to Detector.predict": None}
     try:
         import ray
     except ImportError as error:
         return {**row, "status": f"not run: Ray is not installed here ({error})"}
-    from bench_distributed import start_ray
     from knnad.distributed import predict_dataset
+
+    from bench_distributed import start_ray
     try:
         import pandas as pd
         _, row["Ray start s"] = timed(lambda: start_ray(os.cpu_count()), CPU)
@@ -449,12 +478,13 @@ def ray_row(model: Path, paths: List[str], reference: Dict[str, float], device: 
         if ray.cluster_resources().get("GPU", 0) < gpus:
             return {**row, "status": "not run: Ray sees no GPU here"}
         summary, row["seconds"] = timed(lambda: predict_dataset(
-            model, paths, folder / "ray", num_workers=1, num_gpus_per_worker=gpus, num_cpus_per_worker=1,
-            params={"weights": weights}), device)
+            model, paths, folder / "ray", num_workers=1, num_gpus_per_worker=gpus,
+            num_cpus_per_worker=1, params={"weights": weights}), device)
         scored = pd.read_parquet(folder / "ray", columns=["path", "image_score"])
         row["images/s"] = summary["scored"] / row["seconds"]
         row["image scores, largest relative difference to Detector.predict"] = relative_difference(
-            scored["image_score"].to_numpy(), np.array([reference[path] for path in scored["path"]]))
+            scored["image_score"].to_numpy(),
+            np.array([reference[path] for path in scored["path"]]))
         return {**row, "status": f"scored {summary['scored']}, skipped {summary['skipped']}"}
     except Exception as error:  # recorded in the results: Ray is optional on the GPU machine
         return {**row, "status": f"failed: {type(error).__name__}: {error}"}
@@ -468,10 +498,12 @@ def ray_row(model: Path, paths: List[str], reference: Dict[str, float], device: 
 def _decoded(paths: List[str], preprocessor: Preprocessor) -> int:
     """Decode and preprocess ``paths`` with knnad.decoding.decode_batch in a worker process;
     returns how many were read (the arrays stay in the worker: decoding's own cost)."""
-    return int((decode_batch({"path": np.array(paths, dtype=object)}, preprocessor)["error"] == "").sum())
+    errors = decode_batch({"path": np.array(paths, dtype=object)}, preprocessor)["error"]
+    return int((errors == "").sum())
 
 
-def decoding_rows(paths: List[str], preprocessor: Preprocessor, batch_size: int, sizes: Sizes) -> List[Dict]:
+def decoding_rows(paths: List[str], preprocessor: Preprocessor, batch_size: int,
+                  sizes: Sizes) -> List[Dict]:
     """Images/s of knnad's decoding and preprocessing of ``paths`` (repeated to
     ``sizes.decode_images`` per worker) in the Detector's loader (batches of ``batch_size``), in
     one thread per core, and in pools of 1 and of every core's processes (one image per task,
@@ -503,29 +535,35 @@ def decoding_rows(paths: List[str], preprocessor: Preprocessor, batch_size: int,
     for processes in sorted({1, cores}):
         images = images_for(processes)
         with ProcessPoolExecutor(processes, mp_context=context) as pool:
-            list(pool.map(_decoded, [paths[:1]] * processes, repeat(preprocessor)))  # start every worker
+            # Start every worker
+            list(pool.map(_decoded, [paths[:1]] * processes, repeat(preprocessor)))
             add("decode_batch (predict_dataset's decoding task) in processes", processes, images,
                 lambda: sum(pool.map(_decoded, [[path] for path in images], repeat(preprocessor))))
     return rows
 
 
-def decoding_summary(detector_table: List[Dict], decoding: List[Dict], device: torch.device) -> Dict[str, object]:
+def decoding_summary(detector_table: List[Dict], decoding: List[Dict],
+                     device: torch.device) -> Dict[str, object]:
     """Item 4's lines: the decoding ceiling of every core (the faster of threads and processes)
     next to the device's images/s, and whether bottle end to end reaches 500 images/s, or what
     stops it."""
-    from_files = max(row["images/s"] for row in detector_table if row["run"] == "Detector.predict from files")
-    no_decoding = max(row["images/s"] for row in detector_table if row["run"].startswith("Detector.predict from preprocessed"))
+    from_files = max(row["images/s"] for row in detector_table
+                     if row["run"] == "Detector.predict from files")
+    no_decoding = max(row["images/s"] for row in detector_table
+                      if row["run"].startswith("Detector.predict from preprocessed"))
     cores = max(row["workers"] for row in decoding)
     loader = decoding[0]["images/s"]
     ceiling = max(row["images/s"] for row in decoding if row["workers"] == cores)
-    bound = min((loader, "the Detector's decoding threads"), (no_decoding, f"scoring on {device} without decoding"))
+    bound = min((loader, "the Detector's decoding threads"),
+                (no_decoding, f"scoring on {device} without decoding"))
     return {f"decoding ceiling on {cores} cores (threads or processes), images/s": ceiling,
             f"the Detector's {decoding[0]['workers']} decoding threads, images/s": loader,
-            f"{device} without decoding (Detector.predict of preprocessed images, best batch), images/s": no_decoding,
+            f"{device} without decoding (Detector.predict of preprocessed images, best batch), "
+            "images/s": no_decoding,
             "Detector.predict from files (best batch), images/s": from_files,
             "target: bottle end to end >= 500 images/s": "reached" if from_files >= 500 else
-            f"not reached: {from_files:.0f} images/s, bound by {bound[1]} at {bound[0]:.0f} images/s; "
-            f"decoding on every core allows {ceiling:.0f}"}
+            f"not reached: {from_files:.0f} images/s, bound by {bound[1]} at {bound[0]:.0f} "
+            f"images/s; decoding on every core allows {ceiling:.0f}"}
 
 
 # The data: a pack for a GPU machine, and what the results record
@@ -585,7 +623,8 @@ def write_pack(folder: Path, root: Path, category: str, weights: Path, limit_mib
     masks (ground_truth/<type>), every file copied byte for byte; and the manifest, written to
     ``mvtec/PACK_MANIFEST`` and returned. An earlier pack in ``folder`` is replaced;
     FileExistsError where ``folder`` holds anything else, ValueError where the limit is too low."""
-    if folder.exists() and any(folder.iterdir()) and not (folder / "mvtec" / PACK_MANIFEST).is_file():
+    earlier_pack = (folder / "mvtec" / PACK_MANIFEST).is_file()
+    if folder.exists() and any(folder.iterdir()) and not earlier_pack:
         raise FileExistsError(f"{folder} holds files but no pack: choose a new or empty folder")
     source = root / category
     folders = mvtec_folders(root, category)
@@ -607,7 +646,8 @@ def write_pack(folder: Path, root: Path, category: str, weights: Path, limit_mib
                              f"defect image with its mask",
                 "images": {name: len(chosen) for name, chosen in selection.items()},
                 "images in the source": {name: len(samples) for name, samples in folders.items()},
-                "weights": {"file": weights.name, "bytes": weights.stat().st_size, "sha256": sha256(weights)},
+                "weights": {"file": weights.name, "bytes": weights.stat().st_size,
+                            "sha256": sha256(weights)},
                 "files": [str(path.relative_to(source)) for path in files]}
     (folder / "mvtec" / PACK_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
@@ -625,15 +665,16 @@ def run_call(folder: Path, manifest: Dict) -> str:
         lines.append(f"warning: the run tool carries only paths inside the checkout {REPOSITORY}: "
                      f"pack into {PACK_DIR.relative_to(REPOSITORY)}")
     try:
-        listed = [REPOSITORY / name for name in
-                  git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0") if name]
+        names = git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+        listed = [REPOSITORY / name for name in names if name]
     except (OSError, subprocess.SubprocessError) as error:
         lines.append(f"warning: the working tree's size is unknown (git: {error})")
     else:
         tree = sum(path.stat().st_size for path in listed
                    if path.is_file() and not path.is_relative_to(folder))
         lines.append(f"travels: the working tree {tree / 2**20:.2f} MiB and the pack, "
-                     f"{(tree + pack) / 2**20:.2f} MiB of the run call's {RUN_LIMIT / 2**20:.0f} MiB")
+                     f"{(tree + pack) / 2**20:.2f} MiB of the run call's {RUN_LIMIT / 2**20:.0f} "
+                     "MiB")
         if any(path.is_relative_to(folder) for path in listed):
             lines.append(f"warning: {shown} is not git-ignored: add it to .gitignore, so that it "
                          f"travels by carry and is never committed")
@@ -642,8 +683,8 @@ def run_call(folder: Path, manifest: Dict) -> str:
                          f"{(RUN_LIMIT - tree) / 2**20:.1f}")
     arguments = ["--data", f"{shown}/mvtec", "--category", manifest["category"],
                  "--weights", f"{shown}/{manifest['weights']['file']}", "--commit", git_commit()]
-    command = ("PYTHONPATH=. python3 benchmarks/bench_gpu.py " + " ".join(map(shlex.quote, arguments))
-               + ' --out "$OUT"')
+    command = ("PYTHONPATH=. python3 benchmarks/bench_gpu.py "
+               + " ".join(map(shlex.quote, arguments)) + ' --out "$OUT"')
     return "\n".join(lines + ["the run call (the full run takes at most 8 minutes on one H200):",
                               f"  carry: {json.dumps([str(shown)])}", "  timeout_s: 600",
                               f"  command: {command}",
@@ -672,8 +713,10 @@ def data_record(root: Path, folders: Dict[str, List[Sample]], weights: str) -> D
     that it is none), and the weights, with their SHA-256 where they are a file."""
     manifest, path = root / PACK_MANIFEST, Path(weights)
     return {"data": str(root),
-            "images in the data": ", ".join(f"{name} {len(samples)}" for name, samples in folders.items()),
-            "pack manifest": json.loads(manifest.read_text()) if manifest.is_file() else "none (no pack)",
+            "images in the data": ", ".join(f"{name} {len(samples)}"
+                                            for name, samples in folders.items()),
+            "pack manifest": (json.loads(manifest.read_text()) if manifest.is_file()
+                              else "none (no pack)"),
             "weights": f"{weights} (sha256 {sha256(path)})" if path.is_file() else weights}
 
 
@@ -681,7 +724,8 @@ def main() -> None:
     parser = category_parser(__doc__, root=DEFAULT_ROOT)
     parser.add_argument("--data", dest="mvtec_root", type=Path, default=argparse.SUPPRESS,
                         help=f"MVTec AD root, the same as --mvtec-root (default {DEFAULT_ROOT})")
-    parser.add_argument("--device", default="cuda", help="where to run: cuda (default), cuda:N or cpu")
+    parser.add_argument("--device", default="cuda",
+                        help="where to run: cuda (default), cuda:N or cpu")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 4 training images, every 12th test image, small random "
                              "sizes, results to a temporary folder (or --out)")
@@ -689,12 +733,13 @@ def main() -> None:
                                                  "with --quick a new temporary folder)")
     parser.add_argument("--commit", help="the commit to record where the copy has no git checkout")
     parser.add_argument("--pack", nargs="?", const=PACK_DIR, type=Path, metavar="DIR",
-                        help=f"measure nothing: write DIR (default {PACK_DIR.relative_to(REPOSITORY)}) "
-                             f"for a GPU machine, the --weights file and a share of the category's "
-                             f"images, and print the run call")
+                        help="measure nothing: write DIR (default "
+                             f"{PACK_DIR.relative_to(REPOSITORY)}) for a GPU machine, the "
+                             "--weights file and a share of the category's images, and print the "
+                             "run call")
     parser.add_argument("--pack-mib", type=float, default=56.0,
-                        help="--pack's size limit in MiB (default 56: the run call takes 64 in all, "
-                             "the working tree included)")
+                        help="--pack's size limit in MiB (default 56: the run call takes 64 in "
+                             "all, the working tree included)")
     args = parser.parse_args()
     if args.pack is not None:
         pack(parser, args)
@@ -733,7 +778,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             run_checks(args, sizes, device, train, test, tables, summary, Path(work), save)
     except BaseException as error:
-        summary["error"] = f"{type(error).__name__}: {error} (stopped here; the tables hold what ran before)"
+        summary["error"] = (f"{type(error).__name__}: {error} (stopped here; the tables hold "
+                            "what ran before)")
         raise
     finally:
         say(f"wrote {save()}")
@@ -762,27 +808,32 @@ def run_checks(args, sizes: Sizes, device: torch.device, train: List[str], test:
     per_pick = row["device seconds"] / len(picks)
 
     say("1. exact search, bottle's banks")
-    queries = torch.from_numpy(patch_embeddings(test, full.extractor_)).reshape(-1, bank.shape[1]).to(device)
-    tables[TITLES["search"]] += search_rows(f"{args.category} test patches, full bank", queries, bank, 1, sizes)
-    tables[TITLES["search"]] += search_rows(f"{args.category} test patches, {args.coreset:.0%} coreset bank",
-                                            queries, bank[torch.from_numpy(np.sort(picks)).to(device)], 1, sizes)
-    del full, bank, queries
+    queries = torch.from_numpy(patch_embeddings(test, full.extractor_))
+    queries = queries.reshape(-1, bank.shape[1]).to(device)
+    tables[TITLES["search"]] += search_rows(f"{args.category} test patches, full bank", queries,
+                                            bank, 1, sizes)
+    coreset_bank = bank[torch.from_numpy(np.sort(picks)).to(device)]
+    tables[TITLES["search"]] += search_rows(f"{args.category} test patches, {args.coreset:.0%} "
+                                            "coreset bank", queries, coreset_bank, 1, sizes)
+    del full, bank, coreset_bank, queries
 
     say("2. coreset: the ~1M-row bank")
     bank = fitted_bank(detector(coreset=None, **LARGE_BANK), train)
     projected = coreset_size(len(bank), ratio=args.coreset) * per_pick
     ratio, note = args.coreset, ""
     if projected > LARGE_CORESET_S:
-        ratio, note = args.coreset / 10, f"; {args.coreset:.0%} projected {projected:.0f} s > {LARGE_CORESET_S:.0f} s"
-    row, _ = coreset_row(f"{args.category} at image {LARGE_BANK['image_size']} / crop {LARGE_BANK['crop_size']}",
+        ratio = args.coreset / 10
+        note = f"; {args.coreset:.0%} projected {projected:.0f} s > {LARGE_CORESET_S:.0f} s"
+    row, _ = coreset_row(f"{args.category} at image {LARGE_BANK['image_size']} / crop "
+                         f"{LARGE_BANK['crop_size']}",
                          bank, ratio, sizes.prefix, note)
     tables[TITLES["coreset"]].append(row)
     del bank
 
     say("3. Detector end to end")
     model = work / f"{args.category}.npz"
-    rows, stages, comparison, reference = detector_rows(detector(), device, train, test, sizes, model,
-                                                        args.weights)
+    rows, stages, comparison, reference = detector_rows(detector(), device, train, test, sizes,
+                                                        model, args.weights)
     tables[TITLES["detector"]] += rows
     tables[TITLES["stages"]] += stages
     summary.update(comparison)

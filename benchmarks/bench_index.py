@@ -1,4 +1,4 @@
-"""Exact kNN search and coreset selection, measured side by side in one run.
+r"""Exact kNN search and coreset selection, measured side by side in one run.
 
 1. Search: knnad FlatL2Index on faiss against the torch.cdist + topk reference on the same
    queries, timed alternately (one ratio per round, median and range reported), for k=1 and
@@ -10,7 +10,8 @@
    radius (in the original feature space) of both.
 
 Example:
-  python benchmarks/bench_index.py --mvtec-root ../shared/data/mvtec --peer-python /tmp/peer/bin/python
+  python benchmarks/bench_index.py --mvtec-root ../shared/data/mvtec \
+      --peer-python /tmp/peer/bin/python
 """
 import argparse
 import subprocess
@@ -72,8 +73,9 @@ def search_rows(queries: int, bank: int, dim: int, ks, rounds: int, peak: float)
                                                    torch.from_numpy(vectors)), repeats=rounds)
     rows = [{"task": f"product only {queries}x{bank}x{dim}", "method": "torch.mm",
              "seconds": floor_seconds, "queries/s": queries / floor_seconds,
-             "GFLOP/s": flops / floor_seconds / 1e9, "% of matmul": 100 * flops / floor_seconds / 1e9 / peak,
-             "% of product": 100.0, "reference/faiss median (range)": ""}]
+             "GFLOP/s": flops / floor_seconds / 1e9,
+             "% of matmul": 100 * flops / floor_seconds / 1e9 / peak, "% of product": 100.0,
+             "reference/faiss median (range)": ""}]
     summary = {"product_only_seconds": floor_seconds}
     for k in ks:
         results, times = {}, {"faiss": [], "torch": []}
@@ -81,18 +83,21 @@ def search_rows(queries: int, bank: int, dim: int, ks, rounds: int, peak: float)
             results[backend] = index.search(query_vectors, k)
         for _ in range(rounds):
             for backend, index in indexes.items():
-                times[backend].append(best_time(lambda: index.search(query_vectors, k), repeats=1, warmup=0))
+                times[backend].append(best_time(lambda: index.search(query_vectors, k), repeats=1,
+                                                warmup=0))
         ratios = np.array(times["torch"]) / np.array(times["faiss"])
         for backend in indexes:
             seconds = min(times[backend])
             rows.append({"task": f"search {queries}x{bank}x{dim} k={k}", "method": method(backend),
                          "seconds": seconds, "queries/s": queries / seconds,
-                         "GFLOP/s": flops / seconds / 1e9, "% of matmul": 100 * flops / seconds / 1e9 / peak,
+                         "GFLOP/s": flops / seconds / 1e9,
+                         "% of matmul": 100 * flops / seconds / 1e9 / peak,
                          "% of product": 100 * floor_seconds / seconds,
                          "reference/faiss median (range)": "" if backend == "torch" else
                          f"{np.median(ratios):.2f} ({ratios.min():.2f}-{ratios.max():.2f})"})
         summary[f"search_speedup_faiss_over_torch_k{k}_median"] = float(np.median(ratios))
-        summary[f"search_speedup_faiss_over_torch_k{k}_range"] = [float(ratios.min()), float(ratios.max())]
+        summary[f"search_speedup_faiss_over_torch_k{k}_range"] = [float(ratios.min()),
+                                                                  float(ratios.max())]
         summary[f"faiss_share_of_product_floor_k{k}"] = floor_seconds / min(times["faiss"])
         summary[f"identical_neighbour_lists_k{k}"] = float(
             (results["faiss"][1] == results["torch"][1]).all(axis=1).mean())
@@ -123,12 +128,14 @@ def coreset_rows(features: np.ndarray, ratio: float, label: str, peer_python: st
             peer_seconds = float(output.strip().splitlines()[-1])
             peer_picks = np.load(f"{folder}/picks.npy")
         rows.append({"task": rows[0]["task"], "method": "anomalib 2.7 KCenterGreedy",
-                     "seconds": peer_seconds, "covering radius": covering_radius(features, peer_picks)})
+                     "seconds": peer_seconds,
+                     "covering radius": covering_radius(features, peer_picks)})
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=4096)
     parser.add_argument("--bank", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=1024)
@@ -154,7 +161,8 @@ def main() -> None:
                                       args.peer_python)
         coreset_table += coreset_rows(full, args.ratio, "bottle all images", None)
         if args.peer_python:
-            summary["coreset_speedup_over_anomalib"] = coreset_table[1]["seconds"] / coreset_table[0]["seconds"]
+            summary["coreset_speedup_over_anomalib"] = (
+                coreset_table[1]["seconds"] / coreset_table[0]["seconds"])
             summary["coreset_radius_ratio_knnad_over_anomalib"] = (
                 coreset_table[0]["covering radius"] / coreset_table[1]["covering radius"])
     tables = {"Search (random data)": rows}

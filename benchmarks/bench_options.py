@@ -11,7 +11,6 @@ they describe one category and choose nothing on their own.
 """
 import time
 
-
 from knnad import Detector, evaluate
 from knnad.datasets import MVTecAD
 from knnad.metrics import pixel_auroc_bootstrap
@@ -38,13 +37,15 @@ def main() -> None:
         detector.set_params(**{**DEFAULTS, **setting})
         results, prediction, masks = evaluate(detector, test, return_prediction=True)
         map_sets.append(prediction.anomaly_maps)
-        rows.append({"setting": ", ".join(f"{k}={v}" for k, v in setting.items()) + (" (defaults)" if setting is DEFAULTS else ""),
+        name = ", ".join(f"{k}={v}" for k, v in setting.items())
+        rows.append({"setting": name + (" (defaults)" if setting is DEFAULTS else ""),
                      "image AUROC": results["image_auroc"], "pixel AUROC": results["pixel_auroc"],
                      "AUPRO": results["aupro"], "predict img/s": results["images_per_second"]})
     replicates = pixel_auroc_bootstrap(masks, *map_sets, rounds=BOOTSTRAP_ROUNDS)
     for row, column in zip(rows, replicates.T):
         row["pixel AUROC 95% interval"] = interval(column)
-        row["pixel AUROC - defaults, paired 95% interval"] = interval(column - replicates[:, 0], digits=5)
+        row["pixel AUROC - defaults, paired 95% interval"] = interval(column - replicates[:, 0],
+                                                                      digits=5)
     write_results(f"options-{args.category}",
                   {f"MVTec AD {args.category}, MobileNetV2 {args.weights}, coreset {args.coreset}, "
                    f"one fit ({fit_seconds:.1f} s, bank {len(detector.index_)})": rows})

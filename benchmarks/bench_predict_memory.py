@@ -23,7 +23,8 @@ RUN = "import resource, sys; from knnad.cli import main; code = main(sys.argv[1:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mvtec-root", type=Path, required=True)
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--counts", type=int, nargs="+", default=[40, 480, 1920])
@@ -33,7 +34,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        model = Detector("mobilenet_v2", weights="IMAGENET1K_V1", progress=False).fit(train).save(folder / "m.npz")
+        detector = Detector("mobilenet_v2", weights="IMAGENET1K_V1", progress=False)
+        model = detector.fit(train).save(folder / "m.npz")
         for count in args.counts:
             images = folder / f"images-{count}"
             images.mkdir()
@@ -50,8 +52,10 @@ def main() -> None:
             peak_kib = int(output.split("PEAK")[-1].split()[0])
             rows.append({"images": count, "peak RSS MiB": peak_kib / 1024, "seconds": seconds,
                          "images/s (with start-up)": count / seconds})
-    write_results(f"predict_memory-{args.category}", {"knnad predict, mobilenet_v2, 10 % coreset, no heatmaps": rows},
-                  {"peak growth MiB from first to last": rows[-1]["peak RSS MiB"] - rows[0]["peak RSS MiB"]})
+    write_results(f"predict_memory-{args.category}",
+                  {"knnad predict, mobilenet_v2, 10 % coreset, no heatmaps": rows},
+                  {"peak growth MiB from first to last":
+                       rows[-1]["peak RSS MiB"] - rows[0]["peak RSS MiB"]})
 
 
 if __name__ == "__main__":

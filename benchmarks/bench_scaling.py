@@ -15,7 +15,15 @@ from matplotlib.figure import Figure
 
 from knnad.index import DEFAULT_MEMORY_BUDGET, FlatL2Index
 
-from _common import METHODS, RESULTS, PeakMemory, best_time, machine_tag, search_backends, write_results
+from _common import (
+    METHODS,
+    RESULTS,
+    PeakMemory,
+    best_time,
+    machine_tag,
+    search_backends,
+    write_results,
+)
 
 
 def plot(rows, path):
@@ -37,7 +45,8 @@ def plot(rows, path):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 448, 1792])
     parser.add_argument("--queries", type=int, default=1024)
@@ -59,7 +68,8 @@ def main() -> None:
                 seconds = best_time(lambda: index.search(queries, args.k), repeats=2, warmup=0)
                 outputs = args.queries * args.k * 12  # the [m, k] float32 + int64 results
                 rows.append({"backend": METHODS[backend], "device": device, "d": dim, "bank": size,
-                             "seconds": seconds, "ns per query-vector": 1e9 * seconds / (size * args.queries),
+                             "seconds": seconds,
+                             "ns per query-vector": 1e9 * seconds / (size * args.queries),
                              "peak search MiB": peak.bytes / 2**20,
                              "within budget": peak.bytes <= budget + outputs})
                 index = None  # free the bank copy before the next backend builds its own
@@ -68,7 +78,8 @@ def main() -> None:
             gc.collect()
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, RESULTS / "scaling.png")
-    write_results("scaling", {f"{args.queries} queries, k={args.k}, budget {args.budget_mib} MiB": rows},
+    write_results("scaling",
+                  {f"{args.queries} queries, k={args.k}, budget {args.budget_mib} MiB": rows},
                   growth_exponents(rows))
 
 
@@ -76,10 +87,12 @@ def growth_exponents(rows):
     """Least-squares slope of log(time) against log(bank size) per backend and d: 1 is linear."""
     slopes = {}
     for key in sorted({(r["backend"], r["device"], r["d"]) for r in rows}):
-        points = [(r["bank"], r["seconds"]) for r in rows if (r["backend"], r["device"], r["d"]) == key]
+        points = [(r["bank"], r["seconds"]) for r in rows
+                  if (r["backend"], r["device"], r["d"]) == key]
         if len(points) > 1:
             sizes, seconds = np.log(np.array(points)).T
-            slopes[f"growth exponent {key[0]} {key[1]} d={key[2]}"] = float(np.polyfit(sizes, seconds, 1)[0])
+            slope = float(np.polyfit(sizes, seconds, 1)[0])
+            slopes[f"growth exponent {key[0]} {key[1]} d={key[2]}"] = slope
     return slopes
 
 

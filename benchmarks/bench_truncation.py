@@ -20,7 +20,8 @@ class _LastLayerDone(Exception):
     pass
 
 
-def truncated_ms_per_image(name: str, images: torch.Tensor, channels_last: bool, step: int) -> float:
+def truncated_ms_per_image(name: str, images: torch.Tensor, channels_last: bool,
+                           step: int) -> float:
     """Milliseconds per image of the forward pass up to the preset's last layer, in passes of
     ``step`` images, with model and images in channels-last or contiguous layout."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -56,7 +57,8 @@ def main() -> None:
         truncated = best_time(lambda: extractor(images))
         # The same model without hooks runs to its classifier, with the same memory layout and
         # the same passes, so that only the skipped layers make the difference.
-        model = torchvision.models.get_model(name, weights=None).eval().to(memory_format=torch.channels_last)
+        model = torchvision.models.get_model(name, weights=None).eval()
+        model = model.to(memory_format=torch.channels_last)
         layout = images.contiguous(memory_format=torch.channels_last)
 
         def full_forward():
@@ -72,10 +74,12 @@ def main() -> None:
     for name in args.backbones:
         for channels_last in (True, False):
             for step in (CPU_MICRO_BATCH, 16):
-                layouts.append({"backbone": name, "layout": "channels-last" if channels_last else "NCHW",
+                layouts.append({"backbone": name,
+                                "layout": "channels-last" if channels_last else "NCHW",
                                 "images per pass": step,
-                                "ms per image": truncated_ms_per_image(name, torch.randn(16, 3, args.size, args.size),
-                                                                       channels_last, step),
+                                "ms per image": truncated_ms_per_image(
+                                    name, torch.randn(16, 3, args.size, args.size), channels_last,
+                                    step),
                                 "knnad's": channels_last and step == CPU_MICRO_BATCH})
     write_results("truncation", {"Full forward pass against the hooked, truncated one": rows,
                                  "Truncated pass: layout and images per pass (16 images)": layouts})

@@ -1,9 +1,10 @@
-"""Evaluate knnad on MVTec AD: every category found under --root, or the ones named.
+r"""Evaluate knnad on MVTec AD: every category found under --root, or the ones named.
 
 Writes results.md, results.csv, results.json, ROC/PRO plots and heatmap grids to --out. Takes
 every detector option of `knnad evaluate` (see --help), with the same defaults.
 
-  python examples/evaluate_mvtec.py --root /data/mvtec_ad --category bottle --backbone mobilenet_v2 --out out/
+  python examples/evaluate_mvtec.py --root /data/mvtec_ad --category bottle \
+      --backbone mobilenet_v2 --out out/
 """
 import argparse
 import logging

@@ -26,7 +26,8 @@ def check_output_folder(path: Any, argument: str) -> Path:
     path = Path(path)
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise NotADirectoryError(f"{argument} {path}: {existing} is a file, not a folder; name a folder")
+        raise NotADirectoryError(f"{argument} {path}: {existing} is a file, not a folder; name a "
+                                 "folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{argument} {path}: cannot write in {existing}: permission denied; "
                               f"choose another folder or fix its permissions")

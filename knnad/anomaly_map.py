@@ -57,7 +57,8 @@ def _upsample_blur_matrix(patches: int, pixels: int, sigma: float, upsampling: s
         half = len(kernel) // 2
         if half >= pixels:
             raise ValueError(f"sigma={sigma} needs maps larger than {half} pixels, got {pixels}")
-        columns = F.conv2d(F.pad(columns, (0, 0, half, half), mode="reflect"), kernel.view(1, 1, -1, 1))
+        columns = F.conv2d(F.pad(columns, (0, 0, half, half), mode="reflect"),
+                           kernel.view(1, 1, -1, 1))
     return columns.reshape(patches, pixels).T.float().contiguous()
 
 

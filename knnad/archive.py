@@ -42,10 +42,13 @@ def check_target(path: PathLike, suffix: str = ".npz") -> Path:
     if path.suffix != suffix:
         raise ValueError(f"model path {path} must end in {suffix}")
     if path.is_dir():
-        raise IsADirectoryError(f"model path {path} is a folder; name a file such as {path / ('model' + suffix)}")
+        raise IsADirectoryError(f"model path {path} is a folder; name a file such as "
+                                f"{path / ('model' + suffix)}")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {path.parent} for the model file does not exist; create it first")
-    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise FileNotFoundError(f"folder {path.parent} for the model file does not exist; create "
+                                "it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists()
+                                                         and not os.access(path, os.W_OK)):
         raise PermissionError(f"cannot write the model file {path}: permission denied; choose "
                               f"another folder or fix its permissions")
     return path
@@ -148,7 +151,8 @@ def read_archive(path: PathLike, kind: str, max_version: int, arrays: bool = Tru
     try:
         with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
             if _META_KEY not in archive.files:
-                raise ModelFileError(f"{path} is not a knnad model file (no knnad header); {_NAME_ONE}")
+                raise ModelFileError(f"{path} is not a knnad model file (no knnad header); "
+                                     f"{_NAME_ONE}")
             header = json.loads(archive[_META_KEY].tobytes().decode())
             names = [name for name in archive.files if name != _META_KEY]
             stored = {name: archive[name] for name in names} if arrays else {}
@@ -162,13 +166,15 @@ def read_archive(path: PathLike, kind: str, max_version: int, arrays: bool = Tru
         raise ModelFileError(f"{path} is not a knnad model file: it holds pickled Python "
                              f"objects, which knnad never loads (they could run code); "
                              f"{_NAME_ONE}") from None
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, UnicodeDecodeError) as error:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError,
+            UnicodeDecodeError) as error:
         raise ModelFileError(f"{path} is truncated, corrupted or not a knnad model file ({error}); "
                              f"{_RESTORE}") from None
     if not (isinstance(header, dict) and isinstance(header.get("meta"), dict)
             and isinstance(header.get("sha256"), dict)
             and all(isinstance(value, str) for value in header["sha256"].values())):
-        raise ModelFileError(f"{path} is not a knnad model file (malformed knnad header); {_RESTORE}")
+        raise ModelFileError(f"{path} is not a knnad model file (malformed knnad header); "
+                             f"{_RESTORE}")
     if header.get("kind") != kind:
         raise ModelFileError(f"{path} holds a {header.get('kind')!r}, not a {kind!r}; {_NAME_ONE}")
     version = header.get("format_version")

@@ -60,15 +60,18 @@ def layer_scales(layers: Any) -> Optional[Scales]:
     against the backbone). A name or a list of names is one scale; a list holding lists, or
     names joined by ``+`` (``["features.6+features.13", "features.3+features.6"]``, as the
     command line gives them), is one scale per item. A TypeError for anything else."""
-    if layers is None or (isinstance(layers, str) and (layers in LAYER_PRESETS or layers == "default")):
+    if layers is None or (isinstance(layers, str)
+                          and (layers in LAYER_PRESETS or layers == "default")):
         return None
-    items = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, (list, tuple)) else None
+    items = ([layers] if isinstance(layers, str)
+             else list(layers) if isinstance(layers, (list, tuple)) else None)
     if items is None or not all(isinstance(item, (str, list, tuple)) for item in items) or not all(
             isinstance(name, str) for item in items if not isinstance(item, str) for name in item):
         raise TypeError(f"layers must be None, a preset name, a list of module names or a list of "
                         f"such lists (one per scale), got {layers!r}")
     if any(not isinstance(item, str) or "+" in item for item in items):
-        return tuple(tuple(item.split("+")) if isinstance(item, str) else tuple(item) for item in items)
+        return tuple(tuple(item.split("+")) if isinstance(item, str) else tuple(item)
+                     for item in items)
     return (tuple(items),)
 
 
@@ -156,7 +159,8 @@ def _build_pretrained(name: str, weights: Any) -> nn.Module:
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     try:
         return torchvision.models.get_model(name, weights=weights)
-    except (urllib.error.URLError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+    except (urllib.error.URLError, OSError, RuntimeError, EOFError,
+            pickle.UnpicklingError) as error:
         cached = cache / file_name
         hint = (f"the cached file {cached} is damaged: delete it or replace it"
                 if cached.exists() else f"put {file_name} (from {weights.url}) into {cache}/")
@@ -170,7 +174,8 @@ def _load_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a bad file
-        raise ValueError(f"weights file {path} is not a readable torch state dict: {error}") from None
+        raise ValueError(f"weights file {path} is not a readable torch state dict: "
+                         f"{error}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -198,7 +203,8 @@ def build_backbone(backbone: Union[str, nn.Module], weights: WeightsSpec = "DEFA
     known = available_backbones()
     if backbone not in known:
         close = difflib.get_close_matches(backbone, known, n=3)
-        raise ValueError(f"unknown backbone {backbone!r}" + (f"; did you mean {close}?" if close else "")
+        raise ValueError(f"unknown backbone {backbone!r}"
+                         + (f"; did you mean {close}?" if close else "")
                          + " See knnad.backbones.available_backbones() for all names.")
     if weights is None:
         with torch.random.fork_rng(devices=[]):
@@ -270,15 +276,15 @@ class FeatureExtractor:
             if self.backbone_name not in LAYER_PRESETS[preset]:
                 named = "" if layers is None or layers == "default" else f" {preset!r}"
                 raise ValueError(f"no preset layers{named} for backbone {self.backbone_name!r} "
-                                 f"(presets for {sorted(LAYER_PRESETS[preset])}); pass layers=[...] with "
-                                 f"module names such as: {_layer_choices(model)}")
+                                 f"(presets for {sorted(LAYER_PRESETS[preset])}); pass "
+                                 f"layers=[...] with module names such as: {_layer_choices(model)}")
             scales: Optional[Scales] = LAYER_PRESETS[preset][self.backbone_name]
         else:
             scales = layer_scales(layers)
         if not scales or not all(scales) or any(len(set(scale)) != len(scale) for scale in scales) \
                 or len(set(scales)) != len(scales):
-            raise ValueError(f"layers must be a non-empty list of distinct module names (one scale), "
-                             f"or of distinct such lists (several scales), got {layers!r}")
+            raise ValueError("layers must be a non-empty list of distinct module names (one "
+                             f"scale), or of distinct such lists (several scales), got {layers!r}")
         self.scales: Scales = scales
         self.layers = tuple(dict.fromkeys(name for scale in scales for name in scale))
         modules = dict(model.named_modules())
@@ -325,17 +331,20 @@ class FeatureExtractor:
             raise TypeError(f"images must be a tensor or numpy array [B, 3, H, W], got "
                             f"{type(images).__name__}")
         if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
-            raise ValueError(f"images must have shape [B, 3, H, W] with B >= 1, got {tuple(images.shape)}")
+            raise ValueError("images must have shape [B, 3, H, W] with B >= 1, got "
+                             f"{tuple(images.shape)}")
         if not images.is_floating_point():
             raise TypeError(f"images must be a float tensor (normalised), got {images.dtype}; "
                             f"use knnad.preprocessing.Preprocessor to prepare images")
         step = CPU_MICRO_BATCH if self.device.type == "cpu" else max(1, len(images))
-        passes = [self._forward(images[start:start + step]) for start in range(0, len(images), step)]
+        passes = [self._forward(images[start:start + step])
+                  for start in range(0, len(images), step)]
         if len(passes) == 1:
             return passes[0]
         return {name: torch.cat([outputs[name] for outputs in passes]) for name in self.layers}
 
-    def hooked_outputs(self, images: torch.Tensor, stop_early: bool = True) -> Dict[str, torch.Tensor]:
+    def hooked_outputs(self, images: torch.Tensor,
+                       stop_early: bool = True) -> Dict[str, torch.Tensor]:
         """The hooked layers' outputs (by layer name, as the layers give them) of one forward
         pass of ``images`` (already on the model's device), stopped after the last hooked layer
         (``stop_early``; else the whole model runs, as tracers need). No checks, no inference

@@ -117,10 +117,11 @@ class ImageDataset:
                 continue
             image_size, mask_size = _image_size(sample.path), _image_size(sample.mask_path)
             if mask_size is None:
-                raise ValueError(f"mask {sample.mask_path} of {sample.path} is not a readable image")
+                raise ValueError(f"mask {sample.mask_path} of {sample.path} is not a readable "
+                                 f"image")
             if image_size is not None and image_size != mask_size:
-                raise ValueError(f"mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} but its "
-                                 f"image {sample.path} is {image_size[0]}x{image_size[1]}")
+                raise ValueError(f"mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} but "
+                                 f"its image {sample.path} is {image_size[0]}x{image_size[1]}")
         self.samples = samples
         self.not_images = not_images
 
@@ -131,9 +132,12 @@ def _category_root(root: PathLike, category: str, known: Sequence[str], dataset:
         raise FileNotFoundError(f"{dataset} root {root} does not exist")
     folder = root / category
     if not folder.is_dir():
-        found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir() or (p / "test").is_dir())
-        hint = f"categories found under {root}: {found}" if found else f"no {dataset} category under {root}"
-        raise ValueError(f"unknown {dataset} category {category!r} ({hint}; {dataset} has {list(known)})")
+        found = sorted(p.name for p in root.iterdir()
+                       if (p / "train").is_dir() or (p / "test").is_dir())
+        hint = (f"categories found under {root}: {found}" if found
+                else f"no {dataset} category under {root}")
+        raise ValueError(f"unknown {dataset} category {category!r} ({hint}; {dataset} has "
+                         f"{list(known)})")
     return folder
 
 
@@ -148,7 +152,8 @@ def _split_folders(root: PathLike, category: str, split: str, known: Sequence[st
     folder = _category_root(root, category, known, dataset)
     split_folder = folder / split
     if not split_folder.is_dir():
-        raise ValueError(f"{dataset} category {category!r} has no {split}/ folder at {split_folder}")
+        raise ValueError(f"{dataset} category {category!r} has no {split}/ folder at "
+                         f"{split_folder}")
     return folder, split_folder
 
 
@@ -174,7 +179,8 @@ def _defect_samples(image_folder: Path, defect: str, mask_folder: Path, mask_ste
                 raise ValueError(f"defect image {path} has no mask in {mask_folder} (looked for "
                                  f"{mask_stems(path.stem)}); pass allow_missing_masks=True to "
                                  f"use it without one")
-            logger.warning("defect image %s has no mask; pixel metrics will treat it as unmasked", path)
+            logger.warning("defect image %s has no mask; pixel metrics will treat it as unmasked",
+                           path)
         samples.append(Sample(path, 1, defect, mask))
     return samples
 
@@ -195,7 +201,8 @@ class MVTecAD(ImageDataset):
                 samples += [Sample(p, 0, "good") for p in _images_in(defect_folder, not_images)]
             else:
                 samples += _defect_samples(defect_folder, defect, folder / "ground_truth" / defect,
-                                           lambda stem: [f"{stem}_mask"], allow_missing_masks, not_images)
+                                           lambda stem: [f"{stem}_mask"], allow_missing_masks,
+                                           not_images)
         self._finish(samples, not_images, split_folder)
 
 
@@ -231,7 +238,8 @@ class ImageFolder(ImageDataset):
 
     def __init__(self, normal_dir: PathLike, abnormal_dir: Optional[PathLike] = None,
                  mask_dir: Optional[PathLike] = None, allow_missing_masks: bool = False):
-        folders = [("normal_dir", normal_dir), ("abnormal_dir", abnormal_dir), ("mask_dir", mask_dir)]
+        folders = [("normal_dir", normal_dir), ("abnormal_dir", abnormal_dir),
+                   ("mask_dir", mask_dir)]
         for argument, folder in folders:
             if folder is not None and not Path(folder).is_dir():
                 raise FileNotFoundError(f"{argument} {folder} does not exist")
@@ -242,13 +250,15 @@ class ImageFolder(ImageDataset):
                                  f"there would play both roles; put the normal images, the "
                                  f"defect images and the masks in separate folders")
         if mask_dir is not None and abnormal_dir is None:
-            raise ValueError("mask_dir is given without abnormal_dir: masks belong to defect images")
+            raise ValueError("mask_dir is given without abnormal_dir: masks belong to defect "
+                             "images")
         self.category = Path(normal_dir).name
         not_images: List[Path] = []
         samples = [Sample(p, 0, "good") for p in _images_in(Path(normal_dir), not_images)]
         if abnormal_dir is not None:
             if mask_dir is None:
-                samples += [Sample(p, 1, "abnormal") for p in _images_in(Path(abnormal_dir), not_images)]
+                samples += [Sample(p, 1, "abnormal")
+                            for p in _images_in(Path(abnormal_dir), not_images)]
             else:
                 samples += _defect_samples(Path(abnormal_dir), "abnormal", Path(mask_dir),
                                            lambda stem: [stem, f"{stem}_mask"], allow_missing_masks,
@@ -266,7 +276,8 @@ def discover_categories(kind: str, root: PathLike) -> List[str]:
         root = root / BTAD_ARCHIVE_FOLDER
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist")
-    found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
+    found = sorted(p.name for p in root.iterdir()
+                   if (p / "train").is_dir() and (p / "test").is_dir())
     if not found:
         raise ValueError(f"no category folders (with train/ and test/) under {root}")
     return found
@@ -282,7 +293,8 @@ def dataset_pairs(kind: str, root: PathLike, categories: Optional[Sequence[str]]
     if isinstance(categories, str):  # one name, not its letters
         categories = [categories]
     names = list(categories) if categories else discover_categories(kind, root)
-    return [(name, loaders[kind](root, name, "train"), loaders[kind](root, name, "test")) for name in names]
+    return [(name, loaders[kind](root, name, "train"), loaders[kind](root, name, "test"))
+            for name in names]
 
 
 def load_masks(dataset: ImageDataset, preprocessor: Preprocessor, original: bool = False
@@ -299,10 +311,12 @@ def load_masks(dataset: ImageDataset, preprocessor: Preprocessor, original: bool
             masks.append(preprocessor.mask(sample.mask_path, original))
         else:
             width, height = upright_size(sample.path)
-            masks.append(np.zeros((height, width) if original else preprocessor.frame_of(width, height), bool))
+            shape = (height, width) if original else preprocessor.frame_of(width, height)
+            masks.append(np.zeros(shape, bool))
     shapes = sorted({mask.shape for mask in masks})
     if len(shapes) > 1:
-        raise ValueError(f"the masks of {dataset!r} have several sizes ({', '.join(f'{w}x{h}' for h, w in shapes)}) "
-                         f"and cannot share one array: the images have several "
+        raise ValueError(f"the masks of {dataset!r} have several sizes "
+                         f"({', '.join(f'{w}x{h}' for h, w in shapes)}) and cannot share one "
+                         "array: the images have several "
                          f"{'sizes' if original else 'aspect ratios'}; evaluate each shape apart")
     return np.stack(masks) if masks else np.zeros((0, 0, 0), bool)

@@ -16,11 +16,18 @@ from .export import MIN_OPSET, export_onnx
 from .fusion import Scale
 from .index import FlatL2Index
 from .options import Parameters, check_unchanged, describe, scoring_settings, validate
-from .persistence import (check_identity, checked_settings, read_detector, saved_frame, saved_scales,
-                          saved_thresholds, write_detector)
+from .persistence import (
+    check_identity,
+    checked_settings,
+    read_detector,
+    saved_frame,
+    saved_scales,
+    saved_thresholds,
+    write_detector,
+)
+from .prediction import Prediction
 from .preprocessing import Preprocessor
 from .runtime import backbone_device
-from .prediction import Prediction
 from .scales import check_scales, fit_scales, index_placement, predict_maps, scale_embedders
 from .scoring import image_row_ranges
 from .selection import held_out_numbers
@@ -55,19 +62,22 @@ class Detector(Parameters):
     skipped_: List[Optional[str]]
     thresholds_: Optional[Thresholds]
 
-    def __init__(self, backbone="wide_resnet50_2", layers=None, fusion="max", weights="DEFAULT", k=1,
-                 image_score="max", image_k=50, reweight_k=9, coreset=0.1, augment=None, backend="auto",
-                 device="auto", rerank=0, image_size=256, crop_size=224, bit_depth=None,
-                 aggregation_size=3, reduce_dim=None, sigma=4.0, upsampling="bilinear",
-                 map_size="processed", batch_size=8, progress=True, on_error="raise", seed=0):
-        self.backbone, self.layers, self.fusion, self.weights, self.k = backbone, layers, fusion, weights, k
+    def __init__(self, backbone="wide_resnet50_2", layers=None, fusion="max", weights="DEFAULT",
+                 k=1, image_score="max", image_k=50, reweight_k=9, coreset=0.1, augment=None,
+                 backend="auto", device="auto", rerank=0, image_size=256, crop_size=224,
+                 bit_depth=None, aggregation_size=3, reduce_dim=None, sigma=4.0,
+                 upsampling="bilinear", map_size="processed", batch_size=8, progress=True,
+                 on_error="raise", seed=0):
+        self.backbone, self.layers, self.fusion = backbone, layers, fusion
+        self.weights, self.k = weights, k
         self.image_score, self.image_k, self.reweight_k = image_score, image_k, reweight_k
         self.coreset, self.augment, self.map_size = coreset, augment, map_size
         self.backend, self.device, self.rerank = backend, device, rerank
         self.image_size, self.crop_size, self.bit_depth = image_size, crop_size, bit_depth
         self.aggregation_size, self.reduce_dim, self.sigma = aggregation_size, reduce_dim, sigma
         self.upsampling = upsampling
-        self.batch_size, self.progress, self.on_error, self.seed = batch_size, progress, on_error, seed
+        self.batch_size, self.progress = batch_size, progress
+        self.on_error, self.seed = on_error, seed
 
     @property
     def is_fitted(self) -> bool:
@@ -80,7 +90,8 @@ class Detector(Parameters):
         return self.is_fitted
 
     index_ = property(lambda self: self.scales_[0].index, doc="The first (coarsest) scale's index.")
-    embedder_ = property(lambda self: self.scales_[0].embedder, doc="The first scale's patch embedder.")
+    embedder_ = property(lambda self: self.scales_[0].embedder,
+                         doc="The first scale's patch embedder.")
 
     def fit(self, data: Any) -> "Detector":
         """Learn normal appearance from defect-free ``data``: a knnad dataset, a folder, a list
@@ -91,22 +102,26 @@ class Detector(Parameters):
         if len(items) == 0:
             raise ValueError(f"fit needs at least one normal image; {data!r} holds none")
         self._build_parts(config)
-        images = batches(items, self.preprocessor_, config["batch_size"], config["on_error"], config["progress"], "fit: features")
+        images = batches(items, self.preprocessor_, config["batch_size"], config["on_error"],
+                         config["progress"], "fit: features")
         embedders = scale_embedders(self.extractor_, config)
         keep = held_out_numbers(len(items)) if len(embedders) > 1 else ()
         found = embed_images(images, self.extractor_, embedders, config["augment"], keep)
         scales = fit_scales(found, embedders, self.extractor_, config)
         self._set_bank(config, scales, found.global_features)
-        self.preprocessor_.frame = found.frame if config["crop_size"] is None else None  # whole image: fixed
+        whole_image = config["crop_size"] is None  # the frame of fit's images is then fixed
+        self.preprocessor_.frame = found.frame if whole_image else None
         self.train_paths_, self.skipped_, self.thresholds_ = found.paths, found.skipped, None
-        logger.info("fitted on %d images: memory bank %s (%s on %s)", len(found.paths), " + ".join(
-            f"{len(scale.index)} x {scale.index.dim}" for scale in scales), self.index_.backend, self.index_.device)
+        banks = " + ".join(f"{len(scale.index)} x {scale.index.dim}" for scale in scales)
+        logger.info("fitted on %d images: memory bank %s (%s on %s)", len(found.paths), banks,
+                    self.index_.backend, self.index_.device)
         return self
 
     def predict(self, data: Any) -> Prediction:
         """Anomaly scores and maps for ``data`` (same kinds as :meth:`fit`). Pixel score: mean
         Euclidean distance of the patch to its ``k`` nearest normal patches, upsampled to the crop
-        or whole frame (``upsampling``), smoothed (``sigma``), sized per ``map_size``; image score per ``image_score``."""
+        or whole frame (``upsampling``), smoothed (``sigma``), sized per ``map_size``; image
+        score per ``image_score``."""
         return Prediction.concatenate(list(self.predict_batches(data)), "predict")
 
     def predict_batches(self, data: Any) -> Iterator[Prediction]:
@@ -114,10 +129,12 @@ class Detector(Parameters):
         flat in the number of images (a batch whose images were all skipped gives a Prediction
         of no image that lists them)."""
         settings = self._settings("predict")
-        thresholds = self.thresholds_ if self.thresholds_ and self.thresholds_.usable(settings) else None
+        usable = self.thresholds_ is not None and self.thresholds_.usable(settings)
+        thresholds = self.thresholds_ if usable else None
         for prediction in self._scores(data, settings):
             if settings["map_size"] == "original":
-                prediction.anomaly_maps = self.preprocessor_.original_maps(prediction.anomaly_maps, prediction.image_sizes)
+                prediction.anomaly_maps = self.preprocessor_.original_maps(
+                    prediction.anomaly_maps, prediction.image_sizes)
             yield prediction if thresholds is None else thresholds.apply(prediction)
 
     def _scores(self, data: Any, settings: Dict[str, Any]) -> Iterator[Prediction]:
@@ -130,7 +147,8 @@ class Detector(Parameters):
             active = [scale.embedder for scale in self.scales_ if scale.weight != 0]
             embeddings, pooled = patch_features(self.extractor_, active, batch.images)
             maps, spade = predict_maps(self.scales_, settings, embeddings, pooled,
-                                       (self.global_index_, self.image_rows_), tuple(batch.images.shape[-2:]))
+                                       (self.global_index_, self.image_rows_),
+                                       tuple(batch.images.shape[-2:]))
             scores = maps.amax(dim=(1, 2)).numpy() if spade is None else spade
             yield Prediction(scores.astype(np.float32, copy=False), maps.numpy(), batch.paths,
                              skipped=batch.skipped, image_sizes=batch.sizes)
@@ -155,19 +173,23 @@ class Detector(Parameters):
         """Write the fitted detector to one ``.npz`` file, atomically (temporary file, then
         rename): its settings, memory bank, global features, thresholds and the backbone's
         identity, not its weights. Returns the path written."""
-        return write_detector(path, self._settings("save"), self.extractor_, self.scales_, self.global_features_,
-                              self.train_paths_, self.skipped_, self.thresholds_, self._frame)
+        return write_detector(path, self._settings("save"), self.extractor_, self.scales_,
+                              self.global_features_, self.train_paths_, self.skipped_,
+                              self.thresholds_, self._frame)
 
-    def export_onnx(self, path: PathLike, *, batch_size: Optional[int] = None, opset: int = MIN_OPSET) -> Path:
+    def export_onnx(self, path: PathLike, *, batch_size: Optional[int] = None,
+                    opset: int = MIN_OPSET) -> Path:
         """Write the fitted detector to one self-contained ONNX file (see :mod:`knnad.export`):
-        float32 images ``[N, 3, H, W]`` (crop or whole-image frame) in, ``image_scores`` and ``anomaly_maps``
-        out, thresholds in its metadata; ``batch_size`` None: any. Load it with ``knnad.OnnxDetector``."""
-        return export_onnx(path, self._settings("export"), self.extractor_, self.scales_, self.thresholds_,
-                           self._frame, batch_size=batch_size, opset=opset)
+        float32 images ``[N, 3, H, W]`` (crop or whole-image frame) in, ``image_scores`` and
+        ``anomaly_maps`` out, thresholds in its metadata; ``batch_size`` None: any. Load it with
+        ``knnad.OnnxDetector``."""
+        return export_onnx(path, self._settings("export"), self.extractor_, self.scales_,
+                           self.thresholds_, self._frame, batch_size=batch_size, opset=opset)
 
     @classmethod
-    def load(cls, path: PathLike, backbone: Any = None, weights: Any = None, backend: Optional[str] = None,
-             device: Any = None, progress: Optional[bool] = None) -> "Detector":
+    def load(cls, path: PathLike, backbone: Any = None, weights: Any = None,
+             backend: Optional[str] = None, device: Any = None,
+             progress: Optional[bool] = None) -> "Detector":
         """Read a detector written by :meth:`save` (see :mod:`~knnad.persistence`):
         ``backbone=module`` or ``weights=PATH`` where the saved identity cannot be rebuilt from
         a name; ``backend``, ``device`` and ``progress`` override the saved settings. Raises
@@ -178,7 +200,8 @@ class Detector(Parameters):
         config = checked_settings(path, detector.get_params())
         detector._build_parts(config)
         detector.preprocessor_.frame = saved_frame(path, config, meta)
-        scales = saved_scales(path, meta, arrays, scale_embedders(detector.extractor_, config), index_placement(config))
+        scales = saved_scales(path, meta, arrays, scale_embedders(detector.extractor_, config),
+                              index_placement(config))
         check_identity(path, detector.extractor_, scales, detector._frame, meta, arrays)
         detector._set_bank(config, scales, arrays["global_features"])
         detector.train_paths_, detector.skipped_ = meta["train_paths"], meta["skipped"]
@@ -201,11 +224,13 @@ class Detector(Parameters):
         if hasattr(self, "extractor_"):
             self.extractor_.close()
         self.config_ = config
-        self.preprocessor_ = Preprocessor(config["image_size"], config["crop_size"], config["bit_depth"])
+        self.preprocessor_ = Preprocessor(config["image_size"], config["crop_size"],
+                                          config["bit_depth"])
         self.extractor_ = FeatureExtractor(config["backbone"], config["layers"], config["weights"],
                                            backbone_device(config["device"]))
 
-    def _set_bank(self, config: Dict[str, Any], scales: List[Scale], global_features: np.ndarray) -> None:
+    def _set_bank(self, config: Dict[str, Any], scales: List[Scale],
+                  global_features: np.ndarray) -> None:
         """The scales and the global-feature index (one row per training image)."""
         self.global_index_ = FlatL2Index.of(global_features, **index_placement(config))
         self.scales_, self.global_features_ = scales, global_features

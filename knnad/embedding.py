@@ -21,7 +21,6 @@ from ._checks import check_int
 from .backbones import FeatureExtractor
 from .sources import Batch
 
-
 #: Views of an image ``[..., H, W]`` a memory bank can be augmented with: the seven
 #: non-identity symmetries of the square (rotations counter-clockwise, as numpy's rot90).
 VIEWS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -47,13 +46,15 @@ def check_augment(value: Any, name: str = "augment") -> Optional[Tuple[str, ...]
     ValueError naming ``name`` otherwise."""
     if value is None:
         return None
-    parts = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
-    tokens = [token.strip() for part in parts or [] if isinstance(part, str) for token in part.split("+")]
+    parts = ([value] if isinstance(value, str)
+             else list(value) if isinstance(value, (list, tuple)) else None)
+    tokens = [token.strip() for part in parts or [] if isinstance(part, str)
+              for token in part.split("+")]
     unknown = [token for token in tokens if token not in VIEWS and token not in VIEW_SETS]
     if not parts or len(tokens) < len(parts) or not tokens or unknown:
         raise ValueError(f"{name}={value!r}" + (f": unknown {unknown}" if unknown else "")
-                         + f"; choose None, views {tuple(VIEWS)} or sets {tuple(VIEW_SETS)}, joined by "
-                         f"'+' or as a list, e.g. 'flips', 'rotations', 'hflip+rot180'")
+                         + f"; choose None, views {tuple(VIEWS)} or sets {tuple(VIEW_SETS)}, "
+                           f"joined by '+' or as a list, e.g. 'flips', 'rotations', 'hflip+rot180'")
     chosen = {view for token in tokens for view in VIEW_SETS.get(token, (token,))}
     return tuple(view for view in VIEWS if view in chosen)
 
@@ -90,7 +91,8 @@ class PatchEmbedder:
         self.layers = None if layers is None else tuple(layers)
 
     def __repr__(self) -> str:
-        return (f"PatchEmbedder(aggregation_size={self.aggregation_size}, reduce_dim={self.reduce_dim}"
+        return (f"PatchEmbedder(aggregation_size={self.aggregation_size}, "
+                f"reduce_dim={self.reduce_dim}"
                 + (f", layers={list(self.layers)})" if self.layers is not None else ")"))
 
     def grid(self, features: Dict[str, torch.Tensor]) -> Tuple[int, int]:
@@ -120,12 +122,14 @@ class PatchEmbedder:
 
 
 def patch_features(extractor: FeatureExtractor,
-                   embedders: Sequence[PatchEmbedder], images: Any) -> Tuple[List[torch.Tensor], torch.Tensor]:
+                   embedders: Sequence[PatchEmbedder],
+                   images: Any) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """One patch embedding ``[B, h_s, w_s, D_s]`` per scale (one per embedder) and SPADE's
     global features ``[B, G]``, on the CPU, of ``images`` ``[B, 3, H, W]`` (tensor or numpy
     array), given a :class:`~knnad.backbones.FeatureExtractor`: one forward pass for all."""
     features = extractor(images)
-    return [embedder(features).cpu() for embedder in embedders], extractor.global_features(features).cpu()
+    embeddings = [embedder(features).cpu() for embedder in embedders]
+    return embeddings, extractor.global_features(features).cpu()
 
 
 @dataclass
@@ -171,9 +175,11 @@ def embed_images(batches: Iterable[Batch], extractor: FeatureExtractor,
         images = torch.as_tensor(batch.images)
         if frame is not None and tuple(images.shape[-2:]) != frame:
             raise ValueError(f"fit: images of {images.shape[-1]}x{images.shape[-2]} pixels after "
-                             f"preprocessing among images of {frame[1]}x{frame[0]}; give images of one size")
+                             f"preprocessing among images of {frame[1]}x{frame[0]}; give images of "
+                             "one size")
         frame = (images.shape[-2], images.shape[-1])
-        views = [patch_features(extractor, embedders, transform(images)) for transform in transforms]
+        views = [patch_features(extractor, embedders, transform(images))
+                 for transform in transforms]
         for image in range(len(images)):  # each image's views in turn: image ids stay sorted
             if read + image in wanted:
                 kept.append(images[image])
@@ -186,8 +192,11 @@ def embed_images(batches: Iterable[Batch], extractor: FeatureExtractor,
         read += len(images)
         paths += batch.paths
     if frame is None:  # no image read
-        raise ValueError(f"fit: none of the {len(skipped)} images could be read (skipped: {skipped})")
-    image_ids = [np.repeat(np.arange(len(pooled), dtype=np.int64), scale_counts) for scale_counts in counts]
+        raise ValueError(f"fit: none of the {len(skipped)} images could be read (skipped: "
+                         f"{skipped})")
+    image_ids = [np.repeat(np.arange(len(pooled), dtype=np.int64), scale_counts)
+                 for scale_counts in counts]
     kept_array = torch.stack(kept).numpy() if kept else np.empty((0, 3, *frame), np.float32)
-    return Embedded([torch.cat(scale).numpy() for scale in patches], image_ids, torch.stack(pooled).numpy(),
-                    paths, skipped, frame, kept_array, np.asarray(kept_ids, np.int64))
+    return Embedded([torch.cat(scale).numpy() for scale in patches], image_ids,
+                    torch.stack(pooled).numpy(), paths, skipped, frame, kept_array,
+                    np.asarray(kept_ids, np.int64))

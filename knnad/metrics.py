@@ -14,6 +14,7 @@ from sklearn.metrics import roc_curve as _sklearn_roc_curve
 
 from ._checks import check_int
 
+
 def _binary_and_scores(labels, scores, what: str) -> Tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     scores = np.asarray(scores)

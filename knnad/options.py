@@ -70,7 +70,8 @@ def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 def _backbone(value: Any, name: str) -> Any:
     if isinstance(value, (str, nn.Module)):
         return value
-    raise TypeError(f"{name} must be a torchvision model name or an nn.Module, got {type(value).__name__}")
+    raise TypeError(f"{name} must be a torchvision model name or an nn.Module, got "
+                    f"{type(value).__name__}")
 
 
 def _layers(value: Any, name: str) -> Any:
@@ -106,10 +107,11 @@ OPTIONS: Dict[str, Option] = {
                      "layer3), 'fine' (coarse plus the stride-4 block, a 4x larger patch grid), "
                      "'multiscale' (the two as two scales, each in units of its scores on held-out "
                      "normal images, fused as fusion says)", _layers, nargs="+"),
-    "fusion": Option("with several scales: how their maps, each in units of its normal scores, become "
-                     "one: 'max' (a defect any scale sees is kept), 'mean', or 'auto' (weights "
-                     "chosen at fit by synthetic defects in held-out normal images; measured not "
-                     "to pick the real defects' best weights on MVTec bottle and transistor)",
+    "fusion": Option("with several scales: how their maps, each in units of its normal scores, "
+                     "become one: 'max' (a defect any scale sees is kept), 'mean', or 'auto' "
+                     "(weights chosen at fit by synthetic defects in held-out normal images; "
+                     "measured not to pick the real defects' best weights on MVTec bottle and "
+                     "transistor)",
                      _choice(FUSIONS)),
     "weights": Option("'DEFAULT', a torchvision weight name such as IMAGENET1K_V1, none "
                       "(seeded random initialisation) or a .pth state-dict path", _weights,
@@ -138,8 +140,8 @@ OPTIONS: Dict[str, Option] = {
                      _int(0), parse=int),
     "image_size": Option("side the shorter image side is resized to, pixels", _int(1), parse=int),
     "crop_size": Option("side of the centre crop, pixels (at most image_size); none: whole-image "
-                        "mode, no crop: the whole image, its shorter side resized to image_size and "
-                        "its aspect ratio kept, is scored (one aspect ratio per model)",
+                        "mode, no crop: the whole image, its shorter side resized to image_size "
+                        "and its aspect ratio kept, is scored (one aspect ratio per model)",
                         _optional(_int(1)), parse=_none_or(int)),
     "bit_depth": Option("bits per sample of 16-bit and float images, e.g. 12 for 12-bit data in "
                         "16-bit files (none: 16 for integer images, float images as they are)",
@@ -156,7 +158,8 @@ OPTIONS: Dict[str, Option] = {
                          _choice(UPSAMPLING), refit=False, scoring=True),
     "map_size": Option("size of the maps predict returns: 'processed' (the crop, or the whole "
                        "resized image), or 'original' (each image's own size, its map lying over "
-                       "it pixel for pixel; needs crop_size=none)", _choice(MAP_SIZES), refit=False),
+                       "it pixel for pixel; needs crop_size=none)", _choice(MAP_SIZES),
+                       refit=False),
     "augment": Option("memory-bank augmentation, for parts that appear rotated or flipped: each "
                       "training image also enters the bank as these views of it: none; views ("
                       + ", ".join(VIEWS) + "), or sets ("
@@ -215,7 +218,8 @@ def _check_against_sizes(checked: Mapping[str, Any]) -> None:
     against a coreset given as a count (the memory bank holds at most that many patches) and
     ``sigma`` against the maps (``crop_size`` pixels, or a shorter side of ``image_size`` in
     whole-image mode), which its ±4σ window must fit in."""
-    k, coreset, sigma, crop = checked["k"], checked["coreset"], checked["sigma"], checked["crop_size"]
+    k, coreset = checked["k"], checked["coreset"]
+    sigma, crop = checked["sigma"], checked["crop_size"]
     if isinstance(coreset, int) and k > coreset:
         raise ValueError(f"k={k} is more than the {coreset} patches that coreset={coreset} keeps "
                          f"in the memory bank; use k <= {coreset} or a larger coreset")

@@ -9,8 +9,8 @@ against the saved fingerprint, so a different backbone is refused instead of sco
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -61,7 +61,8 @@ def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureE
     params["backbone"] = extractor.backbone_name
     # Only torchvision weight names can be rebuilt without help; see read_detector().
     weights_id = extractor.weights_id
-    params["weights"] = None if weights_id.startswith(("random:", "sha256:", "module:")) else weights_id
+    rebuilt = not weights_id.startswith(("random:", "sha256:", "module:"))
+    params["weights"] = weights_id if rebuilt else None
     meta = {"knnad_version": __version__, "params": params,
             "custom_backbone": isinstance(settings["backbone"], nn.Module),
             "layers": list(extractor.layers), "weights_id": weights_id,
@@ -76,7 +77,8 @@ def write_detector(path: PathLike, settings: Dict[str, Any], extractor: FeatureE
         meta["scales"] = [{"layers": list(layers), "normal": asdict(normal), "weight": scale.weight}
                           for layers, scale, normal in
                           zip(extractor.scales, scales, normal_scores(scales))]
-    return write_archive(path, KIND, FORMAT_VERSION if len(scales) > 1 else _SINGLE_SCALE_VERSION, meta, arrays)
+    return write_archive(path, KIND, FORMAT_VERSION if len(scales) > 1 else _SINGLE_SCALE_VERSION,
+                         meta, arrays)
 
 
 def read_detector(path: PathLike, names: Sequence[str], backbone: Any = None, weights: Any = None,
@@ -109,7 +111,8 @@ def read_detector(path: PathLike, names: Sequence[str], backbone: Any = None, we
     elif weights_id.startswith("sha256:"):
         raise ValueError(f"{path} was fit with weights from a local file ({weights_id}); pass "
                          f"weights=PATH to that file (knnad predict: --weights PATH)")
-    params["layers"] = [scale["layers"] for scale in meta["scales"]] if "scales" in meta else meta["layers"]
+    params["layers"] = ([scale["layers"] for scale in meta["scales"]] if "scales" in meta
+                        else meta["layers"])
     given = {name: check(name, value) for name, value in overrides.items() if value is not None}
     params.update(given)  # checked first: an invalid override is the caller's error, not the file's
     unknown = sorted(set(params) - set(names))
@@ -121,7 +124,8 @@ def read_detector(path: PathLike, names: Sequence[str], backbone: Any = None, we
 
 def _finite(array: np.ndarray, rows: int = 65536) -> bool:
     """Whether ``array`` holds no NaN or inf, checked by blocks of rows (no full-size mask)."""
-    return all(bool(np.isfinite(array[start:start + rows]).all()) for start in range(0, len(array), rows))
+    return all(bool(np.isfinite(array[start:start + rows]).all())
+               for start in range(0, len(array), rows))
 
 
 def _check_contents(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
@@ -155,7 +159,8 @@ def _check_contents(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.n
 
 
 def check_identity(path: PathLike, extractor: FeatureExtractor, scales: Sequence[Scale],
-                   frame: Tuple[int, int], meta: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
+                   frame: Tuple[int, int], meta: Dict[str, Any],
+                   arrays: Dict[str, np.ndarray]) -> None:
     """ValueError unless ``extractor`` has the weights the saved banks were built with;
     ModelFileError unless its features have the saved banks' dimensions (one forward pass)."""
     if extractor.weights_id != meta["weights_id"]:
@@ -163,16 +168,17 @@ def check_identity(path: PathLike, extractor: FeatureExtractor, scales: Sequence
                          f"given backbone/weights are {extractor.weights_id}; scores would be "
                          f"wrong: pass the ones it was fit with (weights=PATH; knnad predict: "
                          f"--weights PATH) or fit a new model")
-    patches, pooled = patch_features(extractor, [scale.embedder for scale in scales], torch.zeros(1, 3, *frame))
+    patches, pooled = patch_features(extractor, [scale.embedder for scale in scales],
+                                     torch.zeros(1, 3, *frame))
     found = [embedding.shape[-1] for embedding in patches] + [pooled.shape[-1]]
     saved = [scale.index.dim for scale in scales] + [arrays["global_features"].shape[1]]
     if found != saved:
         def dims(values: List[int]) -> str:
             return " + ".join(map(str, values[:-1]))
-        raise ModelFileError(f"{path}: its memory bank has {dims(saved)}-d patches and {saved[-1]}-d "
-                             f"global features, but its backbone and settings give {dims(found)} and "
-                             f"{found[-1]}; the file does not belong to this configuration: "
-                             f"restore it from a good copy or fit again")
+        raise ModelFileError(f"{path}: its memory bank has {dims(saved)}-d patches and "
+                             f"{saved[-1]}-d global features, but its backbone and settings give "
+                             f"{dims(found)} and {found[-1]}; the file does not belong to this "
+                             f"configuration: restore it from a good copy or fit again")
 
 
 def saved_scales(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.ndarray],
@@ -187,7 +193,8 @@ def saved_scales(path: PathLike, meta: Dict[str, Any], arrays: Dict[str, np.ndar
         try:
             normal = NormalScores(**saved["normal"]) if len(embedders) > 1 else None
             weight = float(saved.get("weight", 1.0))
-            valid = (normal is None or (normal.spread > 0 and math.isfinite(normal.location))) and 0 <= weight <= 1
+            valid = ((normal is None or (normal.spread > 0 and math.isfinite(normal.location)))
+                     and 0 <= weight <= 1)
         except (TypeError, KeyError, ValueError):
             valid = False
         if (not valid or len(described) != len(embedders) or bank is None or ids is None
@@ -203,8 +210,10 @@ def _consistent_bank(bank: np.ndarray, ids: np.ndarray, images: int) -> bool:
     """Whether ``bank`` is a finite float32 ``[R, D]`` matrix and ``ids`` its ``R`` sorted image
     ids below ``images``."""
     return (bank.ndim == 2 and ids.ndim == 1
-            and len(ids) == len(bank) > 0 and bank.dtype == np.float32 and np.issubdtype(ids.dtype, np.integer)
-            and bool(np.all(np.diff(ids) >= 0)) and 0 <= ids.min() and ids.max() < images and _finite(bank))
+            and len(ids) == len(bank) > 0 and bank.dtype == np.float32
+            and np.issubdtype(ids.dtype, np.integer)
+            and bool(np.all(np.diff(ids) >= 0)) and 0 <= ids.min() and ids.max() < images
+            and _finite(bank))
 
 
 def checked_settings(path: PathLike, params: Dict[str, Any]) -> Dict[str, Any]:
@@ -217,7 +226,8 @@ def checked_settings(path: PathLike, params: Dict[str, Any]) -> Dict[str, Any]:
                              f"model file") from None
 
 
-def saved_frame(path: PathLike, settings: Dict[str, Any], meta: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+def saved_frame(path: PathLike, settings: Dict[str, Any],
+                meta: Dict[str, Any]) -> Optional[Tuple[int, int]]:
     """The whole-image frame ``(height, width)`` a model file fixes (None in crop mode, where
     the crop is the frame; older files, all of crop mode, hold none); a ModelFileError naming
     the file when a whole-image model's frame is missing or malformed."""
@@ -225,7 +235,8 @@ def saved_frame(path: PathLike, settings: Dict[str, Any], meta: Dict[str, Any]) 
         return None
     frame = meta.get("frame")
     if not (isinstance(frame, list) and len(frame) == 2
-            and all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in frame)):
+            and all(isinstance(side, int) and not isinstance(side, bool) and side >= 1
+                    for side in frame)):
         raise ModelFileError(f"{path} is not a consistent knnad detector: a whole-image model "
                              f"(crop_size=None) without a valid frame ({frame!r}); restore it from "
                              f"a good copy or fit again")
@@ -236,5 +247,5 @@ def saved_thresholds(meta: Dict[str, Any]) -> Optional[Thresholds]:
     """The thresholds stored by :func:`write_detector`, or None if it was not calibrated."""
     if meta["image_threshold"] is None:
         return None
-    return Thresholds(meta["image_threshold"], meta["pixel_threshold"], meta["calibration_quantile"],
-                      meta.get("calibration_settings"))
+    return Thresholds(meta["image_threshold"], meta["pixel_threshold"],
+                      meta["calibration_quantile"], meta.get("calibration_settings"))

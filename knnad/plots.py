@@ -12,8 +12,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .metrics import aupro, image_auroc, pixel_auroc, pro_curve, roc_curve
 from ._types import PathLike
+from .metrics import aupro, image_auroc, pixel_auroc, pro_curve, roc_curve
 
 Curves = Mapping[str, Tuple[np.ndarray, np.ndarray]]
 
@@ -55,7 +55,8 @@ def pro_plot(curves: Curves, path: PathLike, fpr_limit: float = 0.3, title: str 
     axes = figure.add_subplot()
     for label, (masks, maps) in curves.items():
         fpr, pro = pro_curve(masks, maps)
-        axes.plot(fpr, pro, label=f"{label} (AUPRO@{fpr_limit:g} {aupro(masks, maps, fpr_limit):.3f})")
+        axes.plot(fpr, pro,
+                  label=f"{label} (AUPRO@{fpr_limit:g} {aupro(masks, maps, fpr_limit):.3f})")
     axes.axvline(fpr_limit, color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="false positive rate", ylabel="per-region overlap", title=title,
              xlim=(0, 1), ylim=(0, 1.01))
@@ -76,8 +77,9 @@ def heatmap_grid(images: Sequence[np.ndarray], maps: np.ndarray, path: PathLike,
     """
     count = len(images)
     if count == 0 or len(maps) != count or (masks is not None and len(masks) != count):
-        raise ValueError(f"heatmap_grid needs as many maps{' and masks' if masks is not None else ''} "
-                         f"as images (>= 1), got {count} images and {len(maps)} maps")
+        raise ValueError("heatmap_grid needs as many "
+                         f"maps{' and masks' if masks is not None else ''} as images (>= 1), got "
+                         f"{count} images and {len(maps)} maps")
     columns = ["image"] + (["ground truth"] if masks is not None else []) + ["anomaly map"] \
         + (["above threshold"] if threshold is not None else [])
     figure = Figure(figsize=(2.5 * len(columns), 2.5 * count), dpi=100)

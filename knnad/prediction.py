@@ -17,7 +17,8 @@ class Prediction:
     ``map_size="original"``); ``paths``: the image paths (None for in-memory images);
     ``labels`` (bool ``[N]``, True = anomalous) and ``masks`` (bool ``[N, H, W]``) once the
     detector is calibrated; ``skipped``: paths that could not be decoded and were skipped
-    (``on_error="skip"``; None for an in-memory image); ``image_sizes``: ``(height, width)`` of each image as given.
+    (``on_error="skip"``; None for an in-memory image); ``image_sizes``: ``(height, width)`` of
+    each image as given.
     """
 
     image_scores: np.ndarray
@@ -47,9 +48,10 @@ class Prediction:
                              f"(skipped: {skipped})")
         shapes = sorted({part.anomaly_maps.shape[1:] for part in parts})
         if len(shapes) > 1:
-            raise ValueError(f"{action}: maps of different sizes ({', '.join(f'{w}x{h}' for h, w in shapes)}) "
-                             f"cannot share one array; predict each image size in its own call, or "
-                             f"use predict_batches")
+            raise ValueError(f"{action}: maps of different sizes "
+                             f"({', '.join(f'{w}x{h}' for h, w in shapes)}) cannot share one "
+                             "array; predict each image size in its own call, or use "
+                             "predict_batches")
         labelled = all(part.labels is not None for part in parts)
         return cls(np.concatenate([part.image_scores for part in parts]),
                    np.concatenate([part.anomaly_maps for part in parts]),

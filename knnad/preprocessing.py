@@ -65,7 +65,8 @@ def broken_link(path: Path) -> Optional[str]:
     """What is wrong with ``path`` when it is a symbolic link whose target is gone ("a broken
     symbolic link to TARGET", and what to do), else None."""
     if path.is_symlink() and not path.exists():
-        return f"a broken symbolic link to {os.readlink(path)}; restore its target or remove the link"
+        return (f"a broken symbolic link to {os.readlink(path)}; restore its target or remove "
+                "the link")
     return None
 
 
@@ -132,7 +133,8 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-def resized_rgb(image: Image.Image, size: Optional[int], bit_depth: Optional[int] = None) -> np.ndarray:
+def resized_rgb(image: Image.Image, size: Optional[int],
+                bit_depth: Optional[int] = None) -> np.ndarray:
     """Float32 array ``[3, H, W]`` in [0, 1] of ``image`` (any PIL mode) with its shorter side
     resized to ``size`` (PIL's antialiased bilinear filter, as torchvision's Resize on PIL
     images; None: not resized).
@@ -152,12 +154,14 @@ def resized_rgb(image: Image.Image, size: Optional[int], bit_depth: Optional[int
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         if low < -_ROUNDING * top or high > (1 + _ROUNDING) * top:  # float rounding is clipped
             needed = int(np.ceil(np.log2(high + 1))) if low >= 0 and high >= 2 else 99
-            raise ValueError(f"{image.mode} image values span [{low:g}, {high:g}], outside 0..{top:g}"
+            raise ValueError(f"{image.mode} image values span [{low:g}, {high:g}], outside "
+                             f"0..{top:g}"
                              + (f"; set bit_depth={needed} (or more) to scale them" if needed <= 16
                                 else "; scale them to [0, 1] first"))
         if bit_depth is None and image.mode != "F" and 0 < high < 4096:
-            _warn_once(f"{image.mode} images hold values below 4096 only: if the camera writes 10-, "
-                       f"12- or 14-bit data in 16-bit files, set bit_depth (they look dark at 16)")
+            _warn_once(f"{image.mode} images hold values below 4096 only: if the camera writes "
+                       "10-, 12- or 14-bit data in 16-bit files, set bit_depth (they look dark at "
+                       "16)")
         resized = _resize_shorter_side(Image.fromarray(values / top, mode="F"), size)
         grey = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
         return np.broadcast_to(grey, (3, *grey.shape))
@@ -226,7 +230,8 @@ class Preprocessor:
 
     def __repr__(self) -> str:
         return (f"Preprocessor(image_size={self.image_size}, crop_size={self.crop_size}, "
-                f"bit_depth={self.bit_depth}" + (f", frame={self.frame}" if self.crop_size is None else "") + ")")
+                f"bit_depth={self.bit_depth}"
+                + (f", frame={self.frame}" if self.crop_size is None else "") + ")")
 
     @property
     def frame(self) -> Optional[Tuple[int, int]]:
@@ -262,7 +267,8 @@ class Preprocessor:
         given (after its EXIF orientation), which maps of the whole image go back to."""
         opened, source = self._decode(image)
         width, height = opened.size
-        if self.image_size ** 2 * max(width, height) / max(1, min(width, height)) > MAX_RESIZED_PIXELS:
+        resized_pixels = self.image_size ** 2 * max(width, height) / max(1, min(width, height))
+        if resized_pixels > MAX_RESIZED_PIXELS:
             raise ImageLoadError(source, f"{width}x{height} pixels is too elongated to resize to a "
                                          f"shorter side of {self.image_size} (over "
                                          f"{MAX_RESIZED_PIXELS} pixels); cut it into tiles first")
@@ -271,11 +277,13 @@ class Preprocessor:
             if (new_height, new_width) != self._frame:
                 fit_height, fit_width = self._frame
                 raise ImageLoadError(source, f"{width}x{height} pixels resize to a {new_width}x"
-                                             f"{new_height} frame (shorter side {self.image_size}), but "
-                                             f"this whole-image model (crop_size=None) was fit on "
-                                             f"{fit_width}x{fit_height} frames: one aspect ratio per "
-                                             f"model; bring the image to {fit_width}:{fit_height} "
-                                             f"first, or fit a model on images of its shape")
+                                             f"{new_height} frame (shorter side "
+                                             f"{self.image_size}), but this whole-image model "
+                                             "(crop_size=None) was fit on "
+                                             f"{fit_width}x{fit_height} frames: one aspect ratio "
+                                             "per model; bring the image to "
+                                             f"{fit_width}:{fit_height} first, or fit a model on "
+                                             "images of its shape")
         rgb = self._rgb(opened, source, self.image_size)
         if self.crop_size is not None:
             rgb = center_crop(rgb, self.crop_size)
@@ -322,9 +330,10 @@ class Preprocessor:
             raise ValueError(f"{len(maps)} maps but {len(sizes)} image sizes")
         if len(set(sizes)) > 1:
             shown = ", ".join(f"{width}x{height}" for height, width in sorted(set(sizes))[:4])
-            raise ValueError(f"maps at the original image size: images of different sizes ({shown}) "
-                             f"cannot share one array of maps; predict each size in its own call "
-                             f"(or predict_batches with batch_size=1), or use map_size='processed'")
+            raise ValueError("maps at the original image size: images of different sizes "
+                             f"({shown}) cannot share one array of maps; predict each size in its "
+                             "own call (or predict_batches with batch_size=1), or use "
+                             "map_size='processed'")
         if not sizes:
             return maps
         height, width = sizes[0]

@@ -23,7 +23,8 @@ BACKENDS = ("auto", "faiss", "torch")
 ALL_GPUS = "cuda:all"
 
 #: PyPI distributions that provide the ``faiss`` module.
-FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12", "faiss-gpu-cu13")
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12",
+                       "faiss-gpu-cu13")
 
 
 def installed_faiss_distributions() -> List[str]:
@@ -81,7 +82,8 @@ def backend_info() -> Dict[str, Any]:
     faiss = import_faiss()
     distributions = installed_faiss_distributions()
     return {
-        "faiss_distribution": distributions[-1] if len(distributions) == 1 else distributions or None,
+        "faiss_distribution": (distributions[-1] if len(distributions) == 1
+                               else distributions or None),
         "faiss_version": getattr(faiss, "__version__", None) if faiss is not None else None,
         "faiss_gpu_build": faiss is not None and hasattr(faiss, "StandardGpuResources"),
         "faiss_gpus": faiss_gpu_count(),

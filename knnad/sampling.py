@@ -150,7 +150,8 @@ class _ThreadTuner:
         if not self.schedule:  # fewer threads only when clearly faster: blocks vary in cost
             best = min(self.probe_times, key=lambda count: self.probe_times[count]
                        * (1.0 if count == self.candidates[0] else self.MARGIN))
-            self.schedule = [(best, False)] * self.EXPLOIT + [(count, True) for count in self.candidates]
+            probes = [(count, True) for count in self.candidates]
+            self.schedule = [(best, False)] * self.EXPLOIT + probes
             self.probe_times = {}
         self.block = self.schedule.pop(0)
         if self.block[0] != torch.get_num_threads():
@@ -168,7 +169,8 @@ class _Cells:
     SPACE = 2.0  # room in the flat array, in rows per point
 
     def __init__(self, total: int, count: int, device: torch.device):
-        self.flat = torch.empty(max(int(self.SPACE * total), total), dtype=torch.int64, device=device)
+        self.flat = torch.empty(max(int(self.SPACE * total), total), dtype=torch.int64,
+                                device=device)
         self.starts = torch.zeros(count, dtype=torch.int64, device=device)
         self.lengths = torch.zeros(count, dtype=torch.int64, device=device)
         self.fill = 0
@@ -179,7 +181,8 @@ class _Cells:
             order = torch.argsort(owner, stable=True)
             self.flat[:len(order)] = order
             self.lengths[:step + 1] = torch.bincount(owner, minlength=step + 1)
-            self.starts[:step + 1] = torch.cumsum(self.lengths[:step + 1], 0) - self.lengths[:step + 1]
+            counts = self.lengths[:step + 1]
+            self.starts[:step + 1] = torch.cumsum(counts, 0) - counts
             self.fill = len(order)
             return
         self.starts[step], self.lengths[step] = self.fill, len(moved)
@@ -190,13 +193,15 @@ class _Cells:
         """How many rows the lists of ``cells`` hold, stale ones included."""
         return int(self.lengths.index_select(0, cells).sum())
 
-    def members(self, cells: torch.Tensor, owner: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def members(self, cells: torch.Tensor,
+                owner: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(rows, cell of each row)``: the points that ``cells`` own now."""
         lengths = self.lengths.index_select(0, cells)
         shift = self.starts.index_select(0, cells) - (torch.cumsum(lengths, 0) - lengths)
         positions = torch.repeat_interleave(shift, lengths)
         positions += torch.arange(len(positions), device=positions.device)
-        rows, row_cells = self.flat.index_select(0, positions), torch.repeat_interleave(cells, lengths)
+        rows = self.flat.index_select(0, positions)
+        row_cells = torch.repeat_interleave(cells, lengths)
         current = torch.nonzero(owner.index_select(0, rows) == row_cells).squeeze(1)
         return rows.index_select(0, current), row_cells.index_select(0, current)
 
@@ -241,7 +246,8 @@ class _Centres:
         self.radii = torch.full((count,), float("-inf"), dtype=points.dtype, device=points.device)
         self.gaps = torch.empty(count, dtype=points.dtype, device=points.device)
         if basis is not None:
-            self.projected = torch.empty(count, basis.shape[1], dtype=points.dtype, device=points.device)
+            self.projected = torch.empty(count, basis.shape[1], dtype=points.dtype,
+                                         device=points.device)
             self.projected_norms = torch.empty(count, dtype=points.dtype, device=points.device)
 
     def add(self, step: int, centre: torch.Tensor, norm: torch.Tensor) -> None:
@@ -332,7 +338,8 @@ def _greedy_k_center(points: torch.Tensor, count: int, first: int, progress: boo
     picks = torch.empty(count, dtype=torch.int64, device=points.device)
     pick = torch.tensor(first, device=points.device)
     tuner = _ThreadTuner(torch.get_num_threads() if points.device.type == "cpu" else 1)
-    for step in tqdm(range(count), desc="coreset", unit="pt", disable=not progress, mininterval=1.0):
+    for step in tqdm(range(count), desc="coreset", unit="pt", disable=not progress,
+                     mininterval=1.0):
         tuner.tick(step)
         picks[step] = pick
         centres.add(step, bank.vectors[pick], bank.norms[pick])
@@ -356,7 +363,8 @@ def _greedy_k_center(points: torch.Tensor, count: int, first: int, progress: boo
             stay = torch.nonzero(owner.index_select(0, rows) == row_cells).squeeze(1)
             centres.radii[near_cells] = float("-inf")
             centres.radii.scatter_reduce_(0, row_cells.index_select(0, stay),
-                                          nearest.index_select(0, rows.index_select(0, stay)), "amax")
+                                          nearest.index_select(0, rows.index_select(0, stay)),
+                                          "amax")
             if len(moved):
                 centres.radii[step] = nearest[moved].max()
         if step + 1 < count:
@@ -364,7 +372,8 @@ def _greedy_k_center(points: torch.Tensor, count: int, first: int, progress: boo
     return picks
 
 
-def _farthest(radii: torch.Tensor, cells: _Cells, owner: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+def _farthest(radii: torch.Tensor, cells: _Cells, owner: torch.Tensor,
+              nearest: torch.Tensor) -> torch.Tensor:
     """The row with the largest ``nearest``, the first one if several: among the members of the
     cells whose radius is the largest."""
     largest = radii.max()
@@ -384,7 +393,8 @@ def subsample(bank: ArrayLike, spec: CoresetSpec, seed: int = 0,
     else:
         count = min(spec, len(bank))
         if spec == 1:
-            logger.warning("coreset=1 keeps a single patch; for all patches use coreset=None or 1.0")
+            logger.warning("coreset=1 keeps a single patch; for all patches use coreset=None or "
+                           "1.0")
     if count == len(bank):  # every row: no selection to run
         return np.arange(len(bank), dtype=np.int64)
     return np.sort(coreset(bank, n=count, seed=seed, device=device, progress=progress))
@@ -392,7 +402,9 @@ def subsample(bank: ArrayLike, spec: CoresetSpec, seed: int = 0,
 
 def _shown(values: np.ndarray) -> str:
     text = np.array2string(values.ravel()[:6], separator=", ")
-    return f"{values.dtype} {text[:-1]}{', ...' if values.size > 6 else ''}]" if values.size else f"{values.dtype} []"
+    if not values.size:
+        return f"{values.dtype} []"
+    return f"{values.dtype} {text[:-1]}{', ...' if values.size > 6 else ''}]"
 
 
 def covering_radius(features: ArrayLike, selected: ArrayLike, backend: str = "auto") -> float:

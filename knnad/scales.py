@@ -40,7 +40,8 @@ def scale_embedders(extractor: FeatureExtractor, config: Dict[str, Any]) -> List
     only the scales that have more channels (a single scale is reduced to it as before)."""
     if len(extractor.scales) == 1:
         return [PatchEmbedder(config["aggregation_size"], config["reduce_dim"])]
-    return [PatchEmbedder(config["aggregation_size"], config["reduce_dim"], layers) for layers in extractor.scales]
+    return [PatchEmbedder(config["aggregation_size"], config["reduce_dim"], layers)
+            for layers in extractor.scales]
 
 
 def _kept_rows(banks: Sequence[np.ndarray], spec: CoresetSpec) -> List[CoresetSpec]:
@@ -67,8 +68,8 @@ def _coreset_rows(bank: np.ndarray, spec: CoresetSpec, pool: int, seed: int, dev
 def fit_scales(found: Embedded, embedders: Sequence[PatchEmbedder], extractor: FeatureExtractor,
                config: Dict[str, Any]) -> List[Scale]:
     """The fitted scales of ``found`` (see the module docstring); for several scales, their
-    normal statistics and fusion weights from ``found.kept`` (:func:`~knnad.selection.calibrate_scales`).
-    A ValueError when ``k`` exceeds a memory bank."""
+    normal statistics and fusion weights from ``found.kept``
+    (:func:`~knnad.selection.calibrate_scales`). A ValueError when ``k`` exceeds a memory bank."""
     placement = index_placement(config)
     specs = _kept_rows(found.banks, config["coreset"])
     scales = []
@@ -81,8 +82,8 @@ def fit_scales(found: Embedded, embedders: Sequence[PatchEmbedder], extractor: F
                                                   f"use a smaller k or a larger coreset)")
         scales.append(Scale(embedder, FlatL2Index.of(bank, **placement), image_ids))
     if len(scales) > 1:
-        calibrate_scales(scales, found.kept, found.kept_ids, len(found.global_features) // len(found.paths),
-                         extractor, config)
+        calibrate_scales(scales, found.kept, found.kept_ids,
+                         len(found.global_features) // len(found.paths), extractor, config)
     return scales
 
 
@@ -90,7 +91,8 @@ def check_scales(settings: Dict[str, Any], scales: Sequence[Scale]) -> Dict[str,
     """``settings`` if they can score with ``scales``: ``k`` at most every memory bank's rows; with
     several scales, ``image_score="max"`` and the ``k`` their normal scores were measured with.
     Else a ValueError that says what to change."""
-    check_int(settings["k"], "k", 1, min(len(scale.index) for scale in scales), " (the patches in the memory bank)")
+    check_int(settings["k"], "k", 1, min(len(scale.index) for scale in scales),
+              " (the patches in the memory bank)")
     if len(scales) == 1:
         return settings
     if settings["image_score"] != "max":
@@ -105,18 +107,22 @@ def check_scales(settings: Dict[str, Any], scales: Sequence[Scale]) -> Dict[str,
     return settings
 
 
-def predict_maps(scales: Sequence[Scale], settings: Dict[str, Any], embeddings: Sequence[torch.Tensor],
-                 pooled: torch.Tensor, spade: Tuple[FlatL2Index, np.ndarray], size: Tuple[int, int]
+def predict_maps(scales: Sequence[Scale], settings: Dict[str, Any],
+                 embeddings: Sequence[torch.Tensor], pooled: torch.Tensor,
+                 spade: Tuple[FlatL2Index, np.ndarray], size: Tuple[int, int]
                  ) -> Tuple[torch.Tensor, Optional[np.ndarray]]:
     """Anomaly maps float32 ``[B, H, W]`` (``size``) and, where the image score is not the maps'
     maximum, image scores ``[B]``, from the patch embeddings of the scales of non-zero weight
     (``embeddings``, in order) and the global features ``pooled`` (SPADE's, with its global index
     and bank row offsets ``spade``)."""
     if len(scales) == 1:
-        patch_scores, image_scores = score_patches(settings, scales[0].index, *spade, embeddings[0], pooled)
-        return anomaly_maps(patch_scores, size, settings["sigma"], settings["upsampling"]), image_scores
+        patch_scores, image_scores = score_patches(settings, scales[0].index, *spade, embeddings[0],
+                                                   pooled)
+        return anomaly_maps(patch_scores, size, settings["sigma"],
+                            settings["upsampling"]), image_scores
     active = [scale for scale in scales if scale.weight != 0]
-    maps = [anomaly_maps(patch_knn_scores(scale.index, embedding, settings["k"]), size, settings["sigma"],
-                         settings["upsampling"]) for scale, embedding in zip(active, embeddings)]
+    maps = [anomaly_maps(patch_knn_scores(scale.index, embedding, settings["k"]), size,
+                         settings["sigma"], settings["upsampling"])
+            for scale, embedding in zip(active, embeddings)]
     return fused_maps(maps, normal_scores(active), [scale.weight for scale in active],
                       settings["fusion"]), None

@@ -65,15 +65,19 @@ def synthetic_defects(images: torch.Tensor, per_image: int, seed: int
         source = number % count
         cells = int(2 ** torch.randint(1, 4, (1,), generator=generator))
         noise = torch.randn(1, 1, cells + 1, cells + 1, generator=generator)
-        smooth = F.interpolate(noise, size=(height, width), mode="bicubic", align_corners=True)[0, 0]
+        smooth = F.interpolate(noise, size=(height, width), mode="bicubic",
+                               align_corners=True)[0, 0]
         area = float(uniform(*DEFECT_AREA))
         mask = smooth > torch.quantile(smooth.flatten(), 1 - area)
-        donor = images[(source + 1 + int(torch.randint(max(1, count - 1), (1,), generator=generator))) % count]
-        shift = (int(torch.randint(height, (1,), generator=generator)), int(torch.randint(width, (1,), generator=generator)))
+        donor = images[(source + 1 + int(torch.randint(max(1, count - 1), (1,),
+                                                       generator=generator))) % count]
+        shift = (int(torch.randint(height, (1,), generator=generator)),
+                 int(torch.randint(width, (1,), generator=generator)))
         donor = torch.roll(donor, shift, dims=(1, 2))
         if number % 2 == 0:  # another look: contrast and colour
             pixels = donor * std + mean
-            pixels = ((pixels - 0.5) * uniform(0.6, 1.4) + 0.5 + uniform(-0.15, 0.15, 3, 1, 1)).clamp(0, 1)
+            pixels = ((pixels - 0.5) * uniform(0.6, 1.4) + 0.5
+                      + uniform(-0.15, 0.15, 3, 1, 1)).clamp(0, 1)
             donor, blend = (pixels - mean) / std, float(uniform(0.5, 1.0))
         else:
             blend = 1.0
@@ -93,7 +97,8 @@ def _held_out_scores(scale: Scale, embedding: torch.Tensor, image: int, views: i
     start, stop = int(offsets[image]), int(offsets[image + views])
     if len(scale.index) - (stop - start) < k:
         return None
-    ranges = [(first, last) for first, last in ((0, start), (stop, len(scale.index))) if last > first]
+    ranges = [(first, last) for first, last in ((0, start), (stop, len(scale.index)))
+              if last > first]
     height, width, dim = embedding.shape
     distances, _ = scale.index.search_among(embedding.reshape(-1, dim), k, ranges)
     return torch.from_numpy(distances.mean(axis=1)).reshape(height, width)
@@ -114,23 +119,28 @@ def calibrate_scales(scales: Sequence[Scale], kept: np.ndarray, kept_ids: np.nda
     embedders = [scale.embedder for scale in scales]
     kept_images = torch.from_numpy(kept)
 
-    def scores(batch: torch.Tensor, owners: Sequence[int]) -> Tuple[List[List[torch.Tensor]], np.ndarray]:
+    def scores(batch: torch.Tensor, owners: Sequence[int]
+               ) -> Tuple[List[List[torch.Tensor]], np.ndarray]:
         """Per scale, the held-out patch scores of the images of ``batch`` that every scale can
         score without their own rows, and which those are (bool ``[len(batch)]``)."""
         found: List[List[Optional[torch.Tensor]]] = [[] for _ in scales]
         for start in range(0, len(batch), config["batch_size"]):
-            embeddings, _ = patch_features(extractor, embedders, batch[start:start + config["batch_size"]])
+            embeddings, _ = patch_features(extractor, embedders,
+                                           batch[start:start + config["batch_size"]])
             for scale, per_scale, embedding in zip(scales, found, embeddings):
-                per_scale += [_held_out_scores(scale, patches, int(kept_ids[owner]), views, images, config["k"])
-                              for patches, owner in zip(embedding, owners[start:start + len(embedding)])]
-        scored = np.array([all(per_scale[image] is not None for per_scale in found) for image in range(len(batch))])
+                per_scale += [_held_out_scores(scale, patches, int(kept_ids[owner]), views, images,
+                                               config["k"])
+                              for patches, owner in zip(embedding,
+                                                        owners[start:start + len(embedding)])]
+        scored = np.array([all(per_scale[image] is not None for per_scale in found)
+                           for image in range(len(batch))])
         if scored.sum() < 2:
             raise ValueError(f"a detector of several scales measures each scale's normal scores on "
                              f"training images against the other images' patches, but its memory "
-                             f"banks ({', '.join(str(len(scale.index)) for scale in scales)} rows) keep "
-                             f"fewer than k={config['k']} rows of other images for all but "
-                             f"{int(scored.sum())}; use a larger coreset, more images, or one scale "
-                             f"(layers='coarse')")
+                             f"banks ({', '.join(str(len(scale.index)) for scale in scales)} rows) "
+                             f"keep fewer than k={config['k']} rows of other images for all but "
+                             f"{int(scored.sum())}; use a larger coreset, more images, or one "
+                             f"scale (layers='coarse')")
         return [[image for image, keep in zip(per_scale, scored) if keep and image is not None]
                 for per_scale in found], scored
 
@@ -142,7 +152,8 @@ def calibrate_scales(scales: Sequence[Scale], kept: np.ndarray, kept_ids: np.nda
     defective, masks, sources = synthetic_defects(kept_images, DEFECTS_PER_IMAGE, config["seed"])
     defect_scores, scored = scores(defective, sources.tolist())
     masks = masks[scored]
-    maps = [anomaly_maps(torch.stack(per_scale), tuple(kept.shape[-2:]), config["sigma"], config["upsampling"])
+    maps = [anomaly_maps(torch.stack(per_scale), tuple(kept.shape[-2:]), config["sigma"],
+                         config["upsampling"])
             for per_scale in defect_scores]
     normals = normal_scores(scales)
     ranked = [(pixel_auroc(masks, fused_maps(maps, normals, weights).numpy()), weights)
@@ -150,6 +161,6 @@ def calibrate_scales(scales: Sequence[Scale], kept: np.ndarray, kept_ids: np.nda
     best_auroc, best = max(ranked, key=lambda pair: pair[0])  # the first of equals
     for scale, weight in zip(scales, best):
         scale.weight = weight
-    logger.info("fusion weights %s (synthetic defects' pixel AUROC %.4f; tried %s) from %d held-out "
-                "normal images", list(best), best_auroc,
+    logger.info("fusion weights %s (synthetic defects' pixel AUROC %.4f; tried %s) from %d "
+                "held-out normal images", list(best), best_auroc,
                 ", ".join(f"{list(weights)}: {auroc:.4f}" for auroc, weights in ranked), len(kept))

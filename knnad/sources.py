@@ -46,7 +46,8 @@ def check_finite(images: Any, prefix: str = "") -> None:
     finite = images.isfinite() if _is_tensor(images) else np.isfinite(images)
     bad = [i for i in range(len(images)) if not bool(finite[i].all())]
     if bad:
-        raise ValueError(f"{prefix}images {bad[:10]} of the batch hold NaN or inf; repair or remove them")
+        raise ValueError(f"{prefix}images {bad[:10]} of the batch hold NaN or inf; repair or "
+                         "remove them")
 
 
 @dataclass
@@ -78,7 +79,8 @@ def image_items(data: Any, argument: str, normal_only: bool = False) -> Items:
                              f"split='train' or the normal folder")
         return [sample.path for sample in data.samples]
     if _is_tensor(data) or isinstance(data, np.ndarray):
-        floating = data.is_floating_point() if _is_tensor(data) else np.issubdtype(data.dtype, np.floating)
+        floating = (data.is_floating_point() if _is_tensor(data)
+                    else np.issubdtype(data.dtype, np.floating))
         if data.ndim != 4 or data.shape[1] != 3 or not floating:
             raise ValueError(f"{argument}: an array must be a float batch [N, 3, H, W] of "
                              f"normalised images, got {data.dtype} {tuple(data.shape)}")
@@ -141,11 +143,12 @@ def batches(items: Items, preprocessor: Preprocessor, batch_size: int, on_error:
                 if frame is None:
                     frame, first = shape, _shown(chunk[i])
                 elif shape != frame:
-                    raise ValueError(f"{_shown(chunk[i])} gives a {shape[1]}x{shape[0]} image after "
-                                     f"resizing, but {first or 'the model'} {'gave' if first else 'takes'} "
-                                     f"{frame[1]}x{frame[0]}: in whole-image mode (crop_size=None) "
-                                     f"the images of a model must have one aspect ratio; fit one model "
-                                     f"per image shape, bring them to one aspect ratio first, or set crop_size")
+                    raise ValueError(f"{_shown(chunk[i])} gives a {shape[1]}x{shape[0]} image "
+                                     f"after resizing, but {first or 'the model'} "
+                                     f"{'gave' if first else 'takes'} {frame[1]}x{frame[0]}: in "
+                                     "whole-image mode (crop_size=None) the images of a model "
+                                     "must have one aspect ratio; fit one model per image shape, "
+                                     "bring them to one aspect ratio first, or set crop_size")
             bar.update(len(chunk))
             yield Batch(np.stack([array for array, _ in kept.values()]) if kept else
                         np.empty((0, 3, *(frame or (0, 0))), np.float32),

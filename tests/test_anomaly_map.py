@@ -19,7 +19,8 @@ def test_matrix_form_equals_upsample_then_blur(grid, size, sigma, upsampling):
     scores = torch.rand(3, *grid) * 5
     target = (size, size) if isinstance(size, int) else size
     corners = {"align_corners": False} if upsampling == "bilinear" else {}
-    explicit = torch.nn.functional.interpolate(scores[:, None], size=target, mode=upsampling, **corners)
+    explicit = torch.nn.functional.interpolate(scores[:, None], size=target, mode=upsampling,
+                                               **corners)
     if sigma:
         explicit = gaussian_blur(explicit, sigma)
     torch.testing.assert_close(anomaly_maps(scores, size, sigma, upsampling), explicit[:, 0],
@@ -42,7 +43,7 @@ def test_anomaly_maps_shape_and_values():
     spike[0, 4, 4] = 1.0
     sharp = anomaly_maps(spike, (64, 64), sigma=0)
     smooth = anomaly_maps(spike, (64, 64), sigma=4)
-    assert sharp.argmax() == smooth.argmax() or abs(int(sharp.argmax()) - int(smooth.argmax())) <= 65
+    assert abs(int(sharp.argmax()) - int(smooth.argmax())) <= 65
     assert smooth.max() < sharp.max()
     torch.testing.assert_close(smooth.sum(), sharp.sum(), rtol=0.02, atol=0)
     with pytest.raises(ValueError, match="sigma"):

@@ -6,8 +6,12 @@ import torch
 import torchvision
 from torch import nn
 
-from knnad.backbones import (PRESET_LAYERS, FeatureExtractor, WeightsUnavailableError,
-                             module_fingerprint)
+from knnad.backbones import (
+    PRESET_LAYERS,
+    FeatureExtractor,
+    WeightsUnavailableError,
+    module_fingerprint,
+)
 from knnad.preprocessing import Preprocessor
 
 
@@ -39,12 +43,14 @@ def test_wide_resnet_shapes_and_all_layers(wide_resnet):
     every = FeatureExtractor("wide_resnet50_2", layers=["layer1", "layer4", "layer3"], weights=None)
     shapes = {k: tuple(v.shape) for k, v in every(torch.randn(1, 3, 224, 224)).items()}
     assert list(shapes) == ["layer1", "layer4", "layer3"]  # the order asked for
-    assert shapes == {"layer1": (1, 256, 56, 56), "layer4": (1, 2048, 7, 7), "layer3": (1, 1024, 14, 14)}
+    assert shapes == {"layer1": (1, 256, 56, 56), "layer4": (1, 2048, 7, 7),
+                      "layer3": (1, 1024, 14, 14)}
 
 
 @pytest.mark.parametrize("layers", [None, "default", "coarse"])
 def test_default_layers_are_the_coarse_scale(layers):
-    assert FeatureExtractor("resnet18", layers=layers, weights=None).scales == (("layer2", "layer3"),)
+    extractor = FeatureExtractor("resnet18", layers=layers, weights=None)
+    assert extractor.scales == (("layer2", "layer3"),)
 
 
 def test_multiscale_preset_is_a_coarse_and_a_fine_scale_hooked_once():
@@ -56,7 +62,8 @@ def test_multiscale_preset_is_a_coarse_and_a_fine_scale_hooked_once():
 
 def test_scales_by_name():
     extractor = FeatureExtractor("resnet18", layers=["layer1+layer2", "layer3"], weights=None)
-    assert extractor.scales == (("layer1", "layer2"), ("layer3",)) and extractor.layers == ("layer1", "layer2", "layer3")
+    assert extractor.scales == (("layer1", "layer2"), ("layer3",))
+    assert extractor.layers == ("layer1", "layer2", "layer3")
     with pytest.raises(ValueError, match="distinct such lists"):
         FeatureExtractor("resnet18", layers=[["layer2"], ["layer2"]], weights=None)
 
@@ -135,7 +142,8 @@ def test_custom_module_by_layer_name():
                           nn.Linear(16 * 8 * 8, 10))
     extractor = FeatureExtractor(model, layers=["0", "2"])
     features = extractor(torch.randn(3, 3, 32, 32))
-    assert {k: tuple(v.shape) for k, v in features.items()} == {"0": (3, 8, 16, 16), "2": (3, 16, 8, 8)}
+    shapes = {k: tuple(v.shape) for k, v in features.items()}
+    assert shapes == {"0": (3, 8, 16, 16), "2": (3, 16, 8, 8)}
     assert extractor.weights_id.startswith("module:")
 
 

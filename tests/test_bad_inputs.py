@@ -9,7 +9,8 @@ Every row of :data:`CATALOGUE` names its outcome class, and the one test asserts
   orientation, a file mode, the rows of scores.csv, exit status 130 and what is left on disk).
 
 Counts: 134 cases, 108 refused (72 by the API, 36 by the command line) and 26 documented.
-``test_counts_in_the_docstring`` keeps the counts above true. By item of the issue (refused / documented):
+``test_counts_in_the_docstring`` keeps the counts above true. By item of the issue (refused /
+documented):
 
     i1 outputs and options checked before the work   21 / 1
     i2 no traceback; Ctrl-C; impossible coresets     12 / 4
@@ -46,14 +47,22 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from knnad import Detector, FlatL2Index, ImageLoadError, ModelFileError, archive, coreset, covering_radius
+from knnad import (
+    Detector,
+    FlatL2Index,
+    ImageLoadError,
+    ModelFileError,
+    archive,
+    coreset,
+    covering_radius,
+)
 from knnad.cli import demo_root, main
 from knnad.datasets import BTAD, MVTecAD, dataset_pairs
 from knnad.preprocessing import Preprocessor
@@ -63,8 +72,8 @@ REFUSED, DOCUMENTED = "refused", "documented"
 SMALL = dict(backbone="mobilenet_v2", layers="coarse", weights=None, image_size=72, crop_size=64,
              progress=False, coreset=None)
 NO_BARS = "--no-progress"
-SHAPE = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "72", "--crop-size", "64",
-         NO_BARS]
+SHAPE = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "72", "--crop-size",
+         "64", NO_BARS]
 
 
 # --- images and files --------------------------------------------------------------------------
@@ -74,8 +83,8 @@ def textured(count: int, seed: int, size: int = 96):
     rng = np.random.default_rng(seed)
     xx = np.mgrid[0:size, 0:size][1]
     base = 128 + 60 * np.sin(xx / 4.0)[..., None] * np.ones(3)
-    return [Image.fromarray(np.clip(base + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8))
-            for _ in range(count)]
+    return [Image.fromarray(np.clip(base + rng.normal(0, 6, (size, size, 3)), 0, 255)
+                            .astype(np.uint8)) for _ in range(count)]
 
 
 def save_all(images, folder: Path, stem: str = "img") -> Path:
@@ -89,12 +98,14 @@ def black_png(width: int, height: int) -> bytes:
     """A valid all-black 1-bit PNG of any size, built without holding its pixels (a 15000 x
     15000 one is 30 kB)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        checksum = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + checksum
 
     row, compressor = b"\0" * (1 + (width + 7) // 8), zlib.compressobj(9)
     body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
 
 
 def as_array(value) -> np.ndarray:
@@ -176,9 +187,9 @@ class Context:
         return {"tmp": str(self.tmp), "root": str(self.root), "images": str(self.images),
                 "image": str(self.image), "model": str(self.model), "tests": str(self.tests),
                 "missing": str(self.tmp / "no-images-here"), "a_file": str(self.root / "a-file"),
-                "folder_npz": str(self.root / "folder.npz"), "broken": str(self.root / "broken.png"),
-                "bomb": str(self.root / "bomb.png"), "picture": str(self.root / "picture.npz"),
-                **self.extra}
+                "folder_npz": str(self.root / "folder.npz"),
+                "broken": str(self.root / "broken.png"), "bomb": str(self.root / "bomb.png"),
+                "picture": str(self.root / "picture.npz"), **self.extra}
 
     def fill(self, template: str) -> str:
         return template.format(**self.paths())
@@ -221,6 +232,11 @@ class Api:
             self.then(ctx, info.value)
 
 
+def other_account_result(ctx: Context) -> Tuple[int, str, str]:
+    """``(status, stdout, stderr)`` of this case's command in the other account's run."""
+    return ctx.request.getfixturevalue("other_account")[ctx.request.node.callspec.id]
+
+
 @dataclass
 class Cli:
     """Refused by the command line: ``knnad ARGV`` exits 2 with one line on stderr, no
@@ -236,7 +252,7 @@ class Cli:
 
     def __call__(self, ctx: Context) -> None:
         if self.account == "other":
-            status, _, stderr = ctx.request.getfixturevalue("other_account")[ctx.request.node.callspec.id]
+            status, _, stderr = other_account_result(ctx)
         else:
             status, _, stderr = run_cli(ctx.fill(self.argv).split())
         assert "Traceback" not in stderr, stderr
@@ -265,13 +281,13 @@ def case(id: str, spec):
     return pytest.param(spec.outcome, spec, id=id)
 
 
-# --- documented results (item by item) -------------------------------------------------------------
+# --- documented results (item by item) ----------------------------------------------------------
 
 def predict_skips_and_lists(ctx):
     out = ctx.tmp / "out"
-    status, stdout, _ = run_cli(["predict", str(ctx.model), str(ctx.image), str(ctx.root / "broken.png"),
-                                 str(ctx.root / "bomb.png"), "--out", str(out), "--on-error", "skip",
-                                 "--no-heatmaps", NO_BARS])
+    status, stdout, _ = run_cli(["predict", str(ctx.model), str(ctx.image),
+                                 str(ctx.root / "broken.png"), str(ctx.root / "bomb.png"), "--out",
+                                 str(out), "--on-error", "skip", "--no-heatmaps", NO_BARS])
     assert status == 3 and "skipped 2 that could not be read" in stdout
     rows = (out / "scores.csv").read_text().splitlines()
     assert rows[0] == "path,score,anomalous,status"
@@ -284,8 +300,9 @@ def crash_keeps_what_was_done(ctx):
     out = ctx.tmp / "out"
     assert run_cli(["predict", str(ctx.model), str(ctx.image), "--out", str(out), NO_BARS])[0] == 0
     previous = (out / "scores.csv").read_bytes()
-    status, _, stderr = run_cli(["predict", str(ctx.model), str(ctx.tests), str(ctx.root / "broken.png"),
-                                 "--out", str(out), "--batch-size", "1", NO_BARS])
+    status, _, stderr = run_cli(["predict", str(ctx.model), str(ctx.tests),
+                                 str(ctx.root / "broken.png"), "--out", str(out), "--batch-size",
+                                 "1", NO_BARS])
     (line,) = message_lines(stderr)
     assert status == 2 and "broken.png" in line
     assert f"the 3 images scored before it are in {out / 'scores.partial.csv'}" in line
@@ -322,7 +339,8 @@ def bit_depth_gives_the_score_scale(ctx):
     train8, train12 = twelve_bit_data(seed=1)
     test8, test12 = twelve_bit_data(seed=2, count=2, defect=True)
     save_all(train12, ctx.tmp / "train12"), save_all(test12, ctx.tmp / "test12")
-    assert all(np.asarray(Image.open(p)).max() > 255 for p in (ctx.tmp / "test12").iterdir())  # 16-bit files
+    # 16-bit files
+    assert all(np.asarray(Image.open(p)).max() > 255 for p in (ctx.tmp / "test12").iterdir())
     reference = Detector(**SMALL).fit(train8).predict(test8).image_scores
     stated = Detector(**SMALL, bit_depth=12).fit(ctx.tmp / "train12").predict(ctx.tmp / "test12")
     np.testing.assert_allclose(stated.image_scores, reference, rtol=2e-2)
@@ -331,7 +349,8 @@ def bit_depth_gives_the_score_scale(ctx):
     # which tests/test_preprocessing.py checks.)
     dark = as_array(Preprocessor(72, 64, bit_depth=16)(ctx.tmp / "test12" / "img000.png"))
     right = as_array(Preprocessor(72, 64, bit_depth=12)(ctx.tmp / "test12" / "img000.png"))
-    np.testing.assert_allclose(right, as_array(Preprocessor(72, 64)(test8[0])), atol=0.02)  # 8-bit resize rounding
+    # 8-bit resize rounding
+    np.testing.assert_allclose(right, as_array(Preprocessor(72, 64)(test8[0])), atol=0.02)
     assert dark.mean() < right.mean() - 1
 
 
@@ -340,7 +359,8 @@ def float_images_scaled_by_bit_depth(ctx):
     path = ctx.tmp / "float.tiff"
     Image.fromarray(np.asarray(twelve, np.float32), mode="F").save(path)
     expected = as_array(Preprocessor(72, 64, bit_depth=12)(twelve))
-    np.testing.assert_allclose(as_array(Preprocessor(72, 64, bit_depth=12)(path)), expected, atol=1e-5)
+    np.testing.assert_allclose(as_array(Preprocessor(72, 64, bit_depth=12)(path)), expected,
+                               atol=1e-5)
     unit = ctx.tmp / "unit.tiff"  # floats in [0, 1] are taken as they are
     Image.fromarray(np.asarray(twelve, np.float32) / 4095, mode="F").save(unit)
     np.testing.assert_allclose(as_array(Preprocessor(72, 64)(unit)), expected, atol=1e-5)
@@ -456,7 +476,8 @@ def cli_process(args, **kwargs) -> subprocess.Popen:
 def ctrl_c_during_predict(ctx):
     out, many = ctx.tmp / "out", save_all(textured(40, seed=7), ctx.tmp / "many", stem="many")
     previous_images = save_all(textured(2, seed=8), ctx.tmp / "previous", stem="previous")
-    assert run_cli(["predict", str(ctx.model), str(previous_images), "--out", str(out), NO_BARS])[0] == 0
+    assert run_cli(["predict", str(ctx.model), str(previous_images), "--out", str(out),
+                    NO_BARS])[0] == 0
     before = {path.name: path.read_bytes() for path in out.iterdir()}
     assert sorted(before) == ["0000_previous000.png", "0001_previous001.png", "scores.csv"]
     partial = out / "scores.partial.csv"
@@ -475,8 +496,8 @@ def ctrl_c_during_predict(ctx):
 def ctrl_c_during_fit(ctx):
     many = save_all(textured(30, seed=9, size=160), ctx.tmp / "many")
     model = ctx.tmp / "model.npz"
-    process = cli_process(["fit", *[str(many)] * 8, "--model", str(model), "--backbone", "mobilenet_v2",
-                           "--weights", "none", "--coreset", "0.5"])
+    process = cli_process(["fit", *[str(many)] * 8, "--model", str(model), "--backbone",
+                           "mobilenet_v2", "--weights", "none", "--coreset", "0.5"])
     stderr = []
 
     def read():
@@ -526,7 +547,8 @@ def bit_flips_caught(ctx):
             continue
         # Not refused: then the flip hit bytes that carry nothing (a zip timestamp), and the
         # model read is the saved one, to the bit.
-        assert got_meta == meta and all(np.array_equal(got_arrays[k], arrays[k]) for k in arrays), bit
+        assert got_meta == meta and all(np.array_equal(got_arrays[k], arrays[k])
+                                        for k in arrays), bit
     assert caught >= 190, caught
 
 
@@ -614,8 +636,8 @@ def genuine_copy_predicts_by_name(ctx):
                     "--weights", str(copy), "--image-size", "72", "--crop-size", "64",
                     "--coreset", "none", NO_BARS])[0] == 0
     copy.unlink()  # predict needs no file: the weights are known by name
-    status, stdout, _ = run_cli(["predict", str(model), str(ctx.image), "--out", str(ctx.tmp / "out"),
-                                 "--no-heatmaps", NO_BARS])
+    status, stdout, _ = run_cli(["predict", str(model), str(ctx.image), "--out",
+                                 str(ctx.tmp / "out"), "--no-heatmaps", NO_BARS])
     assert status == 0 and "scored 1 images" in stdout
     assert Detector.load(model).extractor_.weights_id == "MobileNet_V2_Weights.IMAGENET1K_V1"
 
@@ -623,8 +645,8 @@ def genuine_copy_predicts_by_name(ctx):
 def own_weights_given(ctx):
     model, weights = own_weights(ctx)
     out = ctx.tmp / "out"
-    status, _, _ = run_cli(["predict", str(model), str(ctx.image), "--out", str(out), "--no-heatmaps",
-                            "--weights", str(weights), NO_BARS])
+    status, _, _ = run_cli(["predict", str(model), str(ctx.image), "--out", str(out),
+                            "--no-heatmaps", "--weights", str(weights), NO_BARS])
     assert status == 0
     score = float((out / "scores.csv").read_text().splitlines()[1].split(",")[1])
     expected = Detector.load(model, weights=weights).predict([ctx.image]).image_scores[0]
@@ -661,41 +683,48 @@ def dataset_pairs_takes_one_name(ctx):
 def metrics_take_bool_and_0_1(ctx):
     from knnad import metrics
     assert metrics.image_auroc([False, True, True, False], [0.1, 0.9, 0.8, 0.2]) == 1.0
-    assert metrics.image_auroc(np.array([0.0, 1.0, 1.0, 0.0]), [0.1, 0.9, 0.2, 0.8]) == 0.75  # 3 of 4 pairs
+    # 3 of 4 pairs
+    assert metrics.image_auroc(np.array([0.0, 1.0, 1.0, 0.0]), [0.1, 0.9, 0.2, 0.8]) == 0.75
 
 
 def other_account_reads_umask_model(ctx):
-    status, stdout, stderr = ctx.request.getfixturevalue("other_account")[ctx.request.node.callspec.id]
+    status, stdout, stderr = other_account_result(ctx)
     assert status == 0 and "scored 1 images" in stdout, stderr
 
 
 def predict_refusal_writes_nothing(ctx):
     out = ctx.tmp / "new" / "out"
-    status, _, stderr = run_cli(["predict", str(ctx.model), str(ctx.root / "broken.png"), "--out", str(out),
-                                 NO_BARS])
+    status, _, stderr = run_cli(["predict", str(ctx.model), str(ctx.root / "broken.png"), "--out",
+                                 str(out), NO_BARS])
     assert status == 2 and "broken.png" in stderr
     assert not (ctx.tmp / "new").exists()  # nothing was scored: no partial file, no folders
 
 
 # --- the catalogue -----------------------------------------------------------------------------
 
-_BEFORE_WORK = "{missing}"  # an image folder that does not exist: a check after the fit would say so
+# An image folder that does not exist: a check after the fit would say so
+_BEFORE_WORK = "{missing}"
 
 CATALOGUE = [
     # 1. Fail before the work: outputs and options are checked before fitting or predicting.
-    case("i1-fit-model-suffix-pt", Cli("fit {missing} --model {tmp}/m.pt", ["{tmp}/m.pt"], r"must end in \.npz")),
+    case("i1-fit-model-suffix-pt",
+         Cli("fit {missing} --model {tmp}/m.pt", ["{tmp}/m.pt"], r"must end in \.npz")),
     case("i1-fit-model-is-folder", Cli("fit {missing} --model {folder_npz}", ["{folder_npz}"],
                                        r"is a folder; name a file such as")),
-    case("i1-fit-model-folder-missing", Cli("fit {missing} --model {tmp}/nowhere/m.npz", ["{tmp}/nowhere"],
-                                            "create it first")),
-    case("i1-fit-model-read-only-folder", Cli("", ["{ro}/m.npz"], "choose another folder or fix its permissions",
-                                              account="other")),
+    case("i1-fit-model-folder-missing",
+         Cli("fit {missing} --model {tmp}/nowhere/m.npz", ["{tmp}/nowhere"],
+             "create it first")),
+    case("i1-fit-model-read-only-folder",
+         Cli("", ["{ro}/m.npz"], "choose another folder or fix its permissions",
+             account="other")),
     case("i1-predict-out-is-file", Cli("predict {model} {image} --out {a_file}", ["{a_file}"],
                                        "is a file, not a folder; name a folder")),
-    case("i1-predict-out-under-file", Cli("predict {model} {image} --out {a_file}/scores", ["{a_file}"],
-                                          "name a folder")),
-    case("i1-predict-out-read-only", Cli("", ["{ro}"], "choose another folder or fix its permissions",
-                                         account="other")),
+    case("i1-predict-out-under-file",
+         Cli("predict {model} {image} --out {a_file}/scores", ["{a_file}"],
+             "name a folder")),
+    case("i1-predict-out-read-only",
+         Cli("", ["{ro}"], "choose another folder or fix its permissions",
+             account="other")),
     case("i1-evaluate-out-is-file", Cli("evaluate --dataset mvtec --root {missing} --out {a_file}",
                                         ["{a_file}"], "name a folder")),
     case("i1-demo-out-is-file", Cli("demo --out {a_file}/report", ["{a_file}"], "name a folder")),
@@ -703,27 +732,36 @@ CATALOGUE = [
                                   r"in \(0, 1\]")),
     case("i1-fit-quantile-0", Cli("fit {missing} --model {tmp}/m.npz --quantile 0", ["--quantile"],
                                   r"in \(0, 1\]")),
-    case("i1-calibrate-quantile-1.5", Api(ValueError, lambda ctx: ctx.detector.calibrate([ctx.image], 1.5),
-                                          ["quantile"], r"in \(0, 1\]")),
-    case("i1-fit-calibrate-images-missing", Cli("fit {images} {broken} --model {tmp}/m.npz --calibrate "
-                                                "{tmp}/held-out " + " ".join(SHAPE), ["{tmp}/held-out"],
-                                                "neither an image file nor a folder", absent=["{tmp}/m.npz"])),
-    case("i1-fit-k-above-coreset-count", Cli("fit {missing} --model {tmp}/m.npz --coreset 10 --k 50",
-                                             ["k=50", "coreset=10"], "use k <= 10 or a larger coreset")),
-    case("i1-api-k-above-coreset-count", Api(ValueError, lambda ctx: Detector(**{**SMALL, "coreset": 10}, k=50)
-                                             .fit(ctx.tmp / "no-images-here"), ["k=50"], "use k <= 10")),
-    case("i1-api-k-above-bank", Api(ValueError, lambda ctx: Detector(**SMALL, k=5000).fit(textured(1, 0)),
-                                    ["k must be"], "use a smaller k or a larger coreset")),
-    case("i1-predict-k-above-bank", Cli("predict {model} {image} --out {tmp}/out --k 100000", ["--k", "{model}"],
-                                        r"in \[1, 384\].*use a smaller --k", absent=["{tmp}/out"])),
-    case("i1-api-predict-k-above-bank", Api(ValueError, lambda ctx: Detector.load(ctx.model).set_params(k=385)
-                                            .predict([ctx.image]), ["k must be"], r"in \[1, 384\]")),
-    case("i1-fit-sigma-above-map", Cli("fit {missing} --model {tmp}/m.npz --crop-size 64 --sigma 100",
-                                       ["sigma=100", "crop_size=64"], r"use sigma < 15\.875 or a larger crop_size")),
+    case("i1-calibrate-quantile-1.5",
+         Api(ValueError, lambda ctx: ctx.detector.calibrate([ctx.image], 1.5),
+             ["quantile"], r"in \(0, 1\]")),
+    case("i1-fit-calibrate-images-missing",
+         Cli("fit {images} {broken} --model {tmp}/m.npz --calibrate "
+             "{tmp}/held-out " + " ".join(SHAPE), ["{tmp}/held-out"],
+             "neither an image file nor a folder", absent=["{tmp}/m.npz"])),
+    case("i1-fit-k-above-coreset-count",
+         Cli("fit {missing} --model {tmp}/m.npz --coreset 10 --k 50",
+             ["k=50", "coreset=10"], "use k <= 10 or a larger coreset")),
+    case("i1-api-k-above-coreset-count",
+         Api(ValueError, lambda ctx: Detector(**{**SMALL, "coreset": 10}, k=50)
+             .fit(ctx.tmp / "no-images-here"), ["k=50"], "use k <= 10")),
+    case("i1-api-k-above-bank",
+         Api(ValueError, lambda ctx: Detector(**SMALL, k=5000).fit(textured(1, 0)),
+             ["k must be"], "use a smaller k or a larger coreset")),
+    case("i1-predict-k-above-bank",
+         Cli("predict {model} {image} --out {tmp}/out --k 100000", ["--k", "{model}"],
+             r"in \[1, 384\].*use a smaller --k", absent=["{tmp}/out"])),
+    case("i1-api-predict-k-above-bank",
+         Api(ValueError, lambda ctx: Detector.load(ctx.model).set_params(k=385)
+             .predict([ctx.image]), ["k must be"], r"in \[1, 384\]")),
+    case("i1-fit-sigma-above-map",
+         Cli("fit {missing} --model {tmp}/m.npz --crop-size 64 --sigma 100",
+             ["sigma=100", "crop_size=64"], r"use sigma < 15\.875 or a larger crop_size")),
     case("i1-api-sigma-above-map", Api(ValueError, lambda ctx: Detector(**SMALL, sigma=16).fit(
         ctx.tmp / "no-images-here"), ["sigma=16"], "or a larger crop_size")),
-    case("i1-predict-sigma-above-map", Cli("predict {model} {image} --out {tmp}/out --sigma 40", ["sigma=40"],
-                                           "use sigma <", absent=["{tmp}/out"])),
+    case("i1-predict-sigma-above-map",
+         Cli("predict {model} {image} --out {tmp}/out --sigma 40", ["sigma=40"],
+             "use sigma <", absent=["{tmp}/out"])),
     case("i1-predict-refusal-writes-nothing", Doc(predict_refusal_writes_nothing)),
 
     # 2. No traceback: file-system errors are one line naming the path and what to do; Ctrl-C is
@@ -732,24 +770,34 @@ CATALOGUE = [
                                       "neither an image file nor a folder")),
     case("i2-fit-images-unreadable-folder", Cli("", ["{open}/secret"], "check its permissions",
                                                 account="other")),
-    case("i2-predict-image-unreadable", Cli("", ["{open}/locked.png"], "--on-error skip", account="other")),
-    case("i2-predict-model-missing", Cli("predict {tmp}/absent.npz {image} --out {tmp}/out", ["{tmp}/absent.npz"],
-                                         "check the path")),
-    case("i2-predict-model-is-folder", Cli("predict {folder_npz} {image} --out {tmp}/out", ["{folder_npz}"],
-                                           "name the .npz file")),
-    case("i2-predict-partial-name-is-folder", Cli("predict {model} {image} --out {root}/clash", ["scores.partial.csv"],
-                                                  "rename it or choose another path")),
+    case("i2-predict-image-unreadable",
+         Cli("", ["{open}/locked.png"], "--on-error skip", account="other")),
+    case("i2-predict-model-missing",
+         Cli("predict {tmp}/absent.npz {image} --out {tmp}/out", ["{tmp}/absent.npz"],
+             "check the path")),
+    case("i2-predict-model-is-folder",
+         Cli("predict {folder_npz} {image} --out {tmp}/out", ["{folder_npz}"],
+             "name the .npz file")),
+    case("i2-predict-partial-name-is-folder",
+         Cli("predict {model} {image} --out {root}/clash", ["scores.partial.csv"],
+             "rename it or choose another path")),
     case("i2-evaluate-root-missing", Cli("evaluate --dataset mvtec --root {tmp}/none --out {tmp}/r",
                                          ["{tmp}/none"], "does not exist")),
-    case("i2-fit-coreset-inf", Cli("fit {missing} --model {tmp}/m.npz --coreset inf", ["coreset", "inf"],
-                                   r"a share of patches in \(0, 1\]")),
-    case("i2-fit-coreset-1.5", Cli("fit {missing} --model {tmp}/m.npz --coreset 1.5", ["coreset", "1.5"],
-                                   r"a share of patches in \(0, 1\]")),
-    case("i2-fit-coreset-0", Cli("fit {missing} --model {tmp}/m.npz --coreset 0", ["coreset"], "count of patches >= 1")),
-    case("i2-fit-coreset-nan", Cli("fit {missing} --model {tmp}/m.npz --coreset nan", ["coreset", "nan"],
-                                   "none, a share")),
-    case("i2-api-coreset-inf", Api(ValueError, lambda ctx: Detector(**{**SMALL, "coreset": float("inf")}).fit(
-        ctx.images), ["coreset"], "such as 0.1")),
+    case("i2-fit-coreset-inf",
+         Cli("fit {missing} --model {tmp}/m.npz --coreset inf", ["coreset", "inf"],
+             r"a share of patches in \(0, 1\]")),
+    case("i2-fit-coreset-1.5",
+         Cli("fit {missing} --model {tmp}/m.npz --coreset 1.5", ["coreset", "1.5"],
+             r"a share of patches in \(0, 1\]")),
+    case("i2-fit-coreset-0",
+         Cli("fit {missing} --model {tmp}/m.npz --coreset 0", ["coreset"],
+             "count of patches >= 1")),
+    case("i2-fit-coreset-nan",
+         Cli("fit {missing} --model {tmp}/m.npz --coreset nan", ["coreset", "nan"],
+             "none, a share")),
+    case("i2-api-coreset-inf",
+         Api(ValueError, lambda ctx: Detector(**{**SMALL, "coreset": float("inf")}).fit(
+             ctx.images), ["coreset"], "such as 0.1")),
     case("i2-ctrl-c-during-predict", Doc(ctrl_c_during_predict)),
     case("i2-ctrl-c-during-fit", Doc(ctrl_c_during_fit)),
     case("i2-ctrl-c-during-evaluate", Doc(ctrl_c_during_evaluate)),
@@ -757,27 +805,33 @@ CATALOGUE = [
 
     # 3. Batch scoring that survives bad files and big runs.
     case("i3-predict-on-error-skip", Doc(predict_skips_and_lists)),
-    case("i3-predict-on-error-raise", Cli("predict {model} {image} {broken} --out {tmp}/out", ["{broken}"],
-                                          "--on-error skip skips such files")),
-    case("i3-predict-on-error-unknown", Cli("predict {model} {image} --out {tmp}/out --on-error ignore",
-                                            ["on_error", "ignore"], r"choose one of \('raise', 'skip'\)")),
+    case("i3-predict-on-error-raise",
+         Cli("predict {model} {image} {broken} --out {tmp}/out", ["{broken}"],
+             "--on-error skip skips such files")),
+    case("i3-predict-on-error-unknown",
+         Cli("predict {model} {image} --out {tmp}/out --on-error ignore",
+             ["on_error", "ignore"], r"choose one of \('raise', 'skip'\)")),
     case("i3-crash-keeps-what-was-done", Doc(crash_keeps_what_was_done)),
-    case("i3-bomb-15000x15000", Api(ImageLoadError, lambda ctx: Preprocessor()(ctx.root / "bomb.png"),
-                                    ["{bomb}", "too many pixels"], r"on_error|skip|MAX_IMAGE_PIXELS|smaller")),
+    case("i3-bomb-15000x15000",
+         Api(ImageLoadError, lambda ctx: Preprocessor()(ctx.root / "bomb.png"),
+             ["{bomb}", "too many pixels"], r"on_error|skip|MAX_IMAGE_PIXELS|smaller")),
     case("i3-bomb-skipped", Doc(bomb_is_skipped)),
-    case("i3-predict-bomb", Cli("predict {model} {bomb} --out {tmp}/out", ["{bomb}", "too many pixels"],
-                                "--on-error skip")),
+    case("i3-predict-bomb",
+         Cli("predict {model} {bomb} --out {tmp}/out", ["{bomb}", "too many pixels"],
+             "--on-error skip")),
     case("i3-strip-1x5000", Api(ImageLoadError, lambda ctx: Preprocessor()(ctx.root / "strip.png"),
                                 ["{root}/strip.png", "1x5000"], "cut it into tiles first")),
-    case("i3-strip-in-memory", Api(ImageLoadError, lambda ctx: Preprocessor()(Image.new("RGB", (5000, 1))),
-                                   ["in-memory image"], "cut it into tiles first")),
+    case("i3-strip-in-memory",
+         Api(ImageLoadError, lambda ctx: Preprocessor()(Image.new("RGB", (5000, 1))),
+             ["in-memory image"], "cut it into tiles first")),
     case("i3-aspect-20-to-1-handled", Doc(moderate_aspect_ratio_is_handled)),
 
     # 4. Images as industrial cameras write them.
     case("i4-bit-depth-score-scale", Doc(bit_depth_gives_the_score_scale)),
-    case("i4-16-bit-beyond-bit-depth", Api(ImageLoadError, lambda ctx: Preprocessor(72, 64, bit_depth=12)(
-        _saved(ctx, Image.fromarray(np.full((8, 8), 65520, np.uint16)), "sixteen.png")),
-        ["{tmp}/sixteen.png", "outside 0..4095"], "set bit_depth=16")),
+    case("i4-16-bit-beyond-bit-depth",
+         Api(ImageLoadError, lambda ctx: Preprocessor(72, 64, bit_depth=12)(
+             _saved(ctx, Image.fromarray(np.full((8, 8), 65520, np.uint16)), "sixteen.png")),
+             ["{tmp}/sixteen.png", "outside 0..4095"], "set bit_depth=16")),
     case("i4-float-beyond-1", Api(ImageLoadError, lambda ctx: Preprocessor(72, 64)(
         _saved(ctx, Image.fromarray(np.full((8, 8), 4000, np.float32), mode="F"), "f.tiff")),
         ["{tmp}/f.tiff", "outside 0..1"], "set bit_depth=12")),
@@ -788,7 +842,8 @@ CATALOGUE = [
         _saved(ctx, Image.fromarray(np.full((8, 8), np.nan, np.float32), mode="F"), "nan.tiff")),
         ["{tmp}/nan.tiff", "NaN"], "repair it first")),
     case("i4-int32-beyond-16-bit", Api(ImageLoadError, lambda ctx: Preprocessor(8, 8)(
-        Image.fromarray(np.full((8, 8), 70000, np.int32), mode="I")), ["outside 0..65535"], r"scale them")),
+        Image.fromarray(np.full((8, 8), 70000, np.int32), mode="I")), ["outside 0..65535"],
+                                       r"scale them")),
     case("i4-float-scaled-by-bit-depth", Doc(float_images_scaled_by_bit_depth)),
     case("i4-exif-orientation", Doc(exif_orientation_applied)),
     case("i4-broken-exif-ignored", Doc(broken_exif_ignored)),
@@ -799,97 +854,128 @@ CATALOGUE = [
     case("i5-model-mode-follows-umask", Doc(model_mode_follows_umask)),
     case("i5-replaced-model-keeps-mode", Doc(replaced_model_keeps_mode)),
     case("i5-other-account-reads-model", Doc(other_account_reads_umask_model)),
-    case("i5-model-unreadable", Cli("", ["{open}/secret.npz", "permission denied"], "make it readable",
-                                    account="other")),
+    case("i5-model-unreadable",
+         Cli("", ["{open}/secret.npz", "permission denied"], "make it readable",
+             account="other")),
     case("i5-stale-partial-removed", Doc(stale_partial_removed)),
     case("i5-model-missing-array", Api(ModelFileError, lambda ctx: Detector.load(
-        crafted(ctx, "no_bank.npz", drop_array="memory_bank")), ["no_bank.npz", "memory_bank"], "fit again")),
+        crafted(ctx, "no_bank.npz", drop_array="memory_bank")), ["no_bank.npz", "memory_bank"],
+                                       "fit again")),
     case("i5-model-missing-key", Api(ModelFileError, lambda ctx: Detector.load(
-        crafted(ctx, "no_key.npz", {"weights_id": _DROP})), ["no_key.npz", "weights_id"], "fit again")),
+        crafted(ctx, "no_key.npz", {"weights_id": _DROP})), ["no_key.npz", "weights_id"],
+                                     "fit again")),
     case("i5-model-missing-param", Api(ModelFileError, lambda ctx: Detector.load(
         crafted(ctx, "no_k.npz", {"params": {}})), ["no_k.npz"], "fit again")),
     case("i5-model-ids-unsorted", Api(ModelFileError, lambda ctx: Detector.load(crafted(
-        ctx, "ids.npz", patch_image_ids=np.arange(384)[::-1].copy())), ["ids.npz", "patch image ids"], "fit again")),
+        ctx, "ids.npz", patch_image_ids=np.arange(384)[::-1].copy())),
+                                      ["ids.npz", "patch image ids"], "fit again")),
     case("i5-model-bank-float64", Api(ModelFileError, lambda ctx: Detector.load(crafted(
-        ctx, "dtype.npz", memory_bank=ctx.detector.index_.vectors().astype(np.float64))), ["dtype.npz", "float64"],
+        ctx, "dtype.npz", memory_bank=ctx.detector.index_.vectors().astype(np.float64))),
+                                      ["dtype.npz", "float64"],
         "fit again")),
     case("i5-model-bank-nan", Api(ModelFileError, lambda ctx: Detector.load(crafted(
         ctx, "nan.npz", memory_bank=np.where(np.arange(384)[:, None] == 7, np.nan,
                                              ctx.detector.index_.vectors()).astype(np.float32))),
         ["nan.npz", "NaN"], "fit again")),
     case("i5-model-bank-dim-vs-backbone", Api(ModelFileError, lambda ctx: Detector.load(
-        crafted(ctx, "dims.npz", {"params.reduce_dim": 64})), ["dims.npz", "128-d", "give 64"], "fit again")),
+        crafted(ctx, "dims.npz", {"params.reduce_dim": 64})), ["dims.npz", "128-d", "give 64"],
+                                              "fit again")),
     case("i5-model-unknown-setting", Api(ModelFileError, lambda ctx: Detector.load(
-        crafted(ctx, "unknown.npz", {"params.colour": "red"})), ["unknown.npz", "colour"], "upgrade knnad")),
+        crafted(ctx, "unknown.npz", {"params.colour": "red"})), ["unknown.npz", "colour"],
+                                         "upgrade knnad")),
     case("i5-model-invalid-setting", Api(ModelFileError, lambda ctx: Detector.load(
         crafted(ctx, "k3.npz", {"params.k": "three"})), ["k3.npz", "k must be"], "fit again")),
     case("i5-model-malformed-backbone", Api(ModelFileError, lambda ctx: Detector.load(
-        crafted(ctx, "backbone.npz", {"params.backbone": 5})), ["backbone.npz", "malformed"], "fit again")),
+        crafted(ctx, "backbone.npz", {"params.backbone": 5})), ["backbone.npz", "malformed"],
+                                            "fit again")),
     case("i5-model-malformed-calibration", Api(ModelFileError, lambda ctx: Detector.load(crafted(
-        ctx, "calibration.npz", {"image_threshold": 1.0, "pixel_threshold": 1.0, "calibration_quantile": 0.9,
-                                 "calibration_settings": "k=1"})), ["calibration.npz", "malformed"], "fit again")),
+        ctx, "calibration.npz",
+        {"image_threshold": 1.0, "pixel_threshold": 1.0, "calibration_quantile": 0.9,
+         "calibration_settings": "k=1"})), ["calibration.npz", "malformed"], "fit again")),
     case("i5-model-threshold-nan", Api(ModelFileError, lambda ctx: Detector.load(crafted(
         ctx, "threshold.npz", {"image_threshold": float("nan"), "pixel_threshold": 1.0,
                                "calibration_quantile": 0.9})), ["threshold.npz"], "fit again")),
     case("i5-model-header-not-object", Api(ModelFileError, lambda ctx: Detector.load(_npz(
-        ctx, "header.npz", __knnad_meta__=np.frombuffer(b"[1, 2]", np.uint8))), ["header.npz", "malformed"],
+        ctx, "header.npz", __knnad_meta__=np.frombuffer(b"[1, 2]", np.uint8))),
+                                           ["header.npz", "malformed"],
         "restore it")),
     case("i5-png-as-model", Api(ModelFileError, lambda ctx: Detector.load(ctx.root / "picture.npz"),
-                                ["{picture}"], r"not a knnad model file \(not an \.npz archive\)$")),
+                                ["{picture}"],
+                                r"not a knnad model file \(not an \.npz archive\)$")),
     case("i5-cli-png-as-model", Cli("predict {picture} {image} --out {tmp}/out", ["{picture}"],
                                     r"not an \.npz archive\)$", absent=["{tmp}/out"])),
-    case("i5-zip-without-header", Api(ModelFileError, lambda ctx: Detector.load(_npz(ctx, "plain.npz", x=np.zeros(3))),
-                                      ["plain.npz", "no knnad header"], "name a file written by knnad")),
+    case("i5-zip-without-header",
+         Api(ModelFileError, lambda ctx: Detector.load(_npz(ctx, "plain.npz", x=np.zeros(3))),
+             ["plain.npz", "no knnad header"], "name a file written by knnad")),
     case("i5-index-as-model", Api(ModelFileError, lambda ctx: Detector.load(_index_file(ctx)),
                                   ["index.npz", "FlatL2Index"], "Detector.save")),
     case("i5-model-future-version", Api(ModelFileError, lambda ctx: Detector.load(
-        archive.write_archive(ctx.tmp / "future.npz", "Detector", 99, {}, {})), ["future.npz", "99"], "upgrade knnad")),
+        archive.write_archive(ctx.tmp / "future.npz", "Detector", 99, {}, {})),
+                                        ["future.npz", "99"], "upgrade knnad")),
 
     # 6. Local weights end to end.
     case("i6-genuine-copy-predicts-by-name", Doc(genuine_copy_predicts_by_name)),
-    case("i6-predict-needs-own-weights", Api(ValueError, lambda ctx: Detector.load(own_weights(ctx)[0]),
-                                             ["own.npz", "sha256:"], r"--weights PATH")),
-    case("i6-cli-predict-needs-own-weights", Cli("predict {root}/own.npz {image} --out {tmp}/out", ["{root}/own.npz"],
-                                                 r"--weights PATH", absent=["{tmp}/out"])),
+    case("i6-predict-needs-own-weights",
+         Api(ValueError, lambda ctx: Detector.load(own_weights(ctx)[0]),
+             ["own.npz", "sha256:"], r"--weights PATH")),
+    case("i6-cli-predict-needs-own-weights",
+         Cli("predict {root}/own.npz {image} --out {tmp}/out", ["{root}/own.npz"],
+             r"--weights PATH", absent=["{tmp}/out"])),
     case("i6-predict-with-own-weights", Doc(own_weights_given)),
     case("i6-predict-with-other-weights", Api(ValueError, lambda ctx: Detector.load(
-        own_weights(ctx)[0], weights=_other_weights(ctx)), ["own.npz", "scores would be wrong"], "--weights PATH")),
+        own_weights(ctx)[0], weights=_other_weights(ctx)), ["own.npz", "scores would be wrong"],
+                                              "--weights PATH")),
     case("i6-demo-has-weights-option", Doc(demo_has_weights_option)),
 
     # 7. Values that were accepted but wrong.
-    case("i7-sigma-nan", Api(ValueError, lambda ctx: Detector(**SMALL, sigma=float("nan")).fit(ctx.images),
-                             ["sigma"], r">= 0, got nan")),
-    case("i7-sigma-inf", Api(ValueError, lambda ctx: Detector(**SMALL).set_params(sigma=float("inf")),
-                             ["sigma"], r">= 0, got inf")),
-    case("i7-cli-sigma-nan", Cli("predict {model} {image} --out {tmp}/out --sigma nan", ["sigma", "nan"],
-                                 "a number of pixels >= 0")),
-    case("i7-index-complex-numpy", Api(TypeError, lambda ctx: FlatL2Index.of(np.ones((3, 2), np.complex64)),
-                                       ["vectors", "complex64"], "must hold real numbers")),
-    case("i7-index-complex-torch", Api(TypeError, lambda ctx: FlatL2Index.of(torch.ones(3, 2, dtype=torch.complex64)),
-                                       ["vectors", "complex64"], "must be real")),
-    case("i7-index-complex-query", Api(TypeError, lambda ctx: FlatL2Index.of(np.ones((3, 2))).search(
-        np.ones((1, 2), np.complex128), 1), ["queries", "complex128"], "must hold real numbers")),
+    case("i7-sigma-nan",
+         Api(ValueError, lambda ctx: Detector(**SMALL, sigma=float("nan")).fit(ctx.images),
+             ["sigma"], r">= 0, got nan")),
+    case("i7-sigma-inf",
+         Api(ValueError, lambda ctx: Detector(**SMALL).set_params(sigma=float("inf")),
+             ["sigma"], r">= 0, got inf")),
+    case("i7-cli-sigma-nan",
+         Cli("predict {model} {image} --out {tmp}/out --sigma nan", ["sigma", "nan"],
+             "a number of pixels >= 0")),
+    case("i7-index-complex-numpy",
+         Api(TypeError, lambda ctx: FlatL2Index.of(np.ones((3, 2), np.complex64)),
+             ["vectors", "complex64"], "must hold real numbers")),
+    case("i7-index-complex-torch",
+         Api(TypeError, lambda ctx: FlatL2Index.of(torch.ones(3, 2, dtype=torch.complex64)),
+             ["vectors", "complex64"], "must be real")),
+    case("i7-index-complex-query",
+         Api(TypeError, lambda ctx: FlatL2Index.of(np.ones((3, 2))).search(
+             np.ones((1, 2), np.complex128), 1), ["queries", "complex128"],
+             "must hold real numbers")),
     case("i7-index-strings", Api(TypeError, lambda ctx: FlatL2Index.of(np.array([["a", "b"]])),
                                  ["vectors"], "must hold real numbers")),
     case("i7-coreset-unique-beyond-distinct-rows", Doc(coreset_unique_beyond_distinct_rows)),
     case("i7-numpy-float32-ratios", Doc(numpy_float32_ratios_accepted)),
-    case("i7-covering-radius-negative-row", Api(ValueError, lambda ctx: covering_radius(np.eye(3), [-1]),
-                                                ["selected", "-1"], r"row numbers in \[0, 2\]")),
-    case("i7-covering-radius-float-rows", Api(ValueError, lambda ctx: covering_radius(np.eye(3), [0.7, 1.2]),
-                                              ["selected", "float64"], r"row numbers in \[0, 2\]")),
-    case("i7-covering-radius-row-beyond", Api(ValueError, lambda ctx: covering_radius(np.eye(3), [5]),
-                                              ["selected", "5"], r"row numbers in \[0, 2\]")),
-    case("i7-btad-int-category", Api(ValueError, lambda ctx: BTAD(ctx.tmp, 1), ["BTAD category", "1"],
-                                     "must be a folder name such as '01'")),
-    case("i7-mvtec-int-category", Api(ValueError, lambda ctx: MVTecAD(demo_root(), 0), ["MVTec AD category"],
-                                      "such as 'bottle'")),
+    case("i7-covering-radius-negative-row",
+         Api(ValueError, lambda ctx: covering_radius(np.eye(3), [-1]),
+             ["selected", "-1"], r"row numbers in \[0, 2\]")),
+    case("i7-covering-radius-float-rows",
+         Api(ValueError, lambda ctx: covering_radius(np.eye(3), [0.7, 1.2]),
+             ["selected", "float64"], r"row numbers in \[0, 2\]")),
+    case("i7-covering-radius-row-beyond",
+         Api(ValueError, lambda ctx: covering_radius(np.eye(3), [5]),
+             ["selected", "5"], r"row numbers in \[0, 2\]")),
+    case("i7-btad-int-category",
+         Api(ValueError, lambda ctx: BTAD(ctx.tmp, 1), ["BTAD category", "1"],
+             "must be a folder name such as '01'")),
+    case("i7-mvtec-int-category",
+         Api(ValueError, lambda ctx: MVTecAD(demo_root(), 0), ["MVTec AD category"],
+             "such as 'bottle'")),
     case("i7-dataset-pairs-one-name", Doc(dataset_pairs_takes_one_name)),
-    case("i7-metrics-labels-minus-one", Api(ValueError, lambda ctx: _auroc([-1, 1, 1, -1]), ["labels", "-1"],
-                                            "must be 0/1 or bool")),
-    case("i7-metrics-labels-strings", Api(ValueError, lambda ctx: _auroc(["ok", "ng", "ng", "ok"]), ["labels", "ng"],
-                                          "must be 0/1 or bool")),
-    case("i7-metrics-masks-255", Api(ValueError, lambda ctx: _auroc([0, 255, 255, 0]), ["labels", "255"],
-                                     "must be 0/1 or bool")),
+    case("i7-metrics-labels-minus-one",
+         Api(ValueError, lambda ctx: _auroc([-1, 1, 1, -1]), ["labels", "-1"],
+             "must be 0/1 or bool")),
+    case("i7-metrics-labels-strings",
+         Api(ValueError, lambda ctx: _auroc(["ok", "ng", "ng", "ok"]), ["labels", "ng"],
+             "must be 0/1 or bool")),
+    case("i7-metrics-masks-255",
+         Api(ValueError, lambda ctx: _auroc([0, 255, 255, 0]), ["labels", "255"],
+             "must be 0/1 or bool")),
     case("i7-metrics-bool-and-0-1", Doc(metrics_take_bool_and_0_1)),
 
     # 8. knnad demo offline.
@@ -898,54 +984,82 @@ CATALOGUE = [
 
     # Already passing (the issue's 46): NaN rows, wrong dimensions, k out of range, corrupted and
     # hostile model files, concurrent saves; they stay passing.
-    case("ok-index-nan-rows", Api(ValueError, lambda ctx: FlatL2Index.of(np.array([[0.0, 1], [np.nan, 2], [3, np.inf]])),
-                                  ["vectors", "2 of 3 rows"], "remove or repair those rows")),
-    case("ok-index-nan-query", Api(ValueError, lambda ctx: FlatL2Index.of(np.eye(2)).search(np.full((1, 2), np.nan), 1),
-                                   ["queries", "1 of 1 rows"], "remove or repair")),
-    case("ok-coreset-nan-rows", Api(ValueError, lambda ctx: coreset(np.array([[0.0], [np.nan], [1.0]]), ratio=0.5),
-                                    ["features", "1 of 3 rows"], "remove or repair")),
-    case("ok-fit-nan-tensor", Api(ValueError, lambda ctx: Detector(**SMALL).fit(_nan_batch()), ["fit data"],
-                                  "NaN")),
-    case("ok-predict-nan-tensor", Api(ValueError, lambda ctx: ctx.detector.predict(_nan_batch()), ["predict data"],
-                                      "NaN")),
-    case("ok-index-wrong-dimension", Api(ValueError, lambda ctx: FlatL2Index.of(np.eye(3)).add(np.zeros((2, 4))),
-                                         ["vectors has dimension 4"], "the index has dimension 3")),
-    case("ok-query-wrong-dimension", Api(ValueError, lambda ctx: FlatL2Index.of(np.eye(3)).search(np.zeros((1, 2)), 1),
-                                         ["queries has dimension 2"], "the index has dimension 3")),
-    case("ok-index-rank-1", Api(ValueError, lambda ctx: FlatL2Index.of(np.zeros(3)), ["vectors"], r"rank 2 \[n, d\]")),
-    case("ok-predict-tensor-wrong-shape", Api(ValueError, lambda ctx: ctx.detector.predict(torch.zeros(2, 64, 64)),
-                                              ["predict data"], r"float batch \[N, 3, H, W\]")),
-    case("ok-k-0", Api(ValueError, lambda ctx: Detector(**SMALL, k=0).fit(ctx.images), ["k must be"], ">= 1")),
-    case("ok-k-float", Api(ValueError, lambda ctx: Detector(**SMALL).set_params(k=1.5), ["k must be"], "an int")),
-    case("ok-index-k-beyond-size", Api(ValueError, lambda ctx: FlatL2Index.of(np.eye(2)).search(np.eye(2), 3),
-                                       ["k must be"], r"in \[1, 2\]")),
-    case("ok-image-k-0", Api(ValueError, lambda ctx: Detector(**SMALL).set_params(image_k=0), ["image_k"], ">= 1")),
-    case("ok-crop-above-image", Api(ValueError, lambda ctx: Detector(**SMALL).set_params(crop_size=300),
-                                    ["crop_size=300"], "choose crop_size <= image_size")),
-    case("ok-unknown-parameter", Api(ValueError, lambda ctx: Detector(**SMALL).set_params(kk=1), ["'kk'"], "valid:")),
+    case("ok-index-nan-rows",
+         Api(ValueError, lambda ctx: FlatL2Index.of(np.array([[0.0, 1], [np.nan, 2], [3, np.inf]])),
+             ["vectors", "2 of 3 rows"], "remove or repair those rows")),
+    case("ok-index-nan-query",
+         Api(ValueError, lambda ctx: FlatL2Index.of(np.eye(2)).search(np.full((1, 2), np.nan), 1),
+             ["queries", "1 of 1 rows"], "remove or repair")),
+    case("ok-coreset-nan-rows",
+         Api(ValueError, lambda ctx: coreset(np.array([[0.0], [np.nan], [1.0]]), ratio=0.5),
+             ["features", "1 of 3 rows"], "remove or repair")),
+    case("ok-fit-nan-tensor",
+         Api(ValueError, lambda ctx: Detector(**SMALL).fit(_nan_batch()), ["fit data"],
+             "NaN")),
+    case("ok-predict-nan-tensor",
+         Api(ValueError, lambda ctx: ctx.detector.predict(_nan_batch()), ["predict data"],
+             "NaN")),
+    case("ok-index-wrong-dimension",
+         Api(ValueError, lambda ctx: FlatL2Index.of(np.eye(3)).add(np.zeros((2, 4))),
+             ["vectors has dimension 4"], "the index has dimension 3")),
+    case("ok-query-wrong-dimension",
+         Api(ValueError, lambda ctx: FlatL2Index.of(np.eye(3)).search(np.zeros((1, 2)), 1),
+             ["queries has dimension 2"], "the index has dimension 3")),
+    case("ok-index-rank-1",
+         Api(ValueError, lambda ctx: FlatL2Index.of(np.zeros(3)), ["vectors"], r"rank 2 \[n, d\]")),
+    case("ok-predict-tensor-wrong-shape",
+         Api(ValueError, lambda ctx: ctx.detector.predict(torch.zeros(2, 64, 64)),
+             ["predict data"], r"float batch \[N, 3, H, W\]")),
+    case("ok-k-0",
+         Api(ValueError, lambda ctx: Detector(**SMALL, k=0).fit(ctx.images), ["k must be"],
+             ">= 1")),
+    case("ok-k-float",
+         Api(ValueError, lambda ctx: Detector(**SMALL).set_params(k=1.5), ["k must be"], "an int")),
+    case("ok-index-k-beyond-size",
+         Api(ValueError, lambda ctx: FlatL2Index.of(np.eye(2)).search(np.eye(2), 3),
+             ["k must be"], r"in \[1, 2\]")),
+    case("ok-image-k-0",
+         Api(ValueError, lambda ctx: Detector(**SMALL).set_params(image_k=0), ["image_k"], ">= 1")),
+    case("ok-crop-above-image",
+         Api(ValueError, lambda ctx: Detector(**SMALL).set_params(crop_size=300),
+             ["crop_size=300"], "choose crop_size <= image_size")),
+    case("ok-unknown-parameter",
+         Api(ValueError, lambda ctx: Detector(**SMALL).set_params(kk=1), ["'kk'"], "valid:")),
     case("ok-model-truncated", Api(ModelFileError, lambda ctx: Detector.load(_written(
-        ctx, "cut.npz", ctx.model.read_bytes()[:1000])), ["cut.npz", "truncated"], "restore it from a good copy")),
+        ctx, "cut.npz", ctx.model.read_bytes()[:1000])), ["cut.npz", "truncated"],
+                                   "restore it from a good copy")),
     case("ok-model-zeroed-block", Api(ModelFileError, lambda ctx: Detector.load(_written(
-        ctx, "zeroed.npz", _zeroed(ctx.model.read_bytes()))), ["zeroed.npz"], "restore it from a good copy")),
-    case("ok-model-text-file", Api(ModelFileError, lambda ctx: Detector.load(_written(ctx, "notes.npz", b"hello")),
-                                   ["notes.npz", "not a knnad model file"], "not an .npz archive")),
+        ctx, "zeroed.npz", _zeroed(ctx.model.read_bytes()))), ["zeroed.npz"],
+                                      "restore it from a good copy")),
+    case("ok-model-text-file",
+         Api(ModelFileError, lambda ctx: Detector.load(_written(ctx, "notes.npz", b"hello")),
+             ["notes.npz", "not a knnad model file"], "not an .npz archive")),
     case("ok-model-pickle-payload", Api(ModelFileError, evil_model, ["evil.npz", "pickled"],
-                                        "never loads.*name a file written by knnad", then=pickle_payload_not_run)),
+                                        "never loads.*name a file written by knnad",
+                                        then=pickle_payload_not_run)),
     case("ok-model-bit-flips", Doc(bit_flips_caught)),
     case("ok-concurrent-saves", Doc(concurrent_saves_never_tear)),
-    case("ok-model-other-backbone", Api(ValueError, lambda ctx: Detector.load(ctx.model, backbone="resnet18"),
-                                        ["{model}", "'resnet18'"], "load it without backbone= or fit a new")),
-    case("ok-save-suffix", Api(ValueError, lambda ctx: ctx.detector.save(ctx.tmp / "m.pt"), ["m.pt"], r"\.npz")),
-    case("ok-save-folder-missing", Api(FileNotFoundError, lambda ctx: ctx.detector.save(ctx.tmp / "no" / "m.npz"),
-                                       ["{tmp}/no"], "create it first")),
-    case("ok-index-file-missing-vectors", Api(ModelFileError, lambda ctx: FlatL2Index.load(archive.write_archive(
-        ctx.tmp / "idx.npz", "FlatL2Index", 1, {"dim": 3}, {})), ["idx.npz"], "save the index again")),
-    case("ok-index-file-dim-mismatch", Api(ModelFileError, lambda ctx: FlatL2Index.load(archive.write_archive(
-        ctx.tmp / "idx.npz", "FlatL2Index", 1, {"dim": 5}, {"vectors": np.zeros((2, 3), np.float32)})),
-        ["idx.npz", "dimension 5"], "save the index again")),
-    case("ok-index-file-no-dim", Api(ModelFileError, lambda ctx: FlatL2Index.load(archive.write_archive(
-        ctx.tmp / "idx.npz", "FlatL2Index", 1, {}, {"vectors": np.zeros((2, 3), np.float32)})),
-        ["idx.npz", "dimension None"], "save the index again")),
+    case("ok-model-other-backbone",
+         Api(ValueError, lambda ctx: Detector.load(ctx.model, backbone="resnet18"),
+             ["{model}", "'resnet18'"], "load it without backbone= or fit a new")),
+    case("ok-save-suffix",
+         Api(ValueError, lambda ctx: ctx.detector.save(ctx.tmp / "m.pt"), ["m.pt"], r"\.npz")),
+    case("ok-save-folder-missing",
+         Api(FileNotFoundError, lambda ctx: ctx.detector.save(ctx.tmp / "no" / "m.npz"),
+             ["{tmp}/no"], "create it first")),
+    case("ok-index-file-missing-vectors",
+         Api(ModelFileError, lambda ctx: FlatL2Index.load(archive.write_archive(
+             ctx.tmp / "idx.npz", "FlatL2Index", 1, {"dim": 3}, {})), ["idx.npz"],
+             "save the index again")),
+    case("ok-index-file-dim-mismatch",
+         Api(ModelFileError, lambda ctx: FlatL2Index.load(archive.write_archive(
+             ctx.tmp / "idx.npz", "FlatL2Index", 1, {"dim": 5},
+             {"vectors": np.zeros((2, 3), np.float32)})),
+             ["idx.npz", "dimension 5"], "save the index again")),
+    case("ok-index-file-no-dim",
+         Api(ModelFileError, lambda ctx: FlatL2Index.load(archive.write_archive(
+             ctx.tmp / "idx.npz", "FlatL2Index", 1, {}, {"vectors": np.zeros((2, 3), np.float32)})),
+             ["idx.npz", "dimension None"], "save the index again")),
 ]
 
 
@@ -998,9 +1112,11 @@ _OTHER_ACCOUNT_ARGV = {
     "i1-fit-model-read-only-folder": "fit {missing} --model {ro}/m.npz",
     "i1-predict-out-read-only": "predict {model} {image} --out {ro}/scores --no-heatmaps",
     "i2-fit-images-unreadable-folder": "fit {open}/secret --model {open}/m.npz",
-    "i2-predict-image-unreadable": "predict {model} {open}/locked.png --out {open}/locked-out --no-heatmaps",
+    "i2-predict-image-unreadable": "predict {model} {open}/locked.png --out {open}/locked-out "
+                                   "--no-heatmaps",
     "i5-model-unreadable": "predict {open}/secret.npz {image} --out {open}/secret-out",
-    "i5-other-account-reads-model": "predict {model} {image} --out {open}/readable-out --no-heatmaps",
+    "i5-other-account-reads-model": "predict {model} {image} --out {open}/readable-out "
+                                    "--no-heatmaps",
 }
 _OFFLINE_ARGV = {"i8-demo-offline": "demo --out {open}/demo --no-progress"}
 
@@ -1059,7 +1175,8 @@ def other_account(shared):
         job = json.dumps([
             ["predict", str(model), str(image), "--out", str(opened / "warm-up"), NO_BARS],
             {name: t.format(**paths).split() for name, t in _OFFLINE_ARGV.items()},
-            {name: (t.format(**paths) + " " + NO_BARS).split() for name, t in _OTHER_ACCOUNT_ARGV.items()}])
+            {name: (t.format(**paths) + " " + NO_BARS).split()
+             for name, t in _OTHER_ACCOUNT_ARGV.items()}])
         dead = "http://127.0.0.1:9"  # a closed port: no network, at once
         env = {**os.environ, "MPLBACKEND": "Agg", "MPLCONFIGDIR": str(opened), "HOME": str(opened),
                "TORCH_HOME": str(opened / "torch"), "https_proxy": dead, "HTTPS_PROXY": dead,

@@ -25,7 +25,9 @@ def test_results_record_the_commit_the_versions_and_the_machine(tmp_path, monkey
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCHMARKS, capture_output=True,
                             text=True, check=True).stdout.strip()
     assert machine["git_commit"] == commit and isinstance(machine["git_dirty"], bool)
-    assert (machine["knnad"], machine["torch"], machine["faiss"], machine["numpy"], machine["python"]) == \
-        (knnad.__version__, torch.__version__, faiss.__version__, np.__version__, platform.python_version())
+    versions = (knnad.__version__, torch.__version__, faiss.__version__, np.__version__,
+                platform.python_version())
+    assert tuple(machine[name] for name in ("knnad", "torch", "faiss", "numpy", "python")) \
+        == versions
     assert machine["cpu"] and machine["cores"] and "gpu" in machine
     assert f"Machine: {json.dumps(machine)}" in written.read_text()

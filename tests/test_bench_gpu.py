@@ -34,7 +34,8 @@ def pack(bottle_root, torch_home, tmp_path_factory):
 
 def quick_test_images(manifest) -> int:
     """How many test images --quick takes from the pack: every 12th."""
-    return len(range(0, sum(n for name, n in manifest["images"].items() if name.startswith("test/")), 12))
+    tests = sum(n for name, n in manifest["images"].items() if name.startswith("test/"))
+    return len(range(0, tests, 12))
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,8 @@ def results(pack, tmp_path_factory):
     (hidden / "faiss.py").write_text("raise ImportError('hidden: the GPU machine has no faiss')\n")
     paths = [str(hidden)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     # One torch thread: on 2 shared cores, OpenMP threads that wait on each other slow it tenfold.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "TORCH_HOME": str(folder / "torch_home"),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths),
+           "TORCH_HOME": str(folder / "torch_home"), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick",
                           "--data", str(pack_folder / "mvtec"),
                           "--weights", str(pack_folder / manifest["weights"]["file"]),
@@ -69,7 +70,8 @@ def table(results, number_and_name: str):
 
 
 @pytest.mark.slow
-def test_pack_holds_every_defect_type_and_the_weights_under_its_limit(pack, bottle_root, torch_home):
+def test_pack_holds_every_defect_type_and_the_weights_under_its_limit(pack, bottle_root,
+                                                                      torch_home):
     folder, manifest, printed = pack
     assert sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) <= PACK_LIMIT
     weights = folder / manifest["weights"]["file"]
@@ -82,7 +84,8 @@ def test_pack_holds_every_defect_type_and_the_weights_under_its_limit(pack, bott
     assert manifest["images"] == Counter(f"{split.split}/{sample.defect}" for split in (train, test)
                                          for sample in split)
     assert manifest["images"]["train/good"] >= 40 and min(manifest["images"].values()) >= 3
-    files = sorted(str(path.relative_to(category)) for path in category.rglob("*") if path.is_file())
+    files = sorted(str(path.relative_to(category)) for path in category.rglob("*")
+                   if path.is_file())
     assert files == sorted(manifest["files"]) and {"license.txt", "readme.txt"} <= set(files)
     assert all(filecmp.cmp(category / name, source / name, shallow=False) for name in files)
     assert f"--data {folder}/mvtec --category bottle --weights {weights} --commit " in printed
@@ -98,8 +101,10 @@ def test_settings_and_data_are_recorded(results, pack):
     assert summary["faiss"].startswith("not installed")
     assert summary["torch"] and summary["commit"]
     assert summary["images (train / test)"] == f"4 / {quick_test_images(manifest)}"
-    assert summary["data"] == str((folder / "mvtec").resolve()) and summary["pack manifest"] == manifest
-    assert summary["images in the data"] == ", ".join(f"{name} {n}" for name, n in manifest["images"].items())
+    assert summary["data"] == str((folder / "mvtec").resolve())
+    assert summary["pack manifest"] == manifest
+    assert summary["images in the data"] == ", ".join(f"{name} {n}"
+                                                      for name, n in manifest["images"].items())
     assert summary["weights"].endswith(f"(sha256 {manifest['weights']['sha256']})")
     assert "error" not in summary
 
@@ -125,7 +130,8 @@ def test_coreset_picks_match_the_cpu(results):
     full, large = table(results, "2. Coreset")
     assert full["identical picks"] is True and full["first different pick"] is None
     assert full["CPU picks"] == int(full["coreset"].split("(")[1].split()[0].replace(",", ""))
-    assert large["identical picks"] is True and large["bank"].endswith("20,736 x 128")  # 4 images of 72 x 72
+    # 4 images of 72 x 72
+    assert large["identical picks"] is True and large["bank"].endswith("20,736 x 128")
     assert large["CPU picks"] == 200 and large["device seconds"] > 0
 
 
@@ -134,7 +140,8 @@ def test_detector_scores_match_the_cpu_and_ray(results, pack):
     manifest = pack[1]
     runs = table(results, "3. Detector end to end")
     assert {row["run"] for row in runs} >= {"Detector.predict from files",
-                                            "Detector.predict from preprocessed images (no decoding)"}
+                                            "Detector.predict from preprocessed images (no "
+                                            "decoding)"}
     assert all(row["images/s"] > 0 for row in runs)
     summary = results["summary"]
     assert summary["image scores, largest relative difference device - CPU"] <= 1e-5
@@ -149,9 +156,11 @@ def test_detector_scores_match_the_cpu_and_ray(results, pack):
 @pytest.mark.slow
 def test_decoding_ceiling_is_reported(results):
     rows = table(results, "4. Decoding ceiling")
-    assert len(rows) >= 3 and all(row["images/s"] > 0 and row["images"] >= row["workers"] for row in rows)
+    assert len(rows) >= 3
+    assert all(row["images/s"] > 0 and row["images"] >= row["workers"] for row in rows)
     summary = results["summary"]
     ceiling = [value for key, value in summary.items() if key.startswith("decoding ceiling")]
     cores = max(row["workers"] for row in rows)
     assert ceiling == [max(row["images/s"] for row in rows if row["workers"] == cores)]
-    assert summary["target: bottle end to end >= 500 images/s"].startswith(("reached", "not reached: "))
+    target = summary["target: bottle end to end >= 500 images/s"]
+    assert target.startswith(("reached", "not reached: "))

@@ -58,7 +58,8 @@ def test_fit_then_predict(tmp_path, sample, capsys):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 and rows[-1]["path"] == str(test_good[2])
     expected = detector.predict([row["path"] for row in rows])
-    np.testing.assert_allclose([float(row["score"]) for row in rows], expected.image_scores, atol=1e-6)
+    np.testing.assert_allclose([float(row["score"]) for row in rows], expected.image_scores,
+                               atol=1e-6)
     assert [row["anomalous"] for row in rows] == [str(int(label)) for label in expected.labels]
     # Scoring options differ from the calibration's: scores, but no labels.
     assert main(["predict", str(model), str(broken), "--out", str(out), "--no-heatmaps",
@@ -66,7 +67,8 @@ def test_fit_then_predict(tmp_path, sample, capsys):
     with open(out / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     expected = detector.set_params(k=1, upsampling="nearest").predict([row["path"] for row in rows])
-    np.testing.assert_allclose([float(row["score"]) for row in rows], expected.image_scores, atol=1e-6)
+    np.testing.assert_allclose([float(row["score"]) for row in rows], expected.image_scores,
+                               atol=1e-6)
     assert expected.labels is None and {row["anomalous"] for row in rows} == {""}
     heatmaps = sorted(out.glob("*.png"))
     assert len(heatmaps) == 4 and heatmaps[0].name.startswith("0000_")
@@ -80,7 +82,8 @@ def test_evaluate_mvtec_and_folder(tmp_path, sample, capsys):
                  "bottle", "--out", str(out), "--coreset", "none", *FAST]) == 0
     results = json.loads((out / "results.json").read_text())
     row = results["rows"][0]
-    assert row["category"] == "bottle" and row["test_images"] == 12 and row["memory_bank"] == 16 * 784
+    assert row["category"] == "bottle" and row["test_images"] == 12
+    assert row["memory_bank"] == 16 * 784
     direct = Detector("mobilenet_v2", weights=None, coreset=None, progress=False).fit(
         MVTecAD(sample.parent, "bottle", "train"))
     mvtec_test = MVTecAD(sample.parent, "bottle", "test")
@@ -89,13 +92,14 @@ def test_evaluate_mvtec_and_folder(tmp_path, sample, capsys):
         assert row[name] == pytest.approx(figures[name], abs=1e-9), name
     # The example script takes the same options and gives the same report.
     example = Path(__file__).resolve().parents[1] / "examples" / "evaluate_mvtec.py"
-    subprocess.run([sys.executable, str(example), "--root", str(sample.parent), "--category", "bottle",
-                    "--out", str(tmp_path / "example"), "--coreset", "none", *FAST],
+    subprocess.run([sys.executable, str(example), "--root", str(sample.parent), "--category",
+                    "bottle", "--out", str(tmp_path / "example"), "--coreset", "none", *FAST],
                    check=True, capture_output=True, text=True)
     example_row = json.loads((tmp_path / "example" / "results.json").read_text())["rows"][0]
     for name in ("image_auroc", "pixel_auroc", "aupro", "memory_bank"):
         assert example_row[name] == row[name], name
-    assert set(results["details"]["bottle"]["per_defect"]) == {"broken_large", "broken_small", "contamination"}
+    assert set(results["details"]["bottle"]["per_defect"]) == {"broken_large", "broken_small",
+                                                               "contamination"}
     for name in ("results.md", "results.csv", "roc_image.png", "roc_pixel.png", "pro.png",
                  "heatmaps_bottle.png"):
         assert (out / name).stat().st_size > 0
@@ -114,7 +118,8 @@ def test_evaluate_mvtec_and_folder(tmp_path, sample, capsys):
                  "--coreset", "none", *FAST]) == 0
     folder_rows = json.loads((tmp_path / "folder_report" / "results.json").read_text())["rows"]
     assert folder_rows[0]["pixel_auroc"] is None  # no masks given
-    kept = [i for i, defect in enumerate(mvtec_test.defects) if defect in ("good", "broken_large", "contamination")]
+    kept = [i for i, defect in enumerate(mvtec_test.defects)
+            if defect in ("good", "broken_large", "contamination")]
     assert folder_rows[0]["image_auroc"] == pytest.approx(image_auroc(
         mvtec_test.labels[kept], direct_prediction.image_scores[kept]), abs=1e-9)
 
@@ -124,12 +129,14 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert "neither an image file nor a folder" in capsys.readouterr().err
     assert main(["evaluate", "--dataset", "mvtec", *FAST]) == 2
     assert "needs --root" in capsys.readouterr().err
-    assert main(["predict", str(tmp_path / "absent.npz"), str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert main(["predict", str(tmp_path / "absent.npz"), str(tmp_path), "--out",
+                 str(tmp_path)]) == 2
     assert "absent.npz" in capsys.readouterr().err
     for flag, value, message in [("--coreset", "1.5", "coreset must be none, a share"),
                                  ("--coreset", "abc", "got 'abc'"), ("--coreset", "0", "got '0'"),
                                  ("--k", "0", "k must be an int >= 1"),
-                                 ("--upsampling", "cubic", "choose one of ('bilinear', 'nearest')")]:
+                                 ("--upsampling", "cubic",
+                                  "choose one of ('bilinear', 'nearest')")]:
         with pytest.raises(SystemExit) as exit_info:  # refused while parsing: before any work
             main(["fit", str(tmp_path), "--model", str(tmp_path / "m.npz"), flag, value])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, (flag, value)
@@ -143,7 +150,8 @@ def test_predict_skips_unreadable_files_and_says_so(tmp_path, sample, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     inputs = [str(good[0]), str(broken), str(good[1]), str(good[2])]
-    assert main(["predict", str(model), str(good[0]), "--out", str(tmp_path / "raise"), "--no-progress"]) == 0
+    assert main(["predict", str(model), str(good[0]), "--out", str(tmp_path / "raise"),
+                 "--no-progress"]) == 0
     assert main(["predict", str(model), *inputs, "--out", str(tmp_path / "raise"), "--no-progress",
                  "--batch-size", "1"]) == 2
     error = capsys.readouterr().err
@@ -161,7 +169,8 @@ def test_predict_skips_unreadable_files_and_says_so(tmp_path, sample, capsys):
     assert [(row["path"], row["status"]) for row in rows] == [
         (str(good[0]), "scored"), (str(broken), "skipped"), (str(good[1]), "scored"),
         (str(good[2]), "scored")]
-    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:04d}_{good[i].stem}.png" for i in range(3)]
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:04d}_{good[i].stem}.png"
+                                                         for i in range(3)]
 
 
 def test_outputs_and_options_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
@@ -171,8 +180,10 @@ def test_outputs_and_options_are_checked_before_any_work(tmp_path, capsys, monke
     for argv, message in [
             (["fit", missing_images, "--model", str(tmp_path / "m.pt")], "must end in .npz"),
             (["fit", missing_images, "--model", str(tmp_path / "folder.npz")], "is a folder"),
-            (["fit", missing_images, "--model", str(tmp_path / "nowhere" / "m.npz")], "does not exist; create it"),
-            (["predict", str(tmp_path / "m.npz"), missing_images, "--out", str(tmp_path / "a-file")],
+            (["fit", missing_images, "--model", str(tmp_path / "nowhere" / "m.npz")],
+             "does not exist; create it"),
+            (["predict", str(tmp_path / "m.npz"), missing_images, "--out",
+              str(tmp_path / "a-file")],
              "a-file is a file, not a folder"),
             (["evaluate", "--dataset", "mvtec", "--root", missing_images, "--out",
               str(tmp_path / "a-file" / "report")], "a-file is a file, not a folder")]:
@@ -188,7 +199,8 @@ def test_interrupt_is_one_line_and_exit_130(tmp_path, sample, capsys, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Detector, "fit", interrupted)
-    assert main(["fit", str(sample / "train" / "good"), "--model", str(tmp_path / "m.npz"), *FAST]) == 130
+    assert main(["fit", str(sample / "train" / "good"), "--model", str(tmp_path / "m.npz"),
+                 *FAST]) == 130
     assert capsys.readouterr().err == "knnad fit: interrupted\n"
     assert not list(tmp_path.iterdir())
 

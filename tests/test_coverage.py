@@ -25,7 +25,8 @@ def striped(count: int, seed: int, width: int = WIDTH, height: int = HEIGHT):
     images = []
     for _ in range(count):
         base = 128 + 60 * np.sin(xx / 4.0 + rng.uniform(0, 0.3))[..., None] * np.ones(3)
-        images.append(Image.fromarray(np.clip(base + rng.normal(0, 6, (height, width, 3)), 0, 255).astype(np.uint8)))
+        noisy = np.clip(base + rng.normal(0, 6, (height, width, 3)), 0, 255)
+        images.append(Image.fromarray(noisy.astype(np.uint8)))
     return images
 
 
@@ -59,7 +60,8 @@ def test_whole_image_mode_scores_a_border_defect_that_the_crop_cuts_off(normal, 
     assert scores.anomaly_maps.shape == (3, 72, 96)  # the whole image: shorter side 72, 4:3 kept
     assert scores.image_scores[2] > 3 * scores.image_scores[:2].max()
     row, column = np.unravel_index(scores.anomaly_maps[2].argmax(), (72, 96))
-    assert column < 8 and 20 <= row <= 48, (row, column)  # at the defect, 0-3 px x 0.6, rows 30-60 x 0.8
+    # At the defect, 0-3 px x 0.6, rows 30-60 x 0.8
+    assert column < 8 and 20 <= row <= 48, (row, column)
 
 
 def test_maps_at_the_original_size_lie_over_the_image(whole):
@@ -95,10 +97,14 @@ def test_one_aspect_ratio_per_whole_image_model(normal, whole, tmp_path):
         whole.set_params(on_error="raise")
     assert prediction.skipped == [str(tmp_path / "square.png")] and len(prediction) == 1
     # Images of another size but the same aspect ratio are scored: their frames are alike.
-    assert whole.predict(striped(1, seed=3, width=240, height=180)).anomaly_maps.shape == (1, 72, 96)
-    with pytest.raises(ValueError, match="map_size='original' needs whole-image mode.*crop_size=None"):
+    other_size = striped(1, seed=3, width=240, height=180)
+    assert whole.predict(other_size).anomaly_maps.shape == (1, 72, 96)
+    with pytest.raises(ValueError,
+                       match="map_size='original' needs whole-image mode.*crop_size=None"):
         Detector(**CROP).set_params(map_size="original")
-    with pytest.raises(ValueError, match=r"sigma=20 is too large for maps of image_size=72 .*use sigma < 17\.875"):
+    with pytest.raises(ValueError,
+                       match=r"sigma=20 is too large for maps of image_size=72 .*use sigma < "
+                             r"17\.875"):
         Detector(**WHOLE, sigma=20).fit(tmp_path / "no-images-here")  # the maps' shorter side: 72
     whole.set_params(map_size="original")
     try:
@@ -124,7 +130,8 @@ def test_whole_image_model_save_load_round_trip(whole, tmp_path):
     np.testing.assert_array_equal(got.image_scores, expected.image_scores)
     np.testing.assert_array_equal(got.labels, expected.labels)
     np.testing.assert_array_equal(got.masks, expected.masks)
-    assert expected.labels[2] and expected.masks.shape == (3, HEIGHT, WIDTH) and expected.masks[2, 30:60, :4].any()
+    assert expected.labels[2] and expected.masks.shape == (3, HEIGHT, WIDTH)
+    assert expected.masks[2, 30:60, :4].any()
     with pytest.raises(ImageLoadError, match="fit on 96x72 frames"):
         loaded.predict(striped(1, seed=2, width=90, height=90))
     # A whole-image model file without its frame is refused.
@@ -145,7 +152,8 @@ def test_files_written_before_these_options_still_load(normal, tmp_path):
     loaded = Detector.load(tmp_path / "old.npz")
     assert (loaded.augment, loaded.map_size, loaded.crop_size) == (None, "processed", 64)
     tests = striped(2, seed=4)
-    np.testing.assert_array_equal(loaded.predict(tests).anomaly_maps, detector.predict(tests).anomaly_maps)
+    np.testing.assert_array_equal(loaded.predict(tests).anomaly_maps,
+                                  detector.predict(tests).anomaly_maps)
 
 
 def test_evaluation_masks_cover_the_whole_image(normal, whole, tmp_path):
@@ -213,7 +221,8 @@ def test_whole_image_export_scores_like_the_detector(whole, tmp_path):
     path = whole.export_onnx(tmp_path / "whole.onnx")
     exported = OnnxDetector(path)
     assert exported.input_shape == (None, 3, 72, 96)
-    assert exported.metadata["format"] == "knnad-onnx/2"  # readers of knnad-onnx/1 refuse it plainly
+    # Readers of knnad-onnx/1 refuse it plainly
+    assert exported.metadata["format"] == "knnad-onnx/2"
     for map_size in ("processed", "original"):
         whole.set_params(map_size=map_size)
         try:
@@ -244,7 +253,8 @@ def test_augment_values():
     image = torch.arange(6.0).reshape(1, 1, 2, 3)  # each view is a symmetry of the square
     for name, expected in {"hflip": [[2, 1, 0], [5, 4, 3]], "vflip": [[3, 4, 5], [0, 1, 2]],
                            "rot90": [[2, 5], [1, 4], [0, 3]], "rot180": [[5, 4, 3], [2, 1, 0]],
-                           "rot270": [[3, 0], [4, 1], [5, 2]], "transpose": [[0, 3], [1, 4], [2, 5]],
+                           "rot270": [[3, 0], [4, 1], [5, 2]],
+                           "transpose": [[0, 3], [1, 4], [2, 5]],
                            "antitranspose": [[5, 2], [4, 1], [3, 0]]}.items():
         assert VIEWS[name](image)[0, 0].tolist() == expected, name
 
@@ -255,13 +265,15 @@ def test_a_rotated_normal_image_scores_like_an_upright_one_only_with_augmentatio
     ratios = {}
     for augment in (None, "rotations"):
         detector = Detector(**CROP, augment=augment).fit(striped(6, seed=0, width=96, height=96))
-        ratios[augment] = detector.predict(rotated).image_scores / detector.predict(upright).image_scores
+        ratios[augment] = (detector.predict(rotated).image_scores
+                           / detector.predict(upright).image_scores)
     assert ratios[None].min() > 5, ratios  # stripes across: far from every normal patch
     assert ratios["rotations"].max() < 1.5, ratios
 
 
 def test_the_augmented_bank_holds_each_view_and_is_searched_exactly(normal):
-    detector = Detector(**CROP, augment="hflip+rot90", image_score="spade", image_k=4, k=2).fit(normal[:3])
+    detector = Detector(**CROP, augment="hflip+rot90", image_score="spade", image_k=4,
+                        k=2).fit(normal[:3])
     preprocessor = detector.preprocessor_
     images = torch.from_numpy(np.stack([preprocessor(image) for image in normal[:3]]))
     bank = []
@@ -278,9 +290,11 @@ def test_the_augmented_bank_holds_each_view_and_is_searched_exactly(normal):
     prediction = detector.predict(tests)
     queries = torch.from_numpy(np.stack([preprocessor(image) for image in tests]))
     embedding = detector.embedder_(detector.extractor_(queries)).double().reshape(-1, 128)
-    patch = torch.cdist(embedding, bank.double()).topk(2, largest=False).values.mean(1).reshape(2, 8, 8)
+    nearest = torch.cdist(embedding, bank.double()).topk(2, largest=False).values
+    patch = nearest.mean(1).reshape(2, 8, 8)
     from knnad.anomaly_map import anomaly_maps
-    np.testing.assert_allclose(prediction.anomaly_maps, anomaly_maps(patch.float(), 64), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(prediction.anomaly_maps, anomaly_maps(patch.float(), 64), rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_whole_image_frames_of_any_aspect_ratio_rotate(normal):
@@ -295,12 +309,16 @@ def test_whole_image_frames_of_any_aspect_ratio_rotate(normal):
 def test_fine_layer_preset(normal, tmp_path):
     fine = Detector(**{**CROP, "layers": "fine"}).fit(normal[:2])
     assert fine.extractor_.layers == ("features.3", "features.6", "features.13")
-    assert fine.index_.dim == 24 + 32 + 96 and len(fine.index_) == 2 * 16 * 16  # stride 4: 4x the patches
+    # Stride 4: 4x the patches
+    assert fine.index_.dim == 24 + 32 + 96 and len(fine.index_) == 2 * 16 * 16
     reduced = Detector(**{**CROP, "layers": ["fine"]}, reduce_dim=128).fit(normal[:2])
     assert reduced.index_.dim == 128 and reduced.config_["layers"] == "fine"
     loaded = Detector.load(reduced.save(tmp_path / "fine.npz"))
     assert tuple(loaded.layers) == ("features.3", "features.6", "features.13")
-    np.testing.assert_array_equal(loaded.predict(normal[2:3]).anomaly_maps, reduced.predict(normal[2:3]).anomaly_maps)
-    assert Detector(**{**CROP, "layers": "default"}).fit(normal[:1]).extractor_.layers == ("features.6", "features.13")
-    with pytest.raises(ValueError, match="no preset layers 'fine' for backbone 'alexnet'.*pass layers="):
+    np.testing.assert_array_equal(loaded.predict(normal[2:3]).anomaly_maps,
+                                  reduced.predict(normal[2:3]).anomaly_maps)
+    default = Detector(**{**CROP, "layers": "default"}).fit(normal[:1])
+    assert default.extractor_.layers == ("features.6", "features.13")
+    with pytest.raises(ValueError,
+                       match="no preset layers 'fine' for backbone 'alexnet'.*pass layers="):
         Detector(**{**CROP, "backbone": "alexnet", "layers": "fine"}).fit(normal[:1])

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from knnad.datasets import (BTAD, BTAD_ARCHIVE_FOLDER, MVTEC_CATEGORIES, ImageFolder, MVTecAD, Sample,
-                            load_masks)
+from knnad.datasets import (
+    BTAD,
+    BTAD_ARCHIVE_FOLDER,
+    MVTEC_CATEGORIES,
+    ImageFolder,
+    MVTecAD,
+    Sample,
+    load_masks,
+)
 
 
 def write_image(path, size=(40, 30), value=100, mode="RGB", suffix=None):
@@ -60,7 +67,8 @@ def test_mvtec_layout(mvtec_root):
     assert test.defects == ["broken_large"] * 2 + ["contamination"] * 2 + ["good"]
     first = test.samples[0]
     assert isinstance(first, Sample)
-    assert first.mask_path == mvtec_root / "bottle" / "ground_truth" / "broken_large" / "000_mask.png"
+    ground_truth = mvtec_root / "bottle" / "ground_truth"
+    assert first.mask_path == ground_truth / "broken_large" / "000_mask.png"
     assert "bottle" in MVTEC_CATEGORIES
 
 
@@ -77,7 +85,8 @@ def test_mvtec_errors(mvtec_root, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         allowed = MVTecAD(mvtec_root, "bottle", "test", allow_missing_masks=True)
     assert allowed.samples[3].mask_path is None and "no mask" in caplog.text
-    write_mask(mvtec_root / "bottle" / "ground_truth" / "contamination" / "001_mask.png", size=(20, 20))
+    write_mask(mvtec_root / "bottle" / "ground_truth" / "contamination" / "001_mask.png",
+               size=(20, 20))
     with pytest.raises(ValueError, match="is 20x20 but its image .* is 40x30"):
         MVTecAD(mvtec_root, "bottle", "test")
 
@@ -154,12 +163,14 @@ def test_detector_takes_datasets_and_refuses_defects_in_fit(mvtec_root):
     with pytest.raises(ValueError, match="4 defect images"):
         detector.fit(test)
     results = knnad.evaluate(detector, test)
-    assert results["images"] == 5 and set(results["per_defect"]) == {"broken_large", "contamination"}
+    assert results["images"] == 5
+    assert set(results["per_defect"]) == {"broken_large", "contamination"}
     prediction = detector.predict(test)
     masks = load_masks(test, detector.preprocessor_)
     assert masks.shape == (5, 32, 32) and masks[test.labels == 1].any(axis=(1, 2)).all()
     assert not masks[test.labels == 0].any()
-    assert results["pixel_auroc"] == pytest.approx(knnad.metrics.pixel_auroc(masks, prediction.anomaly_maps))
+    expected = knnad.metrics.pixel_auroc(masks, prediction.anomaly_maps)
+    assert results["pixel_auroc"] == pytest.approx(expected)
     assert results["per_defect"]["contamination"]["images"] == int((test.labels == 0).sum()) + \
         test.defects.count("contamination")
 
@@ -181,10 +192,12 @@ def test_image_folder_refuses_one_folder_in_two_roles(tmp_path):
     write_image(bad / "b.png")
     (tmp_path / "link").symlink_to(images)
     for arguments, roles, folder in [((images, images), "normal_dir and abnormal_dir", images),
-                                     ((str(images), tmp_path / "link" / "."), "normal_dir and abnormal_dir", images),
+                                     ((str(images), tmp_path / "link" / "."),
+                                      "normal_dir and abnormal_dir", images),
                                      ((images, bad, bad), "abnormal_dir and mask_dir", bad),
                                      ((images, bad, images), "normal_dir and mask_dir", images)]:
-        with pytest.raises(ValueError, match=rf"{roles} are the same folder {folder}.*separate folders"):
+        with pytest.raises(ValueError,
+                           match=rf"{roles} are the same folder {folder}.*separate folders"):
             ImageFolder(*arguments)
     write_image(images / "defects" / "d.png")
     nested = ImageFolder(images, images / "defects")
@@ -196,7 +209,8 @@ def test_a_broken_link_in_a_dataset_is_named(mvtec_root, tmp_path):
     an image quietly left out (issue #21)."""
     good = mvtec_root / "bottle" / "train" / "good"
     (good / "003.png").symlink_to(tmp_path / "moved" / "003.png")
-    with pytest.raises(FileNotFoundError, match=r"003.png is a broken symbolic link .*moved.*restore"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"003.png is a broken symbolic link .*moved.*restore"):
         MVTecAD(mvtec_root, "bottle", "train")
     with pytest.raises(FileNotFoundError, match=r"003.png is a broken symbolic link"):
         ImageFolder(good)

@@ -93,7 +93,8 @@ def test_genuine_images_and_masks_prepare_to_the_bit(bottle_root, monkeypatch):
     assert decoders.decode_fast(Image.open(io.BytesIO(data)), data) is not None
 
     def prepared(preprocessor):
-        return [preprocessor.prepare(path)[0] for path in paths] + [preprocessor.mask(m) for m in masks]
+        return ([preprocessor.prepare(path)[0] for path in paths]
+                + [preprocessor.mask(m) for m in masks])
 
     for preprocessor in (Preprocessor(), Preprocessor(256, None)):
         fast = prepared(preprocessor)

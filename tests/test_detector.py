@@ -70,8 +70,10 @@ def reference_scores(detector, images, bank_ids=None):
             worst = int(patch[image].reshape(-1).argmax())
             query = embedding[image].reshape(-1, d)[worst]
             centre = bank[int(dist[image * h * w + worst].argmin())]
-            support = torch.cdist(centre[None], bank)[0].topk(detector.reweight_k, largest=False).indices
-            weight = 1 - torch.exp((centre - query).norm()) / torch.exp((bank[support] - query).norm(dim=1)).sum()
+            support = torch.cdist(centre[None], bank)[0].topk(detector.reweight_k,
+                                                              largest=False).indices
+            spread = torch.exp((bank[support] - query).norm(dim=1)).sum()
+            weight = 1 - torch.exp((centre - query).norm()) / spread
             scores.append(float(patch[image].max() * weight))
         return np.array(scores), maps.numpy()
     pooled = detector.extractor_.global_features(features).double()
@@ -91,8 +93,10 @@ def reference_scores(detector, images, bank_ids=None):
 
 @pytest.mark.parametrize("image_score, coreset, rerank, upsampling", [
     ("max", None, 0, "bilinear"), ("max", 0.5, 4, "nearest"), ("spade", None, 0, "bilinear"),
-    ("spade", 150, 2, "nearest"), ("reweighted", None, 0, "bilinear"), ("reweighted", 0.5, 2, "nearest")])
-def test_scores_match_brute_force_definition(normal_images, image_score, coreset, rerank, upsampling):
+    ("spade", 150, 2, "nearest"), ("reweighted", None, 0, "bilinear"),
+    ("reweighted", 0.5, 2, "nearest")])
+def test_scores_match_brute_force_definition(normal_images, image_score, coreset, rerank,
+                                             upsampling):
     detector = Detector(**{**SMALL, "coreset": coreset}, k=3, image_score=image_score, image_k=3,
                         reweight_k=5, rerank=rerank, upsampling=upsampling)
     detector.fit(normal_images)
@@ -141,7 +145,8 @@ def test_save_load_round_trip(normal_images, tmp_path):
 def test_calibrate_sets_thresholds(fitted, caplog, tmp_path):
     held_out = textured_images(5, seed=11)
     fitted.calibrate(held_out, quantile=1.0)
-    assert fitted.thresholds_.image == pytest.approx(float(fitted.predict(held_out).image_scores.max()))
+    highest = float(fitted.predict(held_out).image_scores.max())
+    assert fitted.thresholds_.image == pytest.approx(highest)
     prediction = fitted.predict(held_out + [with_defect(held_out[0])])
     assert prediction.labels.dtype == bool and list(prediction.labels) == [False] * 5 + [True]
     assert prediction.masks.shape == (6, 64, 64) and not prediction.masks[:5].any()
@@ -170,11 +175,14 @@ def test_inputs_of_every_kind(tmp_path, normal_images):
         converted.save(folder / f"{i}.png")
     from_folder = Detector(**SMALL).fit(folder)
     assert len(from_folder.train_paths_) == 6
-    tensor = torch.from_numpy(np.stack([from_folder.preprocessor_(p) for p in sorted(folder.iterdir())]))
+    tensor = torch.from_numpy(np.stack([from_folder.preprocessor_(p)
+                                        for p in sorted(folder.iterdir())]))
     from_tensor = Detector(**SMALL).fit(tensor)
-    np.testing.assert_allclose(from_tensor.index_.vectors(), from_folder.index_.vectors(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(from_tensor.index_.vectors(), from_folder.index_.vectors(),
+                               rtol=1e-5, atol=1e-5)
     prediction = from_folder.predict(folder / "1.png")
-    assert prediction.paths == [str(folder / "1.png")] and prediction.anomaly_maps.shape == (1, 64, 64)
+    assert prediction.paths == [str(folder / "1.png")]
+    assert prediction.anomaly_maps.shape == (1, 64, 64)
     assert from_tensor.predict(tensor[:2]).paths == [None, None]
 
 
@@ -210,7 +218,8 @@ def test_bad_inputs(tmp_path, fitted):
         fitted.predict([1, 2])
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         fitted.predict(torch.zeros(2, 64, 64))
-    with pytest.raises(ValueError, match=r"k must be an int in \[1, 64\] \(the 64 patches in the memory bank"):
+    with pytest.raises(ValueError,
+                       match=r"k must be an int in \[1, 64\] \(the 64 patches in the memory bank"):
         Detector(**SMALL, k=5000).fit(textured_images(1, seed=0))
 
 
@@ -218,8 +227,9 @@ def test_bad_inputs(tmp_path, fitted):
     ({"k": 0}, "k must"), ({"image_score": "mean"}, "image_score"), ({"coreset": 1.5}, "coreset"),
     ({"coreset": 0}, "coreset"), ({"coreset": -1}, "coreset"), ({"coreset": "abc"}, "coreset"),
     ({"coreset": float("inf")}, "coreset"), ({"coreset": True}, "coreset"),
-    ({"on_error": "ignore"}, "on_error"), ({"sigma": -1}, "sigma"), ({"sigma": float("nan")}, "sigma"),
-    ({"rerank": -1}, "rerank"), ({"upsampling": "cubic"}, "upsampling"),
+    ({"on_error": "ignore"}, "on_error"), ({"sigma": -1}, "sigma"),
+    ({"sigma": float("nan")}, "sigma"), ({"rerank": -1}, "rerank"),
+    ({"upsampling": "cubic"}, "upsampling"),
     ({"crop_size": 300}, "crop_size=300 is larger than image_size=72"),
     ({"aggregation_size": 2}, "aggregation_size must be odd"), ({"reduce_dim": 0}, "reduce_dim"),
     ({"device": "tpu"}, "device='tpu'"), ({"backend": "annoy"}, "backend"),
@@ -261,7 +271,8 @@ def test_model_file_permissions_and_foreign_files(fitted, tmp_path):
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640  # like any new file, not always 0600
     Image.new("RGB", (8, 8)).save(tmp_path / "picture.npz", format="PNG")
-    with pytest.raises(ModelFileError, match="picture.npz is not a knnad model file .not an .npz archive.$"):
+    with pytest.raises(ModelFileError,
+                       match="picture.npz is not a knnad model file .not an .npz archive.$"):
         Detector.load(tmp_path / "picture.npz")
     (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ModelFileError, match="cut.npz is truncated or corrupted"):
@@ -302,10 +313,13 @@ def test_crafted_files_with_valid_checksums_are_refused_at_load(fitted, tmp_path
 
     cases = [(crafted("no_bank.npz", drop_array="memory_bank"), r"\['memory_bank'\] missing"),
              (crafted("no_key.npz", [("weights_id", None)]), r"\['weights_id'\] missing"),
-             (crafted("ids.npz", patch_image_ids=arrays["patch_image_ids"][::-1].copy()), "not a consistent"),
-             (crafted("dtype.npz", memory_bank=arrays["memory_bank"].astype(np.float64)), "not a consistent"),
+             (crafted("ids.npz", patch_image_ids=arrays["patch_image_ids"][::-1].copy()),
+              "not a consistent"),
+             (crafted("dtype.npz", memory_bank=arrays["memory_bank"].astype(np.float64)),
+              "not a consistent"),
              (crafted("dims.npz", [("params.reduce_dim", 64)]), "128-d patches.*give 64"),
-             (crafted("unknown.npz", [("params.colour", "red")]), r"settings \['colour'\] that this"),
+             (crafted("unknown.npz", [("params.colour", "red")]),
+              r"settings \['colour'\] that this"),
              (crafted("no_backbone.npz", [("params.backbone", 5)]), "malformed settings")]
     meta["weights_id"] = 5
     cases.append((crafted("weights_id.npz"), "malformed settings"))
@@ -335,7 +349,8 @@ def test_custom_backbone_and_weight_file(tmp_path, normal_images):
     path = detector.save(tmp_path / "file_weights.npz")
     with pytest.raises(ValueError, match="weights=PATH"):
         Detector.load(path)
-    assert Detector.load(path, weights=weights).extractor_.weights_id == detector.extractor_.weights_id
+    loaded = Detector.load(path, weights=weights)
+    assert loaded.extractor_.weights_id == detector.extractor_.weights_id
 
 
 def test_genuine_bottle_defects_score_higher(seeded_torch_home, bottle_root):
@@ -363,7 +378,8 @@ def test_scikit_learn_parameter_protocol(normal_images):
     assert list(Detector().get_params(deep=True)) == sorted(inspect.signature(Detector).parameters)
     assert repr(detector) == ("Detector(backbone='mobilenet_v2', layers='coarse', weights=None, "
                               "k=2, coreset=None, image_size=72, crop_size=64, progress=False)")
-    assert detector.set_params(k=3, sigma=2.0) is detector and (detector.k, detector.sigma) == (3, 2.0)
+    assert detector.set_params(k=3, sigma=2.0) is detector
+    assert (detector.k, detector.sigma) == (3, 2.0)
     with pytest.raises(ValueError, match="no parameter.*'kk'"):
         detector.set_params(kk=1)
     with pytest.raises(ValueError, match="k must"):
@@ -397,7 +413,8 @@ def test_changed_parameters_never_give_a_saved_model_unlike_the_live_one(normal_
     detector.crop_size = 48  # shapes the memory bank: refused until the next fit
     for action in (lambda: detector.predict(tests), lambda: detector.save(tmp_path / "m.npz"),
                    lambda: detector.calibrate(tests)):
-        with pytest.raises(RuntimeError, match="refused: crop_size from 64 to 48 changed since fit.*call fit"):
+        with pytest.raises(RuntimeError,
+                           match="refused: crop_size from 64 to 48 changed since fit.*call fit"):
             action()
     assert not (tmp_path / "m.npz").exists()
     detector.set_params(crop_size=64, k=3, sigma=2.0, upsampling="nearest")  # predict-time options
@@ -405,7 +422,8 @@ def test_changed_parameters_never_give_a_saved_model_unlike_the_live_one(normal_
     loaded = Detector.load(detector.save(tmp_path / "m.npz"))
     assert (loaded.k, loaded.sigma, loaded.upsampling) == (3, 2.0, "nearest")
     np.testing.assert_array_equal(loaded.predict(tests).anomaly_maps, live.anomaly_maps)
-    assert not np.array_equal(live.anomaly_maps, Detector(**SMALL).fit(normal_images).predict(tests).anomaly_maps)
+    assert not np.array_equal(live.anomaly_maps,
+                              Detector(**SMALL).fit(normal_images).predict(tests).anomaly_maps)
     detector.set_params(crop_size=48).fit(normal_images)  # a new fit takes the new value
     assert detector.predict(tests).anomaly_maps.shape == (2, 48, 48)
 
@@ -444,9 +462,12 @@ def test_predict_batches_streams_what_predict_returns(fitted, tmp_path):
         whole = fitted.predict(paths)
     finally:
         fitted.set_params(batch_size=8, on_error="raise")
-    assert [len(part) for part in parts] == [2, 1, 2] and parts[1].skipped == [str(tmp_path / "bad.png")]
-    np.testing.assert_array_equal(np.concatenate([p.anomaly_maps for p in parts]), whole.anomaly_maps)
-    np.testing.assert_array_equal(np.concatenate([p.image_scores for p in parts]), whole.image_scores)
+    assert [len(part) for part in parts] == [2, 1, 2]
+    assert parts[1].skipped == [str(tmp_path / "bad.png")]
+    np.testing.assert_array_equal(np.concatenate([p.anomaly_maps for p in parts]),
+                                  whole.anomaly_maps)
+    np.testing.assert_array_equal(np.concatenate([p.image_scores for p in parts]),
+                                  whole.image_scores)
 
 
 def test_a_failed_refit_leaves_no_model_to_save(normal_images, tmp_path):
@@ -454,7 +475,8 @@ def test_a_failed_refit_leaves_no_model_to_save(normal_images, tmp_path):
     detector.set_params(image_size=96, crop_size=80, layers=["features.66"])
     with pytest.raises(ValueError, match="unknown layer"):
         detector.fit(normal_images)
-    for action in (lambda: detector.save(tmp_path / "m.npz"), lambda: detector.predict(normal_images)):
+    for action in (lambda: detector.save(tmp_path / "m.npz"),
+                   lambda: detector.predict(normal_images)):
         with pytest.raises(NotFittedError, match="before fit"):
             action()
     with pytest.raises(NotFittedError):

@@ -55,7 +55,8 @@ def local_weights(torch_home, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
 
 
-def test_fit_many_records_a_broken_job_and_keeps_the_others(cluster, local_weights, tmp_path, monkeypatch):
+def test_fit_many_records_a_broken_job_and_keeps_the_others(cluster, local_weights, tmp_path,
+                                                            monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative output_dir: the tasks write where the driver means
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -78,12 +79,13 @@ def test_fit_many_records_a_broken_job_and_keeps_the_others(cluster, local_weigh
         assert row["bank_size"] == images * patches
         loaded = Detector.load(row["model"])
         assert len(loaded.index_) == row["bank_size"]
-        assert loaded.train_paths_ == [str(p) for p in (good if row["name"] == "bottle" else good[:4])]
+        assert loaded.train_paths_ == [str(p)
+                                       for p in (good if row["name"] == "bottle" else good[:4])]
     # The same fit in this process gives the same memory bank (to float32 rounding: the worker
     # runs torch on one thread, this process on two).
     local = Detector(**PARAMS).fit(good[:4])
-    np.testing.assert_allclose(Detector.load(rows[2]["model"]).index_.vectors(), local.index_.vectors(),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(Detector.load(rows[2]["model"]).index_.vectors(),
+                               local.index_.vectors(), rtol=0, atol=1e-5)
 
 
 def test_fit_many_checks_before_any_task(tmp_path):
@@ -136,8 +138,10 @@ def sample_run(cluster, model, tmp_path_factory):
     import pandas as pd
     folder = tmp_path_factory.mktemp("sample_run")
     images = sorted(str(p) for p in (BOTTLE / "test").glob("*/*.png"))
-    dataset = ray.data.from_items([{"path": p, "other": 1} for p in images + [str(corrupt_file(folder))]])
-    summary = distributed.predict_dataset(model[0], dataset, folder / "out", batch_size=4, maps=True)
+    dataset = ray.data.from_items([{"path": p, "other": 1}
+                                   for p in images + [str(corrupt_file(folder))]])
+    summary = distributed.predict_dataset(model[0], dataset, folder / "out", batch_size=4,
+                                          maps=True)
     reference = model[1].predict(images)
     return summary, pd.read_parquet(folder / "out").set_index("path"), reference, folder
 
@@ -149,7 +153,8 @@ def test_predict_dataset_scores_equal_detector_predict(sample_run, model):
     scored = rows.loc[reference.paths]
     assert (scored.status == "scored").all()
     np.testing.assert_allclose(scored.image_score, reference.image_scores, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(scored.map_max, reference.anomaly_maps.max(axis=(1, 2)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scored.map_max, reference.anomaly_maps.max(axis=(1, 2)), rtol=0,
+                               atol=1e-6)
     assert reference.labels is not None and reference.labels.any() and not reference.labels.all()
     assert scored.label.tolist() == reference.labels.tolist()
     for path, expected in zip(reference.paths, reference.anomaly_maps):
@@ -167,7 +172,8 @@ def test_a_corrupt_image_is_recorded_as_skipped(sample_run):
     skipped = rows[rows.status == "skipped"]
     assert skipped.index.tolist() == [str(folder / "corrupt.png")]
     assert skipped[["image_score", "label", "map_max", "map_file"]].isna().all(axis=None)
-    assert "corrupt.png" in skipped.error.iloc[0] and "not a decodable image" in skipped.error.iloc[0]
+    assert "corrupt.png" in skipped.error.iloc[0]
+    assert "not a decodable image" in skipped.error.iloc[0]
     assert rows[rows.status == "scored"].error.isna().all()
 
 
@@ -199,7 +205,8 @@ def test_the_actors_refuse_images_decoded_otherwise(model):
         scorer._Scorer(str(model[0]), {"device": "cpu"}, 2, None, Preprocessor(200, 112))
 
 
-def test_a_failed_run_leaves_the_earlier_output_and_nothing_else(cluster, model, sample_run, tmp_path):
+def test_a_failed_run_leaves_the_earlier_output_and_nothing_else(cluster, model, sample_run,
+                                                                 tmp_path):
     shutil.copytree(sample_run[3] / "out", tmp_path / "out")
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
     images = sorted((BOTTLE / "test" / "good").iterdir())
@@ -212,7 +219,8 @@ def test_a_failed_run_leaves_the_earlier_output_and_nothing_else(cluster, model,
 
 def test_a_failed_run_into_a_new_folder_leaves_nothing(cluster, model, tmp_path):
     images = [str(p) for p in sorted((BOTTLE / "test" / "good").iterdir())]
-    with pytest.raises(RuntimeError, match="failed in a Ray worker: ValueError: k must be an int") as error:
+    with pytest.raises(RuntimeError,
+                       match="failed in a Ray worker: ValueError: k must be an int") as error:
         distributed.predict_dataset(model[0], images, tmp_path / "new", params={"k": 10**6})
     assert str(tmp_path / "new") in str(error.value) and error.value.__context__ is None
     assert list(tmp_path.iterdir()) == []
@@ -261,14 +269,16 @@ def test_predict_dataset_checks_before_any_work(model, tmp_path):
     with pytest.raises(FileExistsError, match="not an output of predict_dataset"):
         distributed.predict_dataset(model[0], BOTTLE / "test" / "good", tmp_path / "mine")
     with pytest.raises(FileNotFoundError, match="model"):
-        distributed.predict_dataset(tmp_path / "none.npz", BOTTLE / "test" / "good", tmp_path / "out")
+        distributed.predict_dataset(tmp_path / "none.npz", BOTTLE / "test" / "good",
+                                    tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="no file matches"):
         distributed.predict_dataset(model[0], str(tmp_path / "*.png"), tmp_path / "out")
     with pytest.raises(ValueError, match="predict-time"):
         distributed.predict_dataset(model[0], BOTTLE / "test" / "good", tmp_path / "out",
                                     params={"coreset": 0.5})
     with pytest.raises(ValueError, match="batch_size"):
-        distributed.predict_dataset(model[0], BOTTLE / "test" / "good", tmp_path / "out", batch_size=0)
+        distributed.predict_dataset(model[0], BOTTLE / "test" / "good", tmp_path / "out",
+                                    batch_size=0)
     not_a_model = tmp_path / "mine" / "notes.txt"
     with pytest.raises(ModelFileError, match="not an .npz archive"):
         distributed.predict_dataset(not_a_model, BOTTLE / "test" / "good", tmp_path / "out")
@@ -281,7 +291,8 @@ def test_workers_that_take_every_cpu_are_refused(cluster, model, tmp_path):
     """Two workers of one CPU on two CPUs would leave the decoding tasks none: the run would
     wait forever."""
     with pytest.raises(ValueError, match=r"num_workers=2 .* leave none of the cluster's 2 CPUs"):
-        distributed.predict_dataset(model[0], BOTTLE / "test" / "good", tmp_path / "out", num_workers=2)
+        distributed.predict_dataset(model[0], BOTTLE / "test" / "good", tmp_path / "out",
+                                    num_workers=2)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -294,10 +305,12 @@ def test_a_killed_worker_is_restarted_and_every_image_scored_once(cluster, model
     folder.mkdir()
     sources = sorted((BOTTLE / "test").glob("*/*.png"))
     for i in range(48):
-        Image.open(sources[i % len(sources)]).resize((160, 160)).rotate(7 * i).save(folder / f"{i:03d}.png")
+        image = Image.open(sources[i % len(sources)]).resize((160, 160)).rotate(7 * i)
+        image.save(folder / f"{i:03d}.png")
 
     def scorers(state="ALIVE"):
-        return [a for a in actors().values() if "_Scorer" in a["ActorClassName"] and a["State"] == state]
+        return [a for a in actors().values()
+                if "_Scorer" in a["ActorClassName"] and a["State"] == state]
 
     result = {}
 
@@ -323,7 +336,8 @@ def test_a_killed_worker_is_restarted_and_every_image_scored_once(cluster, model
     assert result["summary"]["scored"] == 48 and result["summary"]["skipped"] == 0
     rows = pd.read_parquet(tmp_path / "out")
     assert sorted(rows.path) == sorted(str(p) for p in folder.iterdir())  # no duplicate, no gap
-    restarted = [a for a in actors().values() if "_Scorer" in a["ActorClassName"] and a.get("NumRestarts")]
+    restarted = [a for a in actors().values()
+                 if "_Scorer" in a["ActorClassName"] and a.get("NumRestarts")]
     assert restarted and all(a["Pid"] != killed for a in restarted)
     reference = model[1].predict(sorted(folder.iterdir()))
     np.testing.assert_allclose(rows.set_index("path").loc[reference.paths].image_score,
@@ -339,17 +353,19 @@ def bank_with_ties(seed=0, n=3000, dim=24):
     bank = rng.normal(size=(n, dim)).astype(np.float32)
     bank[1500:1600] = bank[100:200]
     bank[n - 100:] = bank[0]
-    queries = np.concatenate([rng.normal(size=(200, dim)), bank[95:105], bank[:3]]).astype(np.float32)
-    return bank, queries
+    queries = np.concatenate([rng.normal(size=(200, dim)), bank[95:105], bank[:3]])
+    return bank, queries.astype(np.float32)
 
 
 def test_sharded_index_equals_a_flat_index_ties_included(cluster):
     from knnad.index import FlatL2Index
     bank, queries = bank_with_ties()
     flat = FlatL2Index.of(bank, backend="faiss", device="cpu")
-    with distributed.ShardedIndex.of(bank[:1000], 3, backend="faiss", num_cpus_per_shard=0.25) as sharded:
+    with distributed.ShardedIndex.of(bank[:1000], 3, backend="faiss",
+                                     num_cpus_per_shard=0.25) as sharded:
         sharded.add(bank[1000:])  # a second add: each shard holds two pieces
-        assert len(sharded) == 3000 and sharded.dim == 24 and sharded.shard_sizes() == [999, 1000, 1001]
+        assert len(sharded) == 3000 and sharded.dim == 24
+        assert sharded.shard_sizes() == [999, 1000, 1001]
         assert (sharded.backend, sharded.device) == ("faiss", "cpu")
         assert len(set(sharded.shard_pids())) == 3
         for k in (1, 5, 120, 3000):
@@ -406,7 +422,8 @@ def test_a_detector_scores_the_same_with_a_sharded_index(cluster, model, tmp_pat
     _, local = model
     images = sorted((BOTTLE / "test").glob("*/*.png"))
     detector = distributed.shard_detector(Detector.load(model[0]), 3, num_cpus_per_shard=0.25)
-    assert isinstance(detector.index_, distributed.ShardedIndex) and len(detector.index_) == len(local.index_)
+    assert isinstance(detector.index_, distributed.ShardedIndex)
+    assert len(detector.index_) == len(local.index_)
     for image_score in ("max", "spade", "reweighted"):
         expected = Detector.load(model[0]).set_params(image_score=image_score).predict(images)
         got = detector.set_params(image_score=image_score).predict(images)
@@ -421,24 +438,28 @@ def test_a_detector_scores_the_same_with_a_sharded_index(cluster, model, tmp_pat
 
 def test_cli_predict_on_ray(cluster, model, tmp_path, capsys):
     import pandas as pd
+
     from knnad.cli import main
     folder = tmp_path / "images"
     folder.mkdir()
     for source in sorted((BOTTLE / "test" / "good").iterdir()):
         shutil.copy(source, folder / source.name)
     corrupt_file(folder)
-    status = main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "out"), "--k", "3",
-                   "--batch-size", "2", "--ray"])
+    status = main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "out"), "--k",
+                   "3", "--batch-size", "2", "--ray"])
     assert status == 3  # PARTIAL: one image skipped
     assert "scored 3 images on Ray" in capsys.readouterr().out
     rows = pd.read_parquet(tmp_path / "out" / "scores.parquet").set_index("path")
     expected = Detector.load(model[0]).set_params(k=3).predict(sorted(folder.glob("0*.png")))
-    np.testing.assert_allclose(rows.loc[expected.paths].image_score, expected.image_scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(rows.loc[expected.paths].image_score, expected.image_scores, rtol=0,
+                               atol=1e-6)
     assert rows.loc[str(folder / "corrupt.png"), "status"] == "skipped"
     # Flags that need --ray, and a wrong address: one line, exit 2, nothing written.
-    assert main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "b"), "--maps"]) == 2
+    assert main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "b"),
+                 "--maps"]) == 2
     assert "--maps: only with --ray" in capsys.readouterr().err
-    assert main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "b"), "--ray=127.0.0.1:1"]) == 2
+    assert main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "b"),
+                 "--ray=127.0.0.1:1"]) == 2
     assert "no Ray cluster answers at address='127.0.0.1:1'" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
@@ -482,19 +503,23 @@ def test_a_wrong_address_is_named_with_what_to_do(cluster):
     assert distributed.connect(ray.get_runtime_context().gcs_address) is ray
 
 
-def test_a_whole_image_model_scores_on_ray_as_in_one_process(cluster, single_thread, torch_home, tmp_path):
+def test_a_whole_image_model_scores_on_ray_as_in_one_process(cluster, single_thread, torch_home,
+                                                             tmp_path):
     """crop_size=None: the decoding tasks prepare the model's own frame (from its file)."""
     import pandas as pd
-    detector = Detector(**{**PARAMS, "crop_size": None, "map_size": "original"}).fit(BOTTLE / "train" / "good")
+    detector = Detector(**{**PARAMS, "crop_size": None, "map_size": "original"})
+    detector.fit(BOTTLE / "train" / "good")
     path = detector.save(tmp_path / "whole.npz")
     images = sorted(str(p) for p in (BOTTLE / "test").glob("*/*.png"))[:4]
     distributed.predict_dataset(path, images, tmp_path / "out", batch_size=2, maps=True)
     rows = pd.read_parquet(tmp_path / "out").set_index("path").loc[images]
     reference = detector.set_params(map_size="processed").predict(images)
-    assert reference.anomaly_maps.shape[1:] == detector.preprocessor_.frame != (PARAMS["crop_size"],) * 2
+    frame = detector.preprocessor_.frame
+    assert reference.anomaly_maps.shape[1:] == frame != (PARAMS["crop_size"],) * 2
     np.testing.assert_allclose(rows.image_score, reference.image_scores, rtol=0, atol=1e-6)
     for map_file, expected in zip(rows.map_file, reference.anomaly_maps):
-        np.testing.assert_allclose(np.load(tmp_path / "out" / map_file), expected, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.load(tmp_path / "out" / map_file), expected, rtol=0,
+                                   atol=1e-6)
 
 
 def test_a_broken_link_among_the_images_gets_a_skipped_row(tmp_path):
@@ -509,7 +534,8 @@ def test_a_broken_link_among_the_images_gets_a_skipped_row(tmp_path):
     expected = [str(folder / "000.png"), str(folder / "gone.png")]
     assert predict._paths(folder) == predict._paths(str(folder / "*.png")) == expected
     decoded = decode_batch({"path": np.array(expected, dtype=object)}, Preprocessor(128, 112))
-    assert decoded["error"][0] == "" and "gone.png: a broken symbolic link to" in decoded["error"][1]
+    assert decoded["error"][0] == ""
+    assert "gone.png: a broken symbolic link to" in decoded["error"][1]
 
 
 def test_map_size_reaches_the_scoring_actors(cluster, model, single_thread, torch_home, tmp_path):
@@ -526,16 +552,21 @@ def test_map_size_reaches_the_scoring_actors(cluster, model, single_thread, torc
     reference = detector.set_params(map_size="original").predict(images)
     assert reference.anomaly_maps.shape[1:] == (256, 256) != detector.preprocessor_.frame
     np.testing.assert_allclose(rows.image_score, reference.image_scores, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(rows.map_max, reference.anomaly_maps.max(axis=(1, 2)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(rows.map_max, reference.anomaly_maps.max(axis=(1, 2)), rtol=0,
+                               atol=1e-6)
     for map_file, expected in zip(rows.map_file, reference.anomaly_maps):
-        np.testing.assert_allclose(np.load(tmp_path / "out" / map_file), expected, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match=r"map_size='original' needs a whole-image model.*crop_size=112"):
-        distributed.predict_dataset(model[0], images, tmp_path / "crop", params={"map_size": "original"})
+        np.testing.assert_allclose(np.load(tmp_path / "out" / map_file), expected, rtol=0,
+                                   atol=1e-6)
+    with pytest.raises(ValueError,
+                       match=r"map_size='original' needs a whole-image model.*crop_size=112"):
+        distributed.predict_dataset(model[0], images, tmp_path / "crop",
+                                    params={"map_size": "original"})
     from knnad.cli import main
-    assert main(["predict", str(model[0]), *images, "--out", str(tmp_path / "cli"), "--map-size", "processed",
-                 "--ray"]) == 0
+    assert main(["predict", str(model[0]), *images, "--out", str(tmp_path / "cli"), "--map-size",
+                 "processed", "--ray"]) == 0
     scored = pd.read_parquet(tmp_path / "cli" / "scores.parquet").set_index("path").loc[images]
-    np.testing.assert_allclose(scored.image_score, model[1].predict(images).image_scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scored.image_score, model[1].predict(images).image_scores, rtol=0,
+                               atol=1e-6)
     assert not (tmp_path / "crop").exists()
 
 
@@ -544,8 +575,10 @@ def test_shards_the_cluster_cannot_place_fail_within_the_timeout(cluster):
     now a RuntimeError after placement_timeout naming the counts and what to do, and the
     shards' actors are ended (two shards of one CPU fit again)."""
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"of num_shards=3 shards started within placement_timeout=5 s; "
-                                           r"each asks for num_cpus_per_shard=1 CPUs.* of 2 CPUs.*fewer shards"):
+    with pytest.raises(RuntimeError,
+                       match=r"of num_shards=3 shards started within placement_timeout=5 s; "
+                                           r"each asks for num_cpus_per_shard=1 CPUs.* of 2 "
+                                           r"CPUs.*fewer shards"):
         distributed.ShardedIndex(8, 3, num_cpus_per_shard=1, placement_timeout=5)
     assert time.perf_counter() - start < 30
     bank = np.eye(8, dtype=np.float32)

@@ -29,8 +29,9 @@ def fitted(torch_home):
     multi-scale graph: tests/test_multiscale.py)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCH_HOME", str(torch_home))
-        return {coreset: Detector("mobilenet_v2", layers="coarse", weights="IMAGENET1K_V1", coreset=coreset,
-                                  progress=False).fit(TRAIN) for coreset in (None, 0.1)}
+        return {coreset: Detector("mobilenet_v2", layers="coarse", weights="IMAGENET1K_V1",
+                                  coreset=coreset, progress=False).fit(TRAIN)
+                for coreset in (None, 0.1)}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,8 @@ def test_onnx_scores_equal_the_detector(fitted, exported, coreset, k):
     assert 0 < expected.labels.sum() < len(TEST), "a threshold inside the scores tests labels"
     np.testing.assert_array_equal(got.labels, expected.labels)
     disagree = got.masks != expected.masks  # only where a map value is within rounding of it
-    assert np.all(np.abs(expected.anomaly_maps[disagree] - thresholds.pixel) < RELATIVE * thresholds.pixel)
+    gaps = np.abs(expected.anomaly_maps[disagree] - thresholds.pixel)
+    assert np.all(gaps < RELATIVE * thresholds.pixel)
 
 
 def test_file_is_the_weights_plus_the_bank_and_says_what_it_holds(fitted, exported):
@@ -91,7 +93,8 @@ def test_file_is_the_weights_plus_the_bank_and_says_what_it_holds(fitted, export
     model = onnx.load(str(path))
     assert sum(node.op_type == "Gemm" for node in model.graph.node) == 13  # tiles of 1,000 rows
     tiles = [t for t in model.graph.initializer if t.name.startswith("knnad/memory_bank")]
-    assert [tuple(t.dims) for t in tiles] == [(1000, 128)] * 12 + [(len(fitted[None].index_) - 12000, 128)]
+    last = (len(fitted[None].index_) - 12000, 128)
+    assert [tuple(t.dims) for t in tiles] == [(1000, 128)] * 12 + [last]
     weights = sum(np.prod(t.dims) * 4 for t in model.graph.initializer)
     assert path.stat().st_size < weights + 2**20  # the graph itself is small
     meta = {p.key: json.loads(p.value) for p in model.metadata_props}
@@ -104,9 +107,11 @@ def test_file_is_the_weights_plus_the_bank_and_says_what_it_holds(fitted, export
 def test_thresholds_are_metadata_not_graph_constants(exported):
     path, thresholds = exported[0.1, 3]
     model = onnx.load(str(path))
-    assert json.loads(next(p.value for p in model.metadata_props if p.key == "knnad.thresholds")) == {
-        "image": thresholds.image, "pixel": thresholds.pixel, "quantile": thresholds.quantile,
-        "scored_with": thresholds.scored_with}
+    assert json.loads(next(p.value for p in model.metadata_props
+                           if p.key == "knnad.thresholds")) == {
+                               "image": thresholds.image, "pixel": thresholds.pixel,
+                               "quantile": thresholds.quantile,
+                               "scored_with": thresholds.scored_with}
     small = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if np.prod(t.dims) < 64]
     for value in (thresholds.image, thresholds.pixel):
         assert not any(np.isclose(constant, value, rtol=1e-6).any() for constant in small)
@@ -144,7 +149,8 @@ def test_loads_and_scores_in_a_process_where_torch_and_faiss_cannot_be_imported(
         assert "torch" not in sys.modules and "faiss" not in sys.modules, "torch or faiss imported"
         print(json.dumps([prediction.image_scores.tolist(), prediction.labels.tolist()]))
     """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
     assert run.returncode == 0, run.stderr
     scores, labels = json.loads(run.stdout)
     expected = OnnxDetector(path).predict(SAMPLE / "test" / "good")
@@ -171,7 +177,8 @@ def test_edited_or_stripped_metadata_is_refused(exported, tmp_path):
     edited = _rewrite(path, tmp_path / "edited.onnx", lower_threshold)
     with pytest.raises(ValueError, match="edited or stripped"):
         OnnxDetector(edited)
-    stripped = _rewrite(path, tmp_path / "stripped.onnx", lambda model: model.ClearField("metadata_props"))
+    stripped = _rewrite(path, tmp_path / "stripped.onnx",
+                        lambda model: model.ClearField("metadata_props"))
     with pytest.raises(ValueError, match="not a knnad export"):
         OnnxDetector(stripped)
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
@@ -220,7 +227,8 @@ def test_export_refusals_name_the_problem(fitted, tmp_path):
         detector.set_params(image_score="max")
     custom = Detector(_DataDependent(), layers=["conv"], weights=None, coreset=None,
                       image_size=64, crop_size=64, progress=False).fit(torch.randn(2, 3, 64, 64))
-    with pytest.raises(ValueError, match=r"backbone '_DataDependent' \(layers \['conv'\]\) cannot be exported"):
+    with pytest.raises(ValueError,
+                       match=r"backbone '_DataDependent' \(layers \['conv'\]\) cannot be exported"):
         custom.export_onnx(tmp_path / "custom.onnx")
     assert not list(tmp_path.iterdir()), "no file, not even a partial one"
 
@@ -254,7 +262,8 @@ def test_knnad_export_command(fitted, tmp_path, capsys):
         patch.setitem(sys.modules, "onnxscript", None)  # as where knnad[export] is not installed
         assert main(["export", str(model), "--out", str(tmp_path / "bottle.onnx")]) == 2
     error = capsys.readouterr().err
-    assert "pip install 'knnad[export]'" in error and "Traceback" not in error and len(error.splitlines()) == 1
+    assert "pip install 'knnad[export]'" in error and "Traceback" not in error
+    assert len(error.splitlines()) == 1
     detector.calibrate(TEST[:10], quantile=0.5).save(model)  # calibrated with k=1
     assert main(["export", str(model), "--out", str(tmp_path / "bottle.onnx"), "--k", "3"]) == 0
     assert "no thresholds: they were calibrated with k=1 (now 3)" in capsys.readouterr().out
@@ -262,4 +271,5 @@ def test_knnad_export_command(fitted, tmp_path, capsys):
     onnx_detector = OnnxDetector(tmp_path / "bottle.onnx")
     assert onnx_detector.metadata["scoring"]["k"] == 3
     expected = detector.set_params(k=3).predict(TEST[:4])
-    assert _max_relative(onnx_detector.predict(TEST[:4]).image_scores, expected.image_scores) < RELATIVE
+    assert _max_relative(onnx_detector.predict(TEST[:4]).image_scores,
+                         expected.image_scores) < RELATIVE

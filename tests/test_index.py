@@ -27,7 +27,8 @@ def assert_matches_reference(bank, queries, k, distances, indices, rtol=1e-4, at
     assert np.all(np.diff(distances, axis=1) >= 0), "rows must be ascending"
     # The true distance of every returned neighbour equals the reference distance at that
     # rank: indices may differ only where distances tie.
-    true_d = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[indices].astype(np.float64)) ** 2).sum(-1))
+    offsets = queries[:, None, :].astype(np.float64) - bank[indices].astype(np.float64)
+    true_d = np.sqrt((offsets ** 2).sum(-1))
     np.testing.assert_allclose(true_d, ref_d, rtol=rtol, atol=atol)
     differs = indices != ref_i
     for row, col in zip(*np.nonzero(differs)):
@@ -218,7 +219,8 @@ def test_backend_info_names_the_one_faiss_installed():
 
 
 def test_two_faiss_packages_are_reported(monkeypatch):
-    monkeypatch.setattr(runtime, "installed_faiss_distributions", lambda: ["faiss-cpu", "faiss-gpu-cu12"])
+    monkeypatch.setattr(runtime, "installed_faiss_distributions",
+                        lambda: ["faiss-cpu", "faiss-gpu-cu12"])
     problem = runtime.faiss_install_problem()
     assert "pip uninstall -y faiss-cpu faiss-gpu-cu12 && pip install faiss-gpu-cu12" in problem
 
@@ -263,7 +265,8 @@ def test_search_among_row_ranges_equals_an_index_of_those_rows(backend):
     for ranges in ([(5, 5)], []):
         with pytest.raises(ValueError, match="no stored vectors"):
             index.search_among(queries, 1, ranges)
-    for ranges in ([(10, 20), (15, 30)], [(20, 10)], [(-1, 5)], [(590, 601)], [(0.5, 3)], [(1, 2, 3)]):
+    for ranges in ([(10, 20), (15, 30)], [(20, 10)], [(-1, 5)], [(590, 601)], [(0.5, 3)],
+                   [(1, 2, 3)]):
         with pytest.raises(ValueError, match="ranges must be ascending, disjoint"):
             index.search_among(queries, 1, ranges)
 
@@ -285,7 +288,8 @@ def test_queries_are_converted_chunk_by_chunk(monkeypatch):
     distances, indices = index.search(queries, 3)
     assert sum(converted) == len(queries) and max(converted) == index._query_chunk(3, 0) < 5000
     monkeypatch.undo()
-    whole = FlatL2Index.of(bank, backend="faiss", device="cpu").search(queries.astype(np.float32), 3)
+    reference = FlatL2Index.of(bank, backend="faiss", device="cpu")
+    whole = reference.search(queries.astype(np.float32), 3)
     np.testing.assert_array_equal(distances, whole[0])
     np.testing.assert_array_equal(indices, whole[1])
 
@@ -344,7 +348,8 @@ def test_rows_are_read_only(backend):
     bank = np.random.default_rng(12).standard_normal((50, 8)).astype(np.float32)
     index = FlatL2Index.of(bank, backend=backend, device="cpu")
     rows = index.rows(10, 20)
-    for write in (lambda: rows.__setitem__(0, 1.0), lambda: rows.add_(1.0), lambda: rows[2:5].zero_()):
+    for write in (lambda: rows.__setitem__(0, 1.0), lambda: rows.add_(1.0),
+                  lambda: rows[2:5].zero_()):
         with pytest.raises(RuntimeError, match="[Ii]nplace"):
             write()
     index.rows(10, 20).numpy()[:] = 0  # numpy's view of the result: not the index's storage

@@ -98,7 +98,8 @@ def test_pixel_auroc_bootstrap_equals_auroc_of_repeated_images():
             assert np.isnan(replicate).all()
             continue
         for value, maps in zip(replicate, (tied_maps, noise_maps)):
-            assert value == pytest.approx(metrics.pixel_auroc(masks[images], maps[images]), abs=1e-12)
+            assert value == pytest.approx(metrics.pixel_auroc(masks[images], maps[images]),
+                                          abs=1e-12)
 
 
 def test_pixel_auroc_bootstrap_errors():

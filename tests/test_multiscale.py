@@ -17,8 +17,8 @@ from knnad.selection import DEFECT_AREA, held_out_numbers, synthetic_defects
 from test_detector import textured_images, with_defect
 
 #: The multiscale preset on small images: a 16 x 16 fine grid, 8 x 8 coarse.
-SMALL = dict(backbone="mobilenet_v2", layers="multiscale", weights=None, image_size=72, crop_size=64,
-             progress=False, coreset=None)
+SMALL = dict(backbone="mobilenet_v2", layers="multiscale", weights=None, image_size=72,
+             crop_size=64, progress=False, coreset=None)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,12 @@ def brute_force_patch_scores(detector, scale, batch, k, excluded_image=None):
 
 
 def test_multiscale_fuses_a_coarse_and_a_fine_scale(fitted):
-    assert fitted.extractor_.scales == (("features.6", "features.13"), ("features.3", "features.6", "features.13"))
+    assert fitted.extractor_.scales == (("features.6", "features.13"),
+                                        ("features.3", "features.6", "features.13"))
     coarse, fine = fitted.scales_
     assert (coarse.index.dim, fine.index.dim) == (32 + 96, 24 + 32 + 96)
-    assert len(coarse.index) == 8 * 8 * 8 and len(fine.index) == 8 * 16 * 16  # coreset=None: every patch
+    # Coreset=None: every patch
+    assert len(coarse.index) == 8 * 8 * 8 and len(fine.index) == 8 * 16 * 16
     assert coarse.weight == fine.weight == 0.5 and coarse.normal.k == 2
 
 
@@ -56,11 +58,13 @@ def test_normal_scores_are_the_held_out_images_scored_without_their_own_rows(fit
     assert kept == list(range(8))  # up to 16, evenly spread: all 8 here
     batch = torch.from_numpy(np.stack([fitted.preprocessor_(image) for image in images]))
     for scale in fitted.scales_:
-        scores = np.concatenate([brute_force_patch_scores(fitted, scale, batch[i:i + 1], 2, excluded_image=i).numpy().ravel()
+        scores = np.concatenate([brute_force_patch_scores(fitted, scale, batch[i:i + 1], 2,
+                                                          excluded_image=i).numpy().ravel()
                                  for i in kept])
         assert scale.normal.patches == scores.size and scale.normal.images == 8
         assert scale.normal.location == pytest.approx(np.median(scores), rel=1e-5)
-        assert scale.normal.spread == pytest.approx(np.quantile(scores, 0.999) - np.median(scores), rel=1e-4)
+        assert scale.normal.spread == pytest.approx(np.quantile(scores, 0.999) - np.median(scores),
+                                                    rel=1e-4)
 
 
 @pytest.mark.parametrize("fusion", ["max", "mean"])
@@ -73,11 +77,14 @@ def test_fused_maps_equal_their_definition(fitted, images, fusion):
         patch = brute_force_patch_scores(fitted, scale, batch, 2)
         maps = anomaly_maps(patch.float(), 64, fitted.sigma, fitted.upsampling).double()
         normalised.append((maps - scale.normal.location) / scale.normal.spread)
-    expected = torch.stack(normalised).amax(0) if fusion == "max" else torch.stack(normalised).mean(0)
+    stacked = torch.stack(normalised)
+    expected = stacked.amax(0) if fusion == "max" else stacked.mean(0)
     prediction = fitted.predict(tests)
     np.testing.assert_allclose(prediction.anomaly_maps, expected.numpy(), atol=1e-4)
-    np.testing.assert_allclose(prediction.image_scores, expected.amax(dim=(1, 2)).numpy(), atol=1e-4)
-    assert prediction.image_scores[0] > 2 * max(prediction.image_scores[1], 1.0)  # the defect: far above normal
+    np.testing.assert_allclose(prediction.image_scores, expected.amax(dim=(1, 2)).numpy(),
+                               atol=1e-4)
+    # The defect: far above normal
+    assert prediction.image_scores[0] > 2 * max(prediction.image_scores[1], 1.0)
 
 
 def test_model_file_holds_the_scales_and_scores_as_saved(fitted, tmp_path):
@@ -89,19 +96,25 @@ def test_model_file_holds_the_scales_and_scores_as_saved(fitted, tmp_path):
     loaded = Detector.load(path)
     assert [scale.normal for scale in loaded.scales_] == [scale.normal for scale in fitted.scales_]
     tests = textured_images(2, seed=11)
-    np.testing.assert_array_equal(loaded.predict(tests).anomaly_maps, fitted.predict(tests).anomaly_maps)
+    np.testing.assert_array_equal(loaded.predict(tests).anomaly_maps,
+                                  fitted.predict(tests).anomaly_maps)
     single = Detector(**{**SMALL, "layers": "coarse"}).fit(textured_images(2, seed=4))
-    assert read_archive(single.save(tmp_path / "single.npz"), "Detector", 3)[2] == 2  # older knnad reads it
+    # Older knnad reads it
+    assert read_archive(single.save(tmp_path / "single.npz"), "Detector", 3)[2] == 2
 
 
 def test_settings_that_the_statistics_do_not_cover_are_refused(fitted):
-    with pytest.raises(ValueError, match=r"k=3: .*measured with k=2; set k=2, or fit again with k=3"):
-        Detector(**SMALL, k=2).fit(textured_images(4, seed=5)).set_params(k=3).predict(textured_images(1, seed=6))
+    with pytest.raises(ValueError,
+                       match=r"k=3: .*measured with k=2; set k=2, or fit again with k=3"):
+        Detector(**SMALL, k=2).fit(textured_images(4, seed=5)).set_params(k=3).predict(
+            textured_images(1, seed=6))
     with pytest.raises(ValueError, match=r"image_score='spade' scores one scale.*layers='coarse'"):
         Detector(**SMALL).set_params(image_score="spade")
-    with pytest.raises(ValueError, match=r"several scales needs at least 2 readable training images.*got 1"):
+    with pytest.raises(ValueError,
+                       match=r"several scales needs at least 2 readable training images.*got 1"):
         Detector(**SMALL).fit(textured_images(1, seed=7))
-    with pytest.raises(ValueError, match=r"banks \(128, 512 rows\) keep fewer than k=100 rows of other images"):
+    with pytest.raises(ValueError,
+                       match=r"banks \(128, 512 rows\) keep fewer than k=100 rows of other images"):
         Detector(**SMALL, k=100).fit(textured_images(2, seed=7))  # 64 coarse rows per image
 
 
@@ -109,7 +122,8 @@ def test_fusing_needs_every_scale_s_normal_scores(fitted):
     measured = fitted.scales_
     assert normal_scores(measured) == [scale.normal for scale in measured]
     unmeasured = Scale(measured[1].embedder, measured[1].index, measured[1].image_ids)
-    with pytest.raises(ValueError, match="scale 1 of 2 has no normal scores.*fit the detector again"):
+    with pytest.raises(ValueError,
+                       match="scale 1 of 2 has no normal scores.*fit the detector again"):
         normal_scores([measured[0], unmeasured])
 
 
@@ -117,7 +131,8 @@ def test_layers_name_scales_in_the_api_and_on_the_command_line():
     assert check("layers", ["features.6+features.13", "features.3+features.6"]) == (
         ("features.6", "features.13"), ("features.3", "features.6"))
     assert check("layers", [["features.6"], ["features.3"]]) == (("features.6",), ("features.3",))
-    assert check("layers", ["features.6", "features.13"]) == ("features.6", "features.13")  # one scale
+    # One scale
+    assert check("layers", ["features.6", "features.13"]) == ("features.6", "features.13")
     assert check("layers", "multiscale") == "multiscale"
     with pytest.raises(ValueError, match="several scales"):
         check("layers", ["features.6+", "features.3"])
@@ -134,13 +149,15 @@ def test_exported_graph_fuses_like_the_detector(fitted, tmp_path):
 def test_weight_grid():
     assert weight_grid(2) == [(1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0.0, 1.0)]
     three = weight_grid(3)
-    assert len(three) == 15 and all(sum(weights) == 1 for weights in three) and three[0] == (1.0, 0.0, 0.0)
+    assert len(three) == 15 and all(sum(weights) == 1 for weights in three)
+    assert three[0] == (1.0, 0.0, 0.0)
 
 
 def test_synthetic_defects_change_only_their_masks_and_repeat_with_the_seed():
     images = torch.randn(3, 3, 64, 64)
     defective, masks, sources = synthetic_defects(images, 2, seed=0)
-    assert defective.shape == (6, 3, 64, 64) and masks.shape == (6, 64, 64) and list(sources) == [0, 1, 2, 0, 1, 2]
+    assert defective.shape == (6, 3, 64, 64) and masks.shape == (6, 64, 64)
+    assert list(sources) == [0, 1, 2, 0, 1, 2]
     areas = masks.mean(axis=(1, 2))
     assert (areas >= DEFECT_AREA[0] - 1 / 4096).all() and (areas <= DEFECT_AREA[1] + 1 / 4096).all()
     for image, mask, source in zip(defective, masks, sources):
@@ -156,7 +173,8 @@ def test_auto_fusion_chooses_weights_of_the_grid_and_says_so(images, tmp_path, c
         detector = Detector(**SMALL, fusion="auto").fit(images)
     weights = tuple(scale.weight for scale in detector.scales_)
     assert weights in weight_grid(2)
-    assert f"fusion weights {list(weights)}" in caplog.text and "synthetic defects' pixel AUROC" in caplog.text
+    assert f"fusion weights {list(weights)}" in caplog.text
+    assert "synthetic defects' pixel AUROC" in caplog.text
     loaded = Detector.load(detector.save(tmp_path / "auto.npz"))
     assert tuple(scale.weight for scale in loaded.scales_) == weights
 

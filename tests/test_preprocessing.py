@@ -3,8 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
-from knnad.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, Preprocessor, denormalise,
-                                 list_images)
+from knnad.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageLoadError,
+    Preprocessor,
+    denormalise,
+    list_images,
+)
 
 
 def normalised(value: float) -> torch.Tensor:
@@ -51,7 +57,8 @@ def test_path_and_pil_agree(tmp_path):
     pixels = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.png")
     preprocessor = Preprocessor(128, 112)
-    torch.testing.assert_close(preprocessor(tmp_path / "a.png"), preprocessor(Image.fromarray(pixels)))
+    torch.testing.assert_close(preprocessor(tmp_path / "a.png"),
+                               preprocessor(Image.fromarray(pixels)))
     assert preprocessor(str(tmp_path / "a.png")).shape == (3, 112, 112)
 
 
@@ -119,15 +126,16 @@ def test_bit_depth_of_camera_images(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="knnad.preprocessing"):
         dark = Preprocessor(40, 32)(tmp_path / "twelve.png")
     assert "set bit_depth" in caplog.text and float(dark.mean()) < float(reference.mean()) - 1
-    torch.testing.assert_close(Preprocessor(40, 32, bit_depth=12)(tmp_path / "twelve.png"), reference,
-                               atol=2e-3, rtol=0)
+    torch.testing.assert_close(Preprocessor(40, 32, bit_depth=12)(tmp_path / "twelve.png"),
+                               reference, atol=2e-3, rtol=0)
     Image.fromarray((twelve.astype(np.uint16) * 16)).save(tmp_path / "sixteen.png")  # up to 65520
     with pytest.raises(ImageLoadError, match=r"sixteen.png.*outside 0..4095; set bit_depth=16"):
         Preprocessor(40, 32, bit_depth=12)(tmp_path / "sixteen.png")
     as_float = Image.fromarray(twelve.astype(np.float32), mode="F")
     with pytest.raises(ImageLoadError, match=r"outside 0..1; set bit_depth=12"):
         Preprocessor(40, 32)(as_float)
-    torch.testing.assert_close(Preprocessor(40, 32, bit_depth=12)(as_float), reference, atol=2e-3, rtol=0)
+    torch.testing.assert_close(Preprocessor(40, 32, bit_depth=12)(as_float), reference, atol=2e-3,
+                               rtol=0)
     with pytest.raises(ValueError, match="bit_depth must be an int in"):
         Preprocessor(40, 32, bit_depth=17)
 
@@ -136,7 +144,8 @@ def test_odd_values_and_broken_exif(tmp_path):
     with pytest.raises(ImageLoadError, match="NaN or infinite"):
         Preprocessor(8, 8)(Image.fromarray(np.full((8, 8), np.inf, np.float32), mode="F"))
     rounding = Preprocessor(8, 8)(Image.fromarray(np.full((8, 8), 1.0000001, np.float32), mode="F"))
-    torch.testing.assert_close(rounding, Preprocessor(8, 8)(Image.new("RGB", (8, 8), (255, 255, 255))))
+    torch.testing.assert_close(rounding,
+                               Preprocessor(8, 8)(Image.new("RGB", (8, 8), (255, 255, 255))))
     with pytest.raises(ImageLoadError, match=r"outside 0..65535; scale them to \[0, 1\] first"):
         Preprocessor(8, 8)(Image.fromarray(np.full((8, 8), 70000, np.int32), mode="I"))
     image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
@@ -152,7 +161,8 @@ def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path):
     Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif)
     upright = Image.fromarray(np.array(Image.fromarray(stored).transpose(Image.ROTATE_270)))
     assert upright.size == (30, 50)
-    torch.testing.assert_close(Preprocessor(30, 30)(tmp_path / "rotated.png"), Preprocessor(30, 30)(upright))
+    torch.testing.assert_close(Preprocessor(30, 30)(tmp_path / "rotated.png"),
+                               Preprocessor(30, 30)(upright))
 
 
 @pytest.mark.parametrize("size, crop", [(256, 224), (41, 31), (40, 33)])

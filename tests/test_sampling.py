@@ -10,7 +10,8 @@ def clustered(n_clusters=20, per_cluster=150, dim=16, seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_clusters, dim)) * 10
     sizes = rng.integers(per_cluster // 10, per_cluster * 2, n_clusters)  # uneven clusters
-    points = np.concatenate([c + rng.standard_normal((s, dim)) * 0.5 for c, s in zip(centres, sizes)])
+    points = np.concatenate([c + rng.standard_normal((s, dim)) * 0.5
+                             for c, s in zip(centres, sizes)])
     return points.astype(np.float32)
 
 
@@ -128,7 +129,8 @@ def test_picks_stay_unique_beyond_the_distinct_rows():
 def test_numpy_ratios_and_counts_are_accepted():
     points = clustered()
     expected = coreset(points, ratio=0.1, seed=2)
-    np.testing.assert_array_equal(coreset(points, ratio=np.float32(0.1), seed=2)[:10], expected[:10])
+    np.testing.assert_array_equal(coreset(points, ratio=np.float32(0.1), seed=2)[:10],
+                                  expected[:10])
     assert len(coreset(points, n=np.int64(7))) == 7
 
 
@@ -154,8 +156,10 @@ def test_thread_tuning_changes_no_pick_and_restores_the_thread_count(monkeypatch
 PATHS = {  # module settings that force each code path of the selection loop
     "dense passes only": {"_DENSE_FRACTION": -1.0},
     "pruned steps only": {"_DENSE_FRACTION": 1.0, "_LISTED_FRACTION": 1.0},
-    "pruned, no screening projection": {"_DENSE_FRACTION": 1.0, "_LISTED_FRACTION": 1.0, "_SCREEN_DIM": 1000},
-    "cell lists rebuilt often": {"_DENSE_FRACTION": 1.0, "_LISTED_FRACTION": 1.0, "_Cells.SPACE": 1.02},
+    "pruned, no screening projection": {"_DENSE_FRACTION": 1.0, "_LISTED_FRACTION": 1.0,
+                                        "_SCREEN_DIM": 1000},
+    "cell lists rebuilt often": {"_DENSE_FRACTION": 1.0, "_LISTED_FRACTION": 1.0,
+                                 "_Cells.SPACE": 1.02},
     "default switching": {},
 }
 
@@ -171,7 +175,8 @@ def integer_clusters(dim=64, seed=7):
     exactly in float32 too, so paths can only differ by a wrong pick, and exact ties abound."""
     rng = np.random.default_rng(seed)
     centres = rng.integers(-20, 21, (25, dim))
-    points = np.concatenate([c + rng.integers(-3, 4, (rng.integers(20, 200), dim)) for c in centres])
+    points = np.concatenate([c + rng.integers(-3, 4, (rng.integers(20, 200), dim))
+                             for c in centres])
     points = np.concatenate([points, points[rng.integers(0, len(points), 500)]])  # duplicate rows
     return points.astype(np.float32)
 

@@ -20,11 +20,13 @@ def test_a_broken_link_in_an_image_folder_is_an_unreadable_image(tmp_path, caplo
     items = image_items(folder, "predict data")
     assert items == [folder / "a.png", folder / "gone.png"]
     preprocessor = Preprocessor(32, 32)
-    with pytest.raises(ImageLoadError, match=r"gone.png: a broken symbolic link to .*moved.*restore"):
+    with pytest.raises(ImageLoadError,
+                       match=r"gone.png: a broken symbolic link to .*moved.*restore"):
         list(batches(items, preprocessor, 4, "raise"))
     with caplog.at_level(logging.WARNING):
         loaded = list(batches(items, preprocessor, 4, "skip"))
-    assert loaded[0].paths == [str(folder / "a.png")] and loaded[0].skipped == [str(folder / "gone.png")]
+    assert loaded[0].paths == [str(folder / "a.png")]
+    assert loaded[0].skipped == [str(folder / "gone.png")]
     assert "gone.png" in caplog.text
 
 
