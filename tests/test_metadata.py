@@ -23,11 +23,12 @@ def test_the_licence_names_the_sample_s_licence_too(project):
 
 
 def test_the_floors_are_those_the_code_needs(project):
-    """torch.onnx.export of an ExportedProgram with dynamo=True (knnad.export) needs torch 2.5;
-    np.trapezoid (the tests) numpy 2, and so the first numpy 2 builds of the compiled packages."""
+    """torch.onnx.export of an ExportedProgram with dynamo=True (knnad.deploy.export) needs
+    torch 2.5; np.trapezoid (the tests) numpy 2, and so the first numpy 2 builds of the compiled
+    packages."""
     floors = dict(re.fullmatch(r"([\w-]+)>=([\d.]+)", requirement).groups()
                   for requirement in project["dependencies"])
-    assert "dynamo=True" in (ROOT / "knnad/export.py").read_text()
+    assert "dynamo=True" in (ROOT / "knnad/deploy/export.py").read_text()
     assert "np.trapezoid" in (ROOT / "tests/test_metrics.py").read_text()
     needed = {"torch": (2, 5), "torchvision": (0, 20), "numpy": (2, 0), "faiss-cpu": (1, 9),
               "scikit-learn": (1, 4, 2), "scipy": (1, 13), "matplotlib": (3, 8, 4)}
