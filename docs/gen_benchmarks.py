@@ -63,7 +63,8 @@ def machine_table(line: str) -> str:
         return f"`{line.strip()}`\n"
     if "git_commit" not in machine:
         machine["git_commit"] = "not recorded (results files record it since commit aaa7bb7)"
-    rows = "".join(f"| {key} | {'–' if value is None else value} |\n" for key, value in machine.items())
+    rows = "".join(f"| {key} | {'–' if value is None else value} |\n"
+                   for key, value in machine.items())
     return "| recorded | value |\n|---|---|\n" + rows
 
 
@@ -78,11 +79,12 @@ def page(source: Path) -> str:
     relative = source.relative_to(ROOT).as_posix()
     last = git("log", "-1", "--format=%h (%cs)", "--", relative)
     dirty = git("status", "--porcelain", "--", relative)
-    note = [f'!!! info "Provenance"',
+    note = ['!!! info "Provenance"',
             f"    - File: `{relative}`"
             + (f" ([JSON]({source.stem}.json))" if source.with_suffix(".json").exists() else "")]
     if script.exists():
-        note.append(f"    - Written by `{script.relative_to(ROOT).as_posix()}`: {description(script)}")
+        note.append(f"    - Written by `{script.relative_to(ROOT).as_posix()}`: "
+                    f"{description(script)}")
     note.append(f"    - Last changed in commit {last}" if last else
                 "    - Last commit: unknown (no git history where the site was built)")
     if dirty:
@@ -103,7 +105,8 @@ def main() -> None:
         with mkdocs_gen_files.open(OUT / source.name, "w") as handle:
             handle.write(page(source))
         mkdocs_gen_files.set_edit_path(OUT / source.name, source.relative_to(ROOT))
-        for extra in (source.with_suffix(".json"), source.with_name(source.stem.split("-")[0] + ".png")):
+        plot = source.with_name(source.stem.split("-")[0] + ".png")
+        for extra in (source.with_suffix(".json"), plot):
             if extra.exists():
                 with mkdocs_gen_files.open(OUT / extra.name, "wb") as handle:
                     handle.write(extra.read_bytes())

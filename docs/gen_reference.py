@@ -17,21 +17,21 @@ import os
 
 import mkdocs_gen_files
 
-os.environ["COLUMNS"] = "100"  # argparse wraps help at the terminal's width: fix it
-os.environ["NO_COLOR"] = "1"
+from knnad.cli import build_parser
+from knnad.detector import Detector
+from knnad.options import OPTIONS, defaults
 
-from knnad.cli import build_parser  # noqa: E402 (after COLUMNS)
-from knnad.detector import Detector  # noqa: E402
-from knnad.options import OPTIONS, defaults  # noqa: E402
+os.environ["COLUMNS"] = "100"  # argparse wraps help at the terminal's width (read when it formats)
+os.environ["NO_COLOR"] = "1"
 
 
 def cli_page() -> str:
     parser = build_parser()
     parser.prog = "knnad"
     text = ["# Command-line reference", "",
-            "Generated from `knnad.cli.build_parser` when this site was built: the output of "
-            "`knnad --help` and of `knnad COMMAND --help` for each command. The guide to the "
-            "commands, with examples, is [Command line](../guide/cli.md).", "",
+            ("Generated from `knnad.cli.build_parser` when this site was built: the output of "
+             "`knnad --help` and of `knnad COMMAND --help` for each command. The guide to the "
+             "commands, with examples, is [Command line](../guide/cli.md)."), "",
             "```text", parser.format_help().rstrip(), "```", ""]
     for name, command in subcommands(parser).items():
         text += [f"## knnad {name}", "", "```text", command.format_help().rstrip(), "```", ""]
@@ -61,12 +61,12 @@ def detector_page() -> str:
         "# Detector", "",
         "`knnad.Detector` (defined in `knnad.detector`).", "",
         "## Parameters", "",
-        "Generated from `knnad.options.OPTIONS` and the defaults of `Detector.__init__` when this "
-        "site was built; the same text is in `help(knnad.Detector)` and in the detector flags of "
-        "`knnad fit` and `knnad evaluate` ([command-line reference](cli.md)). A parameter that "
-        "needs a new fit (marked * in `help(knnad.Detector)` and below) builds the fitted parts: changed after fit, `predict`, `calibrate` and "
-        "`save` refuse until the next fit. The others apply at the next `predict` and are saved "
-        "as set.", "",
+        ("Generated from `knnad.options.OPTIONS` and the defaults of `Detector.__init__` when "
+         "this site was built; the same text is in `help(knnad.Detector)` and in the detector "
+         "flags of `knnad fit` and `knnad evaluate` ([command-line reference](cli.md)). A "
+         "parameter that needs a new fit (marked * in `help(knnad.Detector)` and below) builds "
+         "the fitted parts: changed after fit, `predict`, `calibrate` and `save` refuse until "
+         "the next fit. The others apply at the next `predict` and are saved as set."), "",
         *rows, "",
         "## API", "",
         "::: knnad.detector.Detector",

@@ -23,16 +23,17 @@ import html
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import griffe
 
-ROLE = re.compile(r":(?:py:)?(?P<role>class|func|meth|mod|data|attr|exc|obj|const):`(?P<target>[^`]+)`")
+ROLE = re.compile(r":(?:py:)?(?P<role>class|func|meth|mod|data|attr|exc|obj|const)"
+                  r":`(?P<target>[^`]+)`")
 #: A reStructuredText hyperlink, ```text <https://...>`_``.
 LINK = re.compile(r"`(?P<text>[^`<]+?)\s*<(?P<url>https?://[^>]+)>`__?")
 
 
-def _public_names(package: Any) -> Dict[str, str]:
+def _public_names(package: Any) -> dict[str, str]:
     """``{"Detector": "knnad.detector.Detector", ...}``: the names that ``knnad/__init__.py``
     serves lazily from ``_NAMES`` (name -> module), read from its source."""
     try:
@@ -54,8 +55,8 @@ class SphinxRoles(griffe.Extension):
 
     def __init__(self) -> None:
         super().__init__()
-        self.public: Dict[str, str] = {}
-        self.defined: Dict[str, list] = defaultdict(list)
+        self.public: dict[str, str] = {}
+        self.defined: dict[str, list] = defaultdict(list)
 
     # -- the package's objects -------------------------------------------------------------
 
@@ -67,7 +68,7 @@ class SphinxRoles(griffe.Extension):
         for member in list(obj.members.values()):
             yield from self._walk(member, seen)
 
-    def _comment_docstring(self, attr: Any, sources: Dict[str, list]) -> None:
+    def _comment_docstring(self, attr: Any, sources: dict[str, list]) -> None:
         """The ``#:`` lines right above ``attr`` as its docstring, where it has none."""
         if attr.docstring is not None or not attr.lineno or attr.filepath is None:
             return
@@ -94,7 +95,7 @@ class SphinxRoles(griffe.Extension):
             if len(parts) > 1 and parts[1] in self.public:  # knnad.Detector.fit
                 return ".".join([self.public[parts[1]], *parts[2:]])
             return target
-        scope: Optional[Any] = obj
+        scope: Any | None = obj
         while scope is not None:  # the object itself (a class's methods), its class, its module
             member = scope.members.get(parts[0]) if hasattr(scope, "members") else None
             if member is not None:
@@ -120,7 +121,7 @@ class SphinxRoles(griffe.Extension):
     def _rewrite(self, package: Any) -> None:
         self.public = _public_names(package)
         objects = list(self._walk(package, set()))
-        sources: Dict[str, list] = {}
+        sources: dict[str, list] = {}
         for obj in objects:
             if obj.is_attribute:
                 self._comment_docstring(obj, sources)
@@ -128,7 +129,7 @@ class SphinxRoles(griffe.Extension):
                 self.defined[obj.name].append(obj.path)
         for obj in objects:
             if obj.docstring is not None and ":" in obj.docstring.value:
-                text = ROLE.sub(lambda match: self._link(match, obj), obj.docstring.value)
+                text = ROLE.sub(lambda match, obj=obj: self._link(match, obj), obj.docstring.value)
                 obj.docstring.value = LINK.sub(r"[\g<text>](\g<url>)", text)
 
     def on_package_loaded(self, *, pkg: Any, **kwargs: Any) -> None:  # griffe < 1.14
