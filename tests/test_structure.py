@@ -23,6 +23,7 @@ LAYERS = [
     ["detector"],
     ["evaluation", "distributed.fitting", "distributed.scorer", "distributed.sharded"],
     ["distributed.predict"],
+    ["html_report"],
     ["report", "distributed"],
     ["cli"],
 ]
