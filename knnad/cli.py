@@ -11,7 +11,7 @@ import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from ._checks import check_bool, check_int, check_number, check_output_folder
 from ._version import __version__
@@ -24,6 +24,9 @@ from .options import OPTIONS, SCORING, Option, defaults, validate
 from .preprocessing import IMAGE_SUFFIXES, ImageLoadError, image_files
 from .runtime import backend_info
 from .thresholds import check_quantile
+
+if TYPE_CHECKING:
+    from .html_report import HtmlReport
 
 #: Settings of ``knnad demo``: MobileNetV2 with torchvision's IMAGENET1K_V1 weights (14 MB).
 DEMO_PARAMS = {"backbone": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
@@ -134,7 +137,8 @@ def command_predict(args: argparse.Namespace) -> int:
     paths = _images(args.images)
     new_folders = _new_folders(out)
     out.mkdir(parents=True, exist_ok=True)
-    writer = _ScoresWriter(detector, out / "scores.partial.csv", None if args.no_heatmaps else out)
+    writer = _ScoresWriter(detector, out / "scores.partial.csv", None if args.no_heatmaps else out,
+                           None if args.no_report else _html_report(detector, args.model))
     try:
         writer.write(paths)
     except KeyboardInterrupt:
@@ -156,8 +160,9 @@ def command_predict(args: argparse.Namespace) -> int:
     os.replace(writer.csv_path, out / "scores.csv")
     if not writer.scored:
         raise ValueError(f"none of the {len(paths)} images could be read (listed in {out / 'scores.csv'})")
+    report = "" if writer.report is None else f", {writer.report.write(out / 'report.html')}"
     skipped = writer.skipped
-    print(f"scored {writer.scored} images -> {out / 'scores.csv'}"
+    print(f"scored {writer.scored} images -> {out / 'scores.csv'}{report}"
           + (f"; skipped {len(skipped)} that could not be read (status 'skipped')" if skipped else ""))
     return PARTIAL if skipped else 0
 
@@ -220,13 +225,25 @@ def command_fit_many(args: argparse.Namespace) -> int:
     return PARTIAL if failed else 0
 
 
-class _ScoresWriter:
-    """Scores of images into ``csv_path`` (and a heatmap per image into ``heatmaps``), batch by
-    batch; counts what it has done (``scored``, ``skipped``) and remembers the files it created,
-    so that an interrupted run can remove them."""
+def _html_report(detector: Detector, model: str) -> "HtmlReport":
+    """The :class:`knnad.html_report.HtmlReport` of ``knnad predict``: its images as the model
+    sees them, its thresholds where they fit the scoring options given."""
+    from .report import HtmlReport, display_images  # matplotlib: only here
 
-    def __init__(self, detector: Detector, csv_path: Path, heatmaps: Optional[Path]):
+    thresholds = detector.thresholds_
+    usable = thresholds if thresholds and not thresholds.changed(detector.get_params()) else None
+    return HtmlReport(display_images(detector), thresholds=usable, title=f"knnad predict: {model}")
+
+
+class _ScoresWriter:
+    """Scores of images into ``csv_path`` (and a heatmap per image into ``heatmaps``, each image
+    into ``report``), batch by batch; counts what it has done (``scored``, ``skipped``) and
+    remembers the files it created, so that an interrupted run can remove them."""
+
+    def __init__(self, detector: Detector, csv_path: Path, heatmaps: Optional[Path],
+                 report: Optional["HtmlReport"] = None):
         self.detector, self.csv_path, self.heatmaps = detector, csv_path, heatmaps
+        self.report = report
         self.scored, self.skipped = 0, []
         self.created: List[Path] = []
 
@@ -267,6 +284,8 @@ class _ScoresWriter:
                         self._heatmap(path, batch, row)
                 writer.writerows([path, "", "", "skipped"] for path in batch.skipped)
                 handle.flush()
+                if self.report is not None:
+                    self.report.add(batch)
                 self.scored += len(batch)
                 self.skipped += batch.skipped
 
@@ -305,9 +324,14 @@ def command_export(args: argparse.Namespace) -> None:
                                if changed else "thresholds in its metadata"))
 
 
-def _print_report(out: Path) -> None:
+def _print_report(out: Path, pairs: Sequence[Any]) -> None:
+    """The results table, then the report's files (``pairs``: the evaluated categories)."""
+    from .report import html_name
+
+    pages = [str(out / html_name(name)) for name, _, _ in pairs]
     print((out / "results.md").read_text())
-    print(f"report written to {out}/ (results.md, results.csv, results.json, ROC plots, heatmaps)")
+    print(f"report written to {out}/ (results.md, results.csv, results.json, ROC and PRO plots, "
+          f"heatmaps); open in a browser: {', '.join(pages)}")
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
@@ -326,7 +350,7 @@ def command_evaluate(args: argparse.Namespace) -> None:
             raise ValueError(f"--dataset {args.dataset} needs --root")
         pairs = dataset_pairs(args.dataset, Path(args.root), args.category)
     _reporting(out, lambda: evaluate_and_report(pairs, params, out, title=f"knnad {args.dataset}"))
-    _print_report(out)
+    _print_report(out, pairs)
 
 
 def demo_root() -> Path:
@@ -342,11 +366,11 @@ def command_demo(args: argparse.Namespace) -> None:
     pairs = dataset_pairs("mvtec", demo_root(), ["bottle"])
     _reporting(out, lambda: evaluate_and_report(pairs, params, out, save_models=True,
                                                 title="knnad demo, MVTec bottle sample"))
-    _print_report(out)
+    _print_report(out, pairs)
     print(f"The bottle images are MVTec AD's (c) MVTec Software GmbH, under CC BY-NC-SA 4.0, not "
           f"knnad's MIT licence: non-commercial use only, crediting MVTec and the MVTec AD paper, "
-          f"and what you share made from them (such as these heatmaps) under the same licence; "
-          f"see {demo_root() / 'NOTICE.md'}")
+          f"and what you share made from them (such as these heatmaps and HTML reports) under the "
+          f"same licence; see {demo_root() / 'NOTICE.md'}")
 
 
 def command_info(args: argparse.Namespace) -> None:
@@ -380,13 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="score images with a saved model")
     predict.add_argument("model", help="model file written by 'knnad fit'")
     predict.add_argument("images", nargs="+", help="image files or folders")
-    predict.add_argument("--out", required=True, help="folder for scores.csv and heatmaps")
-    predict.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
+    predict.add_argument("--out", required=True,
+                         help="folder for scores.csv, report.html (an HTML inspection report to "
+                              "open in a browser) and heatmaps")
+    predict.add_argument("--no-heatmaps", action="store_true", help="no heatmap PNG per image")
+    predict.add_argument("--no-report", action="store_true", help="no report.html")
     predict.add_argument("--weights", help="the .pth file the model was fit with, when it was fit "
                                             "with a local weight file")
     ray = predict.add_argument_group("on a Ray cluster (knnad[ray]; knnad.distributed.predict_dataset)")
     ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                     help="score on Ray into OUT/scores.parquet (one row per image; no heatmaps): "
+                     help="score on Ray into OUT/scores.parquet (one row per image; no heatmaps, "
+                          "no report.html): "
                           "ADDRESS 'auto', HOST:PORT or ray://HOST:PORT, none: the local Ray, "
                           "started if need be. Put it last, or write --ray=ADDRESS")
     ray.add_argument("--workers", type=_checked(lambda n: check_int(n, "--workers"), int),

@@ -1,14 +1,17 @@
 """Evaluation reports: fit and evaluate a detector per category, then write results.md,
-results.csv, results.json, ROC and PRO plots and heatmap grids to one folder. The example
-scripts and ``knnad evaluate`` are thin wrappers around :func:`evaluate_and_report`."""
+results.csv, results.json, ROC and PRO plots, heatmap grids and an HTML inspection report per
+category to one folder. The example scripts and ``knnad evaluate`` are thin wrappers around
+:func:`evaluate_and_report`. :func:`write_html` (from :mod:`knnad.html_report`) writes the HTML
+report of any prediction."""
 from __future__ import annotations
 
 import csv
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -16,11 +19,23 @@ from .plots import heatmap_grid, pro_plot, roc_plot
 from .datasets import DatasetPair, ImageDataset
 from .detector import Detector
 from .evaluation import evaluate
+from .html_report import HtmlReport, write_html  # noqa: F401 (public)
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("category", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "train_images",
            "test_images", "memory_bank", "fit_seconds", "images_per_second")
+
+
+def display_images(detector: Detector) -> Callable[[str], np.ndarray]:
+    """The image under ``detector``'s maps, from its path: RGB float ``[H, W, 3]`` in [0, 1] as
+    the model saw it (resized, cropped), or as given with ``map_size="original"``."""
+    return partial(detector.preprocessor_.rgb, original=detector.map_size == "original")
+
+
+def html_name(category: str) -> str:
+    """File name of a category's HTML report in :func:`evaluate_and_report`'s folder."""
+    return f"report_{category}.html"
 
 
 def _heatmaps(name: str, test: ImageDataset, prediction, masks, detector: Detector, out: Path,
@@ -32,8 +47,8 @@ def _heatmaps(name: str, test: ImageDataset, prediction, masks, detector: Detect
     rows = defect_rows + good_rows
     if not rows:
         return None
-    original = detector.map_size == "original"
-    images = [detector.preprocessor_.rgb(test.samples[i].path, original) for i in rows]
+    rgb = display_images(detector)
+    images = [rgb(test.samples[i].path) for i in rows]
     titles = [f"{test.samples[i].defect} {prediction.image_scores[i]:.2f}" for i in rows]
     return heatmap_grid(images, prediction.anomaly_maps[rows], out / f"heatmaps_{name}.png",
                               masks=None if masks is None else masks[rows],
@@ -44,11 +59,13 @@ def evaluate_and_report(pairs: Sequence[DatasetPair], detector_params: Dict[str,
                         heatmaps: int = 4, title: str = "knnad", save_models: bool = False
                         ) -> List[Dict[str, Any]]:
     """Fit a ``Detector(**detector_params)`` on each train set, evaluate it on the test set and
-    write the report to ``out`` (and ``model_<name>.npz`` with ``save_models``). Returns one row
-    of figures per category (and a mean row when there are several)."""
+    write the report to ``out``: results.md, .csv and .json, ROC and PRO plots, heatmaps_<name>.png
+    (with ``heatmaps`` > 0), the HTML inspection report :func:`html_name` of each category (with
+    the curves of all) and, with ``save_models``, model_<name>.npz. Returns one row of figures
+    per category (and a mean row when there are several)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, details = [], {}
+    rows, details, pages = [], {}, []
     image_curves, pixel_curves = {}, {}
     for name, train, test in pairs:
         logger.info("%s: fitting on %d images", name, len(train))
@@ -70,16 +87,22 @@ def evaluate_and_report(pairs: Sequence[DatasetPair], detector_params: Dict[str,
             detector.save(out / f"model_{name}.npz")
         if heatmaps:
             _heatmaps(name, test, prediction, masks, detector, out, heatmaps)
+        pages.append((name, test, prediction, masks, display_images(detector),
+                      detector.thresholds_))
     if len(rows) > 1:
         mean = {"category": "mean"}
         for column in COLUMNS[1:]:
             values = [row[column] for row in rows if row[column] is not None]
             mean[column] = float(np.mean(values)) if values else None
         rows.append(mean)
-    roc_plot(image_curves, out / "roc_image.png", title=f"{title}: image ROC")
+    figures = [roc_plot(image_curves, out / "roc_image.png", title=f"{title}: image ROC")]
     if pixel_curves:
-        roc_plot(pixel_curves, out / "roc_pixel.png", title=f"{title}: pixel ROC")
-        pro_plot(pixel_curves, out / "pro.png", title=f"{title}: PRO")
+        figures += [roc_plot(pixel_curves, out / "roc_pixel.png", title=f"{title}: pixel ROC"),
+                    pro_plot(pixel_curves, out / "pro.png", title=f"{title}: PRO")]
+    for name, test, prediction, masks, rgb, thresholds in pages:  # the curves of every category
+        write_html(prediction, out / html_name(name), rgb, labels=test.labels, defects=test.defects,
+                   masks=masks, thresholds=thresholds, title=f"{title}: {name}",
+                   metrics=details[name], figures=figures)
     _write_tables(rows, details, detector_params, out, title)
     return rows
 
