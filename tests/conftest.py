@@ -1,5 +1,6 @@
-"""Shared fixtures. Tests that need ../shared (genuine weights and MVTec data) skip when it is
-absent, unless KNNAD_REQUIRE_SHARED=1 (set by .ci/run), which turns the skip into a failure."""
+"""Shared fixtures. Tests that need ../shared (genuine weights and MVTec data), or the system's
+chromium, skip when it is absent, unless KNNAD_REQUIRE_SHARED=1 (set by .ci/run), which turns
+the skip into a failure."""
 import os
 import shutil
 from pathlib import Path
@@ -23,14 +24,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
 
 
+def skip_or_fail(message: str) -> None:
+    """Skip the test for ``message`` (something it needs is missing), or fail it when
+    KNNAD_REQUIRE_SHARED=1 (CI, where everything must be there)."""
+    if os.environ.get("KNNAD_REQUIRE_SHARED") == "1":
+        pytest.fail(message + "; KNNAD_REQUIRE_SHARED=1 makes this an error")
+    pytest.skip(message)
+
+
 def need_shared(relative: str) -> Path:
     """Path under ../shared, or skip (fail when KNNAD_REQUIRE_SHARED=1) when it is missing."""
     path = SHARED / relative
     if not path.exists():
-        message = f"{path} is missing (../shared not laid out here)"
-        if os.environ.get("KNNAD_REQUIRE_SHARED") == "1":
-            pytest.fail(message + "; KNNAD_REQUIRE_SHARED=1 makes this an error")
-        pytest.skip(message)
+        skip_or_fail(f"{path} is missing (../shared not laid out here)")
     return path
 
 
