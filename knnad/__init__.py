@@ -10,13 +10,53 @@ faiss are not installed.
 """
 import importlib
 import logging
+from typing import TYPE_CHECKING
 
 from ._version import __version__  # noqa: F401 (public)
+
+if TYPE_CHECKING:  # what __getattr__ loads on first use, for type checkers and IDEs
+    from . import (
+        anomaly_map,
+        archive,
+        backbones,
+        datasets,
+        deploy,
+        distributed,
+        embedding,
+        evaluation,
+        export,
+        index,
+        metrics,
+        onnx_detector,
+        options,
+        persistence,
+        plots,
+        prediction,
+        preprocessing,
+        report,
+        runtime,
+        sampling,
+        scoring,
+        sources,
+        thresholds,
+    )
+    from .archive import ModelFileError
+    from .backbones import FeatureExtractor
+    from .deploy.onnx_detector import OnnxDetector
+    from .detector import Detector
+    from .evaluation import evaluate
+    from .index import FlatL2Index
+    from .prediction import Prediction
+    from .preprocessing import ImageLoadError, Preprocessor
+    from .runtime import backend_info
+    from .sampling import coreset, covering_radius
+    from .thresholds import Thresholds
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 #: Public modules and subpackages (``export`` and ``onnx_detector``: the former paths of
-#: ``deploy.export`` and ``deploy.onnx_detector``).
+#: ``deploy.export`` and ``deploy.onnx_detector``); the TYPE_CHECKING imports above name them
+#: and _NAMES again (tests/test_typing.py checks that they agree).
 _MODULES = ("anomaly_map", "archive", "backbones", "datasets", "deploy", "distributed",
             "embedding", "evaluation", "export", "index", "metrics", "onnx_detector", "options",
             "persistence", "plots", "prediction", "preprocessing", "report", "runtime", "sampling",

@@ -1,5 +1,5 @@
-"""The ``knnad`` command: fit, fit-many, predict, evaluate, export, demo and info. Argument parsing and output
-only; the work is done by the library."""
+"""The ``knnad`` command: fit, fit-many, predict, evaluate, export, demo and info. Argument parsing
+and output only; the work is done by the library."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 from ._checks import check_bool, check_int, check_number, check_output_folder
 from ._version import __version__
 from .archive import check_target
-from .datasets import ImageFolder, dataset_pairs
+from .datasets import DatasetPair, ImageFolder, dataset_pairs
 from .deploy.export import MIN_OPSET, import_onnx
 from .detector import Detector
 from .distributed import fit_many, predict_dataset
@@ -33,10 +33,12 @@ DEMO_PARAMS = {"backbone": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
 #: Exit status of ``knnad predict`` when some images could not be read (and were skipped).
 PARTIAL = 3
 #: What ``knnad predict`` may override in a saved model: placement and predict-time options.
-PREDICT_OPTIONS = ("backend", "device") + tuple(name for name, option in OPTIONS.items() if not option.refit)
+PREDICT_OPTIONS = ("backend", "device") + tuple(name for name, option in OPTIONS.items()
+                                                if not option.refit)
 
 
-def _checked(check: Callable[[Any], Any], parse: Callable[[str], Any] = float) -> Callable[[str], Any]:
+def _checked(check: Callable[[Any], Any],
+             parse: Callable[[str], Any] = float) -> Callable[[str], Any]:
     """argparse ``type=``: ``check(parse(text))``, with the check's message shown as is."""
     def read(text: str) -> Any:
         try:
@@ -48,7 +50,8 @@ def _checked(check: Callable[[Any], Any], parse: Callable[[str], Any] = float) -
 
 def _reader(name: str, option: Option) -> Callable[[str], Any]:
     """argparse ``type=`` for ``option``: the option's own parsing and check."""
-    return _checked(lambda value: value if option.nargs else option.check(value, name), option.parse)
+    return _checked(lambda value: value if option.nargs else option.check(value, name),
+                    option.parse)
 
 
 def add_detector_options(parser: argparse.ArgumentParser, names: Sequence[str] = tuple(OPTIONS),
@@ -72,8 +75,10 @@ def add_detector_options(parser: argparse.ArgumentParser, names: Sequence[str] =
                                help=f"{option.help} (default: {shown})")
 
 
-def detector_params(args: argparse.Namespace, names: Sequence[str] = tuple(OPTIONS)) -> Dict[str, Any]:
-    """The Detector parameters among parsed ``args`` (those added by :func:`add_detector_options`)."""
+def detector_params(args: argparse.Namespace,
+                    names: Sequence[str] = tuple(OPTIONS)) -> Dict[str, Any]:
+    """The Detector parameters among parsed ``args`` (those added by
+    :func:`add_detector_options`)."""
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
@@ -98,9 +103,10 @@ def command_fit(args: argparse.Namespace) -> None:
     if calibration:
         detector.calibrate(calibration, quantile=args.quantile)
     path = detector.save(args.model)
+    thresholds = detector.thresholds_
     print(f"saved {path}: {len(detector.train_paths_)} images, memory bank "
           + " + ".join(f"{len(scale.index)} x {scale.index.dim}" for scale in detector.scales_)
-          + (f", image threshold {detector.thresholds_.image:.4f}" if args.calibrate else ""))
+          + (f", image threshold {thresholds.image:.4f}" if thresholds is not None else ""))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -151,19 +157,21 @@ def command_predict(args: argparse.Namespace) -> int:
     except BaseException as error:
         # An error: what was done stays in scores.partial.csv, and the message says where.
         if writer.scored:
-            error.knnad_note = (f"; the {writer.scored} images scored before it are in "
-                                f"{writer.csv_path}")
+            _add_note(error, f"; the {writer.scored} images scored before it are in "
+                             f"{writer.csv_path}")
         else:
             writer.remove()
             _remove_empty(new_folders)
         raise
     os.replace(writer.csv_path, out / "scores.csv")
     if not writer.scored:
-        raise ValueError(f"none of the {len(paths)} images could be read (listed in {out / 'scores.csv'})")
+        raise ValueError(f"none of the {len(paths)} images could be read (listed in "
+                         f"{out / 'scores.csv'})")
     report = "" if writer.report is None else f", {writer.report.write(out / 'report.html')}"
     skipped = writer.skipped
     print(f"scored {writer.scored} images -> {out / 'scores.csv'}{report}"
-          + (f"; skipped {len(skipped)} that could not be read (status 'skipped')" if skipped else ""))
+          + (f"; skipped {len(skipped)} that could not be read (status 'skipped')"
+             if skipped else ""))
     return PARTIAL if skipped else 0
 
 
@@ -208,11 +216,13 @@ def command_fit_many(args: argparse.Namespace) -> int:
             raise ValueError("give folders or --dataset, not both")
         if not args.root:
             raise ValueError(f"--dataset {args.dataset} needs --root")
-        jobs = [(name, train) for name, train, _ in dataset_pairs(args.dataset, Path(args.root), args.category)]
+        jobs = [(name, train) for name, train, _
+                in dataset_pairs(args.dataset, Path(args.root), args.category)]
     elif args.folders:
         jobs = [_named_folder(folder) for folder in args.folders]
     else:
-        raise ValueError("fit-many needs folders of normal images, or --dataset mvtec|btad --root ROOT")
+        raise ValueError("fit-many needs folders of normal images, or --dataset mvtec|btad "
+                         "--root ROOT")
     rows = fit_many(jobs, out, address=args.address, num_cpus_per_job=args.cpus_per_job,
                     num_gpus_per_job=args.gpus_per_job, **detector_params(args, FIT_MANY_OPTIONS))
     for row in rows:
@@ -244,7 +254,8 @@ class _ScoresWriter:
                  report: Optional["HtmlReport"] = None):
         self.detector, self.csv_path, self.heatmaps = detector, csv_path, heatmaps
         self.report = report
-        self.scored, self.skipped = 0, []
+        self.scored = 0
+        self.skipped: List[Optional[str]] = []
         self.created: List[Path] = []
 
     def remove(self) -> None:
@@ -257,16 +268,16 @@ class _ScoresWriter:
             except OSError:  # gone already, or not ours to remove
                 pass
 
-    def _heatmap(self, path: str, batch: Any, row: int) -> None:
+    def _heatmap(self, folder: Path, path: str, batch: Any, row: int) -> None:
         from .plots import heatmap_grid  # matplotlib: only here
 
-        detector = self.detector
-        target = self.heatmaps / f"{self.scored + row:04d}_{Path(path).stem}.png"
+        detector, thresholds = self.detector, self.detector.thresholds_
+        target = folder / f"{self.scored + row:04d}_{Path(path).stem}.png"
         if not target.exists():
             self.created.append(target)
         # The image under the map: as the model saw it, or as given (map_size="original").
         image = detector.preprocessor_.rgb(path, original=detector.map_size == "original")
-        threshold = detector.thresholds_.pixel if batch.masks is not None else None
+        threshold = thresholds.pixel if thresholds and batch.masks is not None else None
         # Colour scale: twice the pixel threshold when calibrated, else the image's own.
         heatmap_grid([image], batch.anomaly_maps[row:row + 1], target, threshold=threshold,
                      titles=[f"{batch.image_scores[row]:.3f}"],
@@ -281,13 +292,13 @@ class _ScoresWriter:
                     label = "" if batch.labels is None else int(batch.labels[row])
                     writer.writerow([path, f"{batch.image_scores[row]:.6f}", label, "scored"])
                     if self.heatmaps is not None:
-                        self._heatmap(path, batch, row)
+                        self._heatmap(self.heatmaps, str(path), batch, row)
                 writer.writerows([path, "", "", "skipped"] for path in batch.skipped)
                 handle.flush()
-                if self.report is not None:
-                    self.report.add(batch)
                 self.scored += len(batch)
                 self.skipped += batch.skipped
+                if self.report is not None:
+                    self.report.add(batch)
 
 
 def _reporting(out: Path, run: Callable[[], Any]) -> None:
@@ -311,17 +322,20 @@ def _reporting(out: Path, run: Callable[[], Any]) -> None:
 def command_export(args: argparse.Namespace) -> None:
     import_onnx()  # before any work: the extra may be missing
     target = check_target(args.out, ".onnx")
-    overrides = {name: value for name, value in detector_params(args, SCORING).items() if value is not None}
+    overrides = {name: value for name, value in detector_params(args, SCORING).items()
+                 if value is not None}
     detector = Detector.load(args.model, weights=args.weights, device="cpu", progress=False)
     thresholds = detector.thresholds_
-    changed = thresholds.changed(detector.set_params(**overrides).get_params()) if thresholds else []
+    params = detector.set_params(**overrides).get_params()
+    changed = thresholds.changed(params) if thresholds else []
     path = detector.export_onnx(target, batch_size=args.batch_size, opset=args.opset)
+    note = ("no thresholds: the model is not calibrated" if not thresholds else
+            f"no thresholds: they were calibrated with {', '.join(changed)}; export without "
+            f"those options, or fit again with --calibrate" if changed else
+            "thresholds in its metadata")
+    frame = ", ".join(map(str, detector.preprocessor_.frame or ()))  # fit and load fix it
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB): images float32 "
-          f"[{args.batch_size or 'N'}, 3, {', '.join(map(str, detector.preprocessor_.frame))}] -> image_scores, "
-          f"anomaly_maps; " + ("no thresholds: the model is not calibrated" if not thresholds else
-                               f"no thresholds: they were calibrated with {', '.join(changed)}; "
-                               f"export without those options, or fit again with --calibrate"
-                               if changed else "thresholds in its metadata"))
+          f"[{args.batch_size or 'N'}, 3, {frame}] -> image_scores, anomaly_maps; {note}")
 
 
 def _print_report(out: Path, pairs: Sequence[Any]) -> None:
@@ -343,7 +357,7 @@ def command_evaluate(args: argparse.Namespace) -> None:
         if not (args.train and args.test_normal and args.test_abnormal):
             raise ValueError("--dataset folder needs --train, --test-normal and --test-abnormal "
                              "(and optionally --masks)")
-        pairs = [(Path(args.train).name, ImageFolder(args.train),
+        pairs: List[DatasetPair] = [(Path(args.train).name, ImageFolder(args.train),
                   ImageFolder(args.test_normal, args.test_abnormal, args.masks))]
     else:
         if not args.root:
@@ -411,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-report", action="store_true", help="no report.html")
     predict.add_argument("--weights", help="the .pth file the model was fit with, when it was fit "
                                             "with a local weight file")
-    ray = predict.add_argument_group("on a Ray cluster (knnad[ray]; knnad.distributed.predict_dataset)")
+    ray = predict.add_argument_group("on a Ray cluster (knnad[ray]; "
+                                     "knnad.distributed.predict_dataset)")
     ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="score on Ray into OUT/scores.parquet (one row per image; no heatmaps, "
                           "no report.html): "
@@ -431,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     many = commands.add_parser("fit-many", help="fit and save one model per folder or dataset "
                                                 "category, each in a Ray task (knnad[ray])")
     many.add_argument("folders", nargs="*", metavar="[NAME=]FOLDER",
-                      help="folders of normal images, one model each, named NAME or after the folder")
+                      help="folders of normal images, one model each, named NAME or after the "
+                           "folder")
     many.add_argument("--dataset", choices=("mvtec", "btad"),
                       help="one model per category, fit on its train split")
     many.add_argument("--root", help="dataset root (mvtec, btad)")
@@ -456,17 +472,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-normal", help="folder: normal test images")
     evaluate.add_argument("--test-abnormal", help="folder: defect test images")
     evaluate.add_argument("--masks", help="folder: masks of the defect test images")
-    evaluate.add_argument("--out", default="knnad-evaluation", help="report folder (default: %(default)s)")
+    evaluate.add_argument("--out", default="knnad-evaluation",
+                          help="report folder (default: %(default)s)")
     add_detector_options(evaluate)
     evaluate.set_defaults(run=command_evaluate)
 
-    demo = commands.add_parser("demo", help="fit, predict and report on the bundled MVTec bottle sample")
+    demo = commands.add_parser("demo",
+                               help="fit, predict and report on the bundled MVTec bottle sample")
     demo.add_argument("--out", default="knnad-demo", help="report folder (default: %(default)s)")
     add_detector_options(demo, ("weights", "device", "progress"))
     demo.set_defaults(weights=DEMO_PARAMS["weights"])
     demo.set_defaults(run=command_demo)
 
-    export = commands.add_parser("export", help="write a saved model as one ONNX file (knnad[export])")
+    export = commands.add_parser("export",
+                                 help="write a saved model as one ONNX file (knnad[export])")
     export.add_argument("model", help="model file written by 'knnad fit'")
     export.add_argument("--out", required=True, help="output ONNX file (.onnx)")
     export.add_argument("--batch-size", type=_checked(lambda n: check_int(n, "--batch-size"), int),
@@ -508,10 +527,17 @@ def error_message(error: BaseException) -> str:
     return message + getattr(error, "knnad_note", "")
 
 
+def _add_note(error: BaseException, note: str, first: bool = False) -> None:
+    """Append ``note`` to the one-line message :func:`error_message` prints for ``error`` (or
+    put it before the notes already there: ``first``)."""
+    notes = getattr(error, "knnad_note", "")
+    setattr(error, "knnad_note", note + notes if first else notes + note)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error told in one line (the full usage is a screen long)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -519,17 +545,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports each CPU variant tried
+    # faiss's loader reports each CPU variant it tries.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
     try:
         status = args.run(args)
     except KeyboardInterrupt as interrupt:
         print(f"knnad {args.command}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as error:  # OSError: file system
+    # OSError: the file system's errors.
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as error:
         if args.verbose:
             raise
         if isinstance(error, ImageLoadError) and hasattr(args, "on_error"):
-            error.knnad_note = "; --on-error skip skips such files" + getattr(error, "knnad_note", "")
+            _add_note(error, "; --on-error skip skips such files", first=True)
         print(f"knnad {args.command}: error: {error_message(error)}", file=sys.stderr)
         return 2
     return status or 0

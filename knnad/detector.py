@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 from sklearn.exceptions import NotFittedError
 
 from ._types import PathLike
 from .backbones import FeatureExtractor
-from .embedding import embed_images, patch_features
+from .embedding import embed_images
 from .export import MIN_OPSET, export_onnx
 from .fusion import Scale
 from .index import FlatL2Index
@@ -28,7 +28,7 @@ from .persistence import (
 from .prediction import Prediction
 from .preprocessing import Preprocessor
 from .runtime import backbone_device
-from .scales import check_scales, fit_scales, index_placement, predict_maps, scale_embedders
+from .scales import check_scales, fit_scales, index_placement, scale_embedders, score_images
 from .scoring import image_row_ranges
 from .selection import held_out_numbers
 from .sources import batches, image_items
@@ -144,14 +144,10 @@ class Detector(Parameters):
             if not len(batch.images):
                 yield Prediction.empty(batch.images.shape[-2:], batch.skipped)
                 continue
-            active = [scale.embedder for scale in self.scales_ if scale.weight != 0]
-            embeddings, pooled = patch_features(self.extractor_, active, batch.images)
-            maps, spade = predict_maps(self.scales_, settings, embeddings, pooled,
-                                       (self.global_index_, self.image_rows_),
-                                       tuple(batch.images.shape[-2:]))
-            scores = maps.amax(dim=(1, 2)).numpy() if spade is None else spade
-            yield Prediction(scores.astype(np.float32, copy=False), maps.numpy(), batch.paths,
-                             skipped=batch.skipped, image_sizes=batch.sizes)
+            scores, maps = score_images(self.extractor_, self.scales_, settings,
+                                        (self.global_index_, self.image_rows_), batch.images)
+            yield Prediction(scores, maps.numpy(), batch.paths, skipped=batch.skipped,
+                             image_sizes=batch.sizes)
 
     def calibrate(self, normal_data: Any, quantile: float = 0.99) -> "Detector":
         """Set deployment thresholds (``thresholds_``) from defect-free images only: the
@@ -173,9 +169,9 @@ class Detector(Parameters):
         """Write the fitted detector to one ``.npz`` file, atomically (temporary file, then
         rename): its settings, memory bank, global features, thresholds and the backbone's
         identity, not its weights. Returns the path written."""
-        return write_detector(path, self._settings("save"), self.extractor_, self.scales_,
-                              self.global_features_, self.train_paths_, self.skipped_,
-                              self.thresholds_, self._frame)
+        return write_detector(path, self._settings("save"), self.extractor_,
+                                          self.scales_, self.global_features_, self.train_paths_,
+                                          self.skipped_, self.thresholds_, self._frame)
 
     def export_onnx(self, path: PathLike, *, batch_size: Optional[int] = None,
                     opset: int = MIN_OPSET) -> Path:
@@ -194,27 +190,23 @@ class Detector(Parameters):
         ``backbone=module`` or ``weights=PATH`` where the saved identity cannot be rebuilt from
         a name; ``backend``, ``device`` and ``progress`` override the saved settings. Raises
         ModelFileError for a damaged or foreign file and ValueError for another backbone."""
-        params, arrays, meta = read_detector(path, cls._get_param_names(), backbone, weights,
-                                             backend=backend, device=device, progress=progress)
+        params, arrays, meta = read_detector(
+            path, cls._get_param_names(), backbone, weights, backend=backend, device=device,
+            progress=progress)
         detector = cls(**params)
         config = checked_settings(path, detector.get_params())
         detector._build_parts(config)
         detector.preprocessor_.frame = saved_frame(path, config, meta)
-        scales = saved_scales(path, meta, arrays, scale_embedders(detector.extractor_, config),
-                              index_placement(config))
+        embedders = scale_embedders(detector.extractor_, config)
+        scales = saved_scales(path, meta, arrays, embedders, index_placement(config))
         check_identity(path, detector.extractor_, scales, detector._frame, meta, arrays)
         detector._set_bank(config, scales, arrays["global_features"])
         detector.train_paths_, detector.skipped_ = meta["train_paths"], meta["skipped"]
         detector.thresholds_ = saved_thresholds(meta)
         return detector
 
-    @property
-    def _frame(self) -> Tuple[int, int]:
-        """The model's frame ``(height, width)``: the crop, or the whole-image frame that fit
-        and load fix."""
-        frame = self.preprocessor_.frame
-        assert frame is not None, "fit and load fix the frame"
-        return frame
+    _frame = property(lambda self: self.preprocessor_.frame, doc="The model's frame (height, "
+                      "width): the crop, or the whole-image frame that fit and load fix.")
 
     def _build_parts(self, config: Dict[str, Any]) -> None:
         """The feature parts for ``config``, after removing the previous hooks and index: a

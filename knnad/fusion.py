@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .embedding import PatchEmbedder
-from .index import FlatL2Index
+from .index import ExactIndex
 
 #: Fusion rules of several scales' normalised maps.
 FUSIONS = ("max", "mean", "auto")
@@ -69,7 +69,7 @@ class Scale:
     stay in distance units)."""
 
     embedder: PatchEmbedder
-    index: FlatL2Index
+    index: ExactIndex
     image_ids: np.ndarray
     normal: Optional[NormalScores] = None
     weight: float = 1.0
@@ -92,17 +92,20 @@ def weight_grid(scales: int, step: float = WEIGHT_STEP) -> List[Tuple[float, ...
     first scale's weight descending: ``[(1, 0), (0.75, 0.25), ..., (0, 1)]`` for two."""
     units = int(round(1 / step))
     grid = [tuple(part / units for part in parts)
-            for parts in itertools.product(range(units, -1, -1), repeat=scales) if sum(parts) == units]
+            for parts in itertools.product(range(units, -1, -1), repeat=scales)
+            if sum(parts) == units]
     return grid
 
 
-def fused_maps(maps: Sequence[torch.Tensor], normals: Sequence[NormalScores], weights: Sequence[float],
-               fusion: str = "mean") -> torch.Tensor:
+def fused_maps(maps: Sequence[torch.Tensor], normals: Sequence[NormalScores],
+               weights: Sequence[float], fusion: str = "mean") -> torch.Tensor:
     """One map float32 ``[B, H, W]`` from one map ``[B, H, W]`` per scale (all of one size, in the
     scales' distance units), each normalised to ``(map − location) / spread``: their maximum
     (``fusion="max"``) or their sum weighted by ``weights`` (``"mean"``, ``"auto"``; a scale of
     weight 0 adds nothing)."""
-    normalised = [(anomaly_map - normal.location) / normal.spread for anomaly_map, normal in zip(maps, normals)]
+    normalised = [(anomaly_map - normal.location) / normal.spread
+                  for anomaly_map, normal in zip(maps, normals)]
     if fusion == "max":
         return torch.stack(normalised).amax(dim=0).float()
-    return torch.stack([term * weight for term, weight in zip(normalised, weights)]).sum(dim=0).float()
+    weighted = [term * weight for term, weight in zip(normalised, weights)]
+    return torch.stack(weighted).sum(dim=0).float()

@@ -9,6 +9,7 @@ memory stays within a budget whatever the number of queries.
 """
 from __future__ import annotations
 
+import abc
 import logging
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -65,7 +66,8 @@ def check_matrix(values: ArrayLike, argument: str, dim: Optional[int] = None) ->
     if values.ndim != 2:
         raise ValueError(f"{argument} must have rank 2 [n, d], got shape {tuple(values.shape)}")
     if dim is not None and values.shape[1] != dim:
-        raise ValueError(f"{argument} has dimension {values.shape[1]}, the index has dimension {dim}")
+        raise ValueError(f"{argument} has dimension {values.shape[1]}, the index has dimension "
+                         f"{dim}")
     bad_rows = sum(_nonfinite_rows(values[start:start + _CHECK_ROWS])
                    for start in range(0, values.shape[0], _CHECK_ROWS))
     if bad_rows:
@@ -100,9 +102,11 @@ def _shard_over_gpus(vectors: np.ndarray):
     return faiss.index_cpu_to_all_gpus(cpu_index, co=options)
 
 
-class ExactIndex:
+class ExactIndex(abc.ABC):
     """What every exact index of knnad reports: its size, dimension, backend and device
-    (``_count``, ``_dim``, ``_backend``, ``_device``, set by the subclass)."""
+    (``_count``, ``_dim``, ``_backend``, ``_device``, set by the subclass); and the searches
+    and reads a detector's scale makes of its memory bank, which each subclass implements as
+    :class:`FlatL2Index` documents them."""
 
     _count: int
     _dim: int
@@ -125,6 +129,24 @@ class ExactIndex:
     def device(self) -> str:
         """``"cpu"``, ``"cuda:N"`` or ``"cuda:all"``, as resolved where the vectors live."""
         return self._device
+
+    @abc.abstractmethod
+    def search(self, queries: ArrayLike, k: int,
+               progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest stored vectors of each query: ``(distances, indices)``."""
+
+    @abc.abstractmethod
+    def search_among(self, queries: ArrayLike, k: int, ranges: Sequence[Tuple[int, int]]
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` restricted to the stored rows in ``ranges``."""
+
+    @abc.abstractmethod
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Stored vectors ``start:stop``, float32 ``[stop - start, dim]``."""
+
+    @abc.abstractmethod
+    def vectors(self) -> np.ndarray:
+        """A copy of the stored vectors, float32 ``[len(self), dim]``, in insertion order."""
 
 
 class FlatL2Index(ExactIndex):
@@ -157,7 +179,8 @@ class FlatL2Index(ExactIndex):
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, rerank: int = 0):
         self.rerank = check_int(rerank, "rerank", 0, hint=" (extra candidates)")
         self._dim = check_int(dim, "dim")
-        self.memory_budget = check_int(memory_budget, "memory_budget", 2**20, hint=" (bytes, 1 MiB)")
+        self.memory_budget = check_int(memory_budget, "memory_budget", 2**20,
+                                       hint=" (bytes, 1 MiB)")
         self._backend, self._device = resolve_backend(backend, device)
         self._count = 0
         if self._backend == "torch":
@@ -185,7 +208,8 @@ class FlatL2Index(ExactIndex):
         if self._device == "cpu":
             return cpu_index
         self._gpu_resources = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(self._gpu_resources, torch.device(self._device).index, cpu_index)
+        return faiss.index_cpu_to_gpu(self._gpu_resources, torch.device(self._device).index,
+                                      cpu_index)
 
     def __repr__(self) -> str:
         return (f"FlatL2Index(dim={self._dim}, backend={self._backend!r}, "
@@ -213,7 +237,8 @@ class FlatL2Index(ExactIndex):
         if self._device == "cpu":
             if not self._count:
                 return torch.empty(0, self._dim)
-            stored = import_faiss().rev_swig_ptr(self._faiss_index.get_xb(), self._count * self._dim)
+            stored = import_faiss().rev_swig_ptr(self._faiss_index.get_xb(),
+                                                 self._count * self._dim)
             return torch.from_numpy(stored.reshape(self._count, self._dim))
         return None
 
@@ -244,7 +269,8 @@ class FlatL2Index(ExactIndex):
         if view is not None:
             return view[rows.to(view.device)]
         flat = rows.reshape(-1).numpy()
-        return torch.from_numpy(self._faiss_index.reconstruct_batch(flat)).reshape(*rows.shape, self._dim)
+        found = torch.from_numpy(self._faiss_index.reconstruct_batch(flat))
+        return found.reshape(*rows.shape, self._dim)
 
     def _query_chunk(self, candidates: int, bank_rows: int) -> int:
         """Queries per step such that the step's working memory stays within the budget: for
@@ -259,10 +285,11 @@ class FlatL2Index(ExactIndex):
         previous = 0
         for pair in ranges:
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2
-                    and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair)
+                    and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                            for v in pair)
                     and previous <= pair[0] <= pair[1] <= self._count):
-                raise ValueError(f"ranges must be ascending, disjoint (start, stop) int pairs within "
-                                 f"[0, {self._count}]; got {pair!r} after stop {previous}")
+                raise ValueError("ranges must be ascending, disjoint (start, stop) int pairs "
+                                 f"within [0, {self._count}]; got {pair!r} after stop {previous}")
             previous = pair[1]
 
     def _bank_chunk(self, rows: Optional[int] = None) -> int:
@@ -272,13 +299,16 @@ class FlatL2Index(ExactIndex):
         rows = self._count if rows is None else rows
         return min(rows, max(1, self.memory_budget // 4 // (4 * (self._dim + 2))))
 
-    def _torch_finder(self, vectors: torch.Tensor, candidates: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _torch_finder(self, vectors: torch.Tensor,
+                      candidates: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """Candidate rows ``[m, candidates]`` of a query block among ``vectors``, by
         torch.cdist + topk within the memory budget."""
         bank_chunk = self._bank_chunk(len(vectors))
-        return lambda block: _torch_candidates(block.to(vectors.device), vectors, candidates, bank_chunk)
+        return lambda block: _torch_candidates(block.to(vectors.device), vectors, candidates,
+                                               bank_chunk)
 
-    def search(self, queries: ArrayLike, k: int, progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: ArrayLike, k: int,
+               progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest stored vectors of each query.
 
         ``queries``: ``[m, dim]``, numpy or torch, any real dtype; converted to float32 chunk by
@@ -298,11 +328,13 @@ class FlatL2Index(ExactIndex):
         find: Callable[[torch.Tensor], torch.Tensor]
         if self._backend == "faiss":
             def find(block: torch.Tensor) -> torch.Tensor:
-                return torch.from_numpy(self._faiss_index.search(block.cpu().numpy(), candidates)[1])
+                return torch.from_numpy(self._faiss_index.search(block.cpu().numpy(),
+                                                                 candidates)[1])
         else:
             find = self._torch_finder(self._vectors, candidates)
         chunk = self._query_chunk(candidates, self._bank_chunk())
-        return _search_in_chunks(checked, k, chunk, find, self._stored, self.memory_budget, progress)
+        return _search_in_chunks(checked, k, chunk, find, self._stored, self.memory_budget,
+                                 progress)
 
     def search_among(self, queries: ArrayLike, k: int, ranges: Sequence[Tuple[int, int]]
                      ) -> Tuple[np.ndarray, np.ndarray]:
@@ -312,7 +344,8 @@ class FlatL2Index(ExactIndex):
         rows once (never the whole bank) and searches them on the CPU with ``faiss.knn`` or on
         the index's device with the torch kernel."""
         self._check_ranges(ranges)
-        gallery = torch.cat([self._rows(start, stop) for start, stop in ranges] or [torch.empty(0, self._dim)])
+        gallery = torch.cat([self._rows(start, stop) for start, stop in ranges]
+                            or [torch.empty(0, self._dim)])
         if len(gallery) == 0:
             raise ValueError("search_among: the ranges hold no stored vectors")
         k = check_int(k, "k", 1, len(gallery), " (the rows in the ranges)")
@@ -323,7 +356,8 @@ class FlatL2Index(ExactIndex):
             faiss = import_faiss()
 
             def find(block: torch.Tensor) -> torch.Tensor:
-                return torch.from_numpy(faiss.knn(block.cpu().numpy(), gallery.numpy(), candidates)[1])
+                return torch.from_numpy(faiss.knn(block.cpu().numpy(), gallery.numpy(),
+                                                  candidates)[1])
         else:
             find = self._torch_finder(gallery, candidates)
         chunk = self._query_chunk(candidates, self._bank_chunk(len(gallery)))
@@ -348,7 +382,8 @@ class FlatL2Index(ExactIndex):
         dim, vectors = meta.get("dim"), arrays.get("vectors")
         # A file can carry valid checksums and still be crafted or cut short: check what it holds.
         if not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1
-                and isinstance(vectors, np.ndarray) and vectors.ndim == 2 and vectors.shape[1] == dim
+                and isinstance(vectors, np.ndarray) and vectors.ndim == 2
+                and vectors.shape[1] == dim
                 and np.issubdtype(vectors.dtype, np.floating)
                 and all(_nonfinite_rows(vectors[start:start + _CHECK_ROWS]) == 0
                         for start in range(0, len(vectors), _CHECK_ROWS))):
@@ -373,7 +408,8 @@ def _search_in_chunks(queries: ArrayLike, k: int, chunk: int,
     distances = np.empty((m, k), np.float32)
     indices = np.empty((m, k), np.int64)
     starts = range(0, m, chunk)
-    for start in tqdm(starts, desc="kNN search", unit="chunk", disable=not progress or len(starts) < 2):
+    for start in tqdm(starts, desc="kNN search", unit="chunk",
+                      disable=not progress or len(starts) < 2):
         block = float32_rows(queries, start, start + chunk)
         block_d, block_i = _refine(block, find(block), stored, memory_budget)
         distances[start:start + chunk] = block_d[:, :k].cpu().numpy()
@@ -381,7 +417,8 @@ def _search_in_chunks(queries: ArrayLike, k: int, chunk: int,
     return distances, indices
 
 
-def _refine(block: torch.Tensor, found: torch.Tensor, stored: Callable[[torch.Tensor], torch.Tensor],
+def _refine(block: torch.Tensor, found: torch.Tensor,
+            stored: Callable[[torch.Tensor], torch.Tensor],
             memory_budget: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact distances of the found neighbours, each row re-sorted ascending.
 
@@ -393,7 +430,8 @@ def _refine(block: torch.Tensor, found: torch.Tensor, stored: Callable[[torch.Te
     sub = max(1, (memory_budget // 4) // (4 * found.shape[1] * dim))
     out_d, out_i = [], []
     for start in range(0, found.shape[0], sub):
-        rows, _ = torch.sort(found[start:start + sub], dim=1)  # exact ties then go to the lowest index
+        # Exact ties then go to the lowest index.
+        rows, _ = torch.sort(found[start:start + sub], dim=1)
         neighbours = stored(rows)
         queries = block[start:start + sub].to(neighbours.device)
         exact = torch.linalg.vector_norm(neighbours - queries[:, None, :], dim=2)
@@ -412,7 +450,8 @@ def _torch_candidates(block: torch.Tensor, vectors: torch.Tensor, count: int, ba
     for offset in range(0, vectors.shape[0], bank_chunk):
         bank = vectors[offset:offset + bank_chunk]
         d = torch.cdist(block, bank)
-        chunk_d, chunk_i = torch.topk(d, min(count, bank.shape[0]), dim=1, largest=False, sorted=True)
+        chunk_d, chunk_i = torch.topk(d, min(count, bank.shape[0]), dim=1, largest=False,
+                                      sorted=True)
         del d
         chunk_i += offset
         if best_d is None or best_i is None:

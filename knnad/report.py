@@ -15,11 +15,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .plots import heatmap_grid, pro_plot, roc_plot
 from .datasets import DatasetPair, ImageDataset
 from .detector import Detector
 from .evaluation import evaluate
 from .html_report import HtmlReport, write_html  # noqa: F401 (public)
+from .plots import heatmap_grid, pro_plot, roc_plot
+from .preprocessing import ImageInput
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ COLUMNS = ("category", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "t
            "test_images", "memory_bank", "fit_seconds", "images_per_second")
 
 
-def display_images(detector: Detector) -> Callable[[str], np.ndarray]:
+def display_images(detector: Detector) -> Callable[[ImageInput], np.ndarray]:
     """The image under ``detector``'s maps, from its path: RGB float ``[H, W, 3]`` in [0, 1] as
     the model saw it (resized, cropped), or as given with ``map_size="original"``."""
     return partial(detector.preprocessor_.rgb, original=detector.map_size == "original")
@@ -50,9 +51,10 @@ def _heatmaps(name: str, test: ImageDataset, prediction, masks, detector: Detect
     rgb = display_images(detector)
     images = [rgb(test.samples[i].path) for i in rows]
     titles = [f"{test.samples[i].defect} {prediction.image_scores[i]:.2f}" for i in rows]
+    threshold = detector.thresholds_.pixel if detector.thresholds_ else None
     return heatmap_grid(images, prediction.anomaly_maps[rows], out / f"heatmaps_{name}.png",
-                              masks=None if masks is None else masks[rows],
-                              threshold=detector.thresholds_.pixel if detector.thresholds_ else None, titles=titles)
+                        masks=None if masks is None else masks[rows], threshold=threshold,
+                        titles=titles)
 
 
 def evaluate_and_report(pairs: Sequence[DatasetPair], detector_params: Dict[str, Any], out: Path,
@@ -78,7 +80,8 @@ def evaluate_and_report(pairs: Sequence[DatasetPair], detector_params: Dict[str,
         rows.append({"category": name, "image_auroc": results["image_auroc"],
                      "pixel_auroc": results["pixel_auroc"], "aupro": results["aupro"],
                      "image_f1_max": results["image_f1_max"], "train_images": len(train),
-                     "test_images": len(test), "memory_bank": sum(len(scale.index) for scale in detector.scales_),
+                     "test_images": len(test),
+                     "memory_bank": sum(len(scale.index) for scale in detector.scales_),
                      "fit_seconds": fit_seconds, "images_per_second": results["images_per_second"]})
         image_curves[name] = (test.labels, prediction.image_scores)
         if masks is not None:
@@ -90,7 +93,7 @@ def evaluate_and_report(pairs: Sequence[DatasetPair], detector_params: Dict[str,
         pages.append((name, test, prediction, masks, display_images(detector),
                       detector.thresholds_))
     if len(rows) > 1:
-        mean = {"category": "mean"}
+        mean: Dict[str, Any] = {"category": "mean"}
         for column in COLUMNS[1:]:
             values = [row[column] for row in rows if row[column] is not None]
             mean[column] = float(np.mean(values)) if values else None

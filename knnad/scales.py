@@ -12,7 +12,7 @@ no more to select either. Predict then searches each scale in about the same tim
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ import torch
 from ._checks import check_int
 from .anomaly_map import anomaly_maps
 from .backbones import FeatureExtractor
-from .embedding import Embedded, PatchEmbedder
+from .embedding import Embedded, PatchEmbedder, patch_features
 from .fusion import Scale, fused_maps, normal_scores
 from .index import FlatL2Index
 from .sampling import CoresetSpec, subsample
@@ -107,22 +107,27 @@ def check_scales(settings: Dict[str, Any], scales: Sequence[Scale]) -> Dict[str,
     return settings
 
 
-def predict_maps(scales: Sequence[Scale], settings: Dict[str, Any],
-                 embeddings: Sequence[torch.Tensor], pooled: torch.Tensor,
-                 spade: Tuple[FlatL2Index, np.ndarray], size: Tuple[int, int]
-                 ) -> Tuple[torch.Tensor, Optional[np.ndarray]]:
-    """Anomaly maps float32 ``[B, H, W]`` (``size``) and, where the image score is not the maps'
-    maximum, image scores ``[B]``, from the patch embeddings of the scales of non-zero weight
-    (``embeddings``, in order) and the global features ``pooled`` (SPADE's, with its global index
-    and bank row offsets ``spade``)."""
+def score_images(extractor: FeatureExtractor, scales: Sequence[Scale], settings: Dict[str, Any],
+                 spade: Tuple[FlatL2Index, np.ndarray], images: torch.Tensor
+                 ) -> Tuple[np.ndarray, torch.Tensor]:
+    """Image scores float32 ``[B]`` and anomaly maps float32 ``[B, H, W]`` of normalised images
+    ``[B, 3, H, W]``: the patch embeddings of the scales of non-zero weight searched in their
+    banks, each scale's map upsampled and smoothed, several scales fused; the image score per
+    ``settings["image_score"]`` (SPADE's with the global index and bank row offsets ``spade``),
+    else the map's maximum."""
+    active = [scale for scale in scales if scale.weight != 0]
+    embeddings, pooled = patch_features(extractor, [scale.embedder for scale in active], images)
+    size = (int(images.shape[-2]), int(images.shape[-1]))
     if len(scales) == 1:
         patch_scores, image_scores = score_patches(settings, scales[0].index, *spade, embeddings[0],
                                                    pooled)
-        return anomaly_maps(patch_scores, size, settings["sigma"],
-                            settings["upsampling"]), image_scores
-    active = [scale for scale in scales if scale.weight != 0]
-    maps = [anomaly_maps(patch_knn_scores(scale.index, embedding, settings["k"]), size,
-                         settings["sigma"], settings["upsampling"])
-            for scale, embedding in zip(active, embeddings)]
-    return fused_maps(maps, normal_scores(active), [scale.weight for scale in active],
-                      settings["fusion"]), None
+        maps = anomaly_maps(patch_scores, size, settings["sigma"], settings["upsampling"])
+    else:
+        scale_maps = [anomaly_maps(patch_knn_scores(scale.index, embedding, settings["k"]), size,
+                                   settings["sigma"], settings["upsampling"])
+                      for scale, embedding in zip(active, embeddings)]
+        maps = fused_maps(scale_maps, normal_scores(active), [scale.weight for scale in active],
+                          settings["fusion"])
+        image_scores = None
+    scores = maps.amax(dim=(1, 2)).numpy() if image_scores is None else image_scores
+    return scores.astype(np.float32, copy=False), maps

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .index import FlatL2Index
+from .index import ExactIndex, FlatL2Index
 
 #: Image score modes.
 IMAGE_SCORES = ("max", "spade", "reweighted")
@@ -31,7 +31,7 @@ def image_row_ranges(patch_image_ids: np.ndarray, n_images: int) -> np.ndarray:
     return np.searchsorted(patch_image_ids, np.arange(n_images + 1)).astype(np.int64)
 
 
-def patch_knn_scores(index: FlatL2Index, embedding: torch.Tensor, k: int) -> torch.Tensor:
+def patch_knn_scores(index: ExactIndex, embedding: torch.Tensor, k: int) -> torch.Tensor:
     """Patch scores float32 ``[B, h, w]``: the mean Euclidean distance of each patch of
     ``embedding`` ``[B, h, w, D]`` to its ``k`` nearest rows of ``index``."""
     batch, height, width, dim = embedding.shape
@@ -39,7 +39,7 @@ def patch_knn_scores(index: FlatL2Index, embedding: torch.Tensor, k: int) -> tor
     return torch.from_numpy(distances.mean(axis=1)).reshape(batch, height, width)
 
 
-def spade_scores(index: FlatL2Index, global_index: FlatL2Index, offsets: np.ndarray,
+def spade_scores(index: ExactIndex, global_index: FlatL2Index, offsets: np.ndarray,
                  embedding: torch.Tensor, pooled: torch.Tensor, k: int, image_k: int
                  ) -> Tuple[torch.Tensor, np.ndarray]:
     """SPADE: patch scores float32 ``[B, h, w]`` and image scores float32 ``[B]``.
@@ -65,7 +65,7 @@ def spade_scores(index: FlatL2Index, global_index: FlatL2Index, offsets: np.ndar
     return torch.stack(scores), image_distances.mean(axis=1)
 
 
-def reweighted_scores(index: FlatL2Index, embedding: torch.Tensor, k: int, reweight_k: int
+def reweighted_scores(index: ExactIndex, embedding: torch.Tensor, k: int, reweight_k: int
                       ) -> Tuple[torch.Tensor, np.ndarray]:
     """PatchCore's re-weighted image scores (see the module docstring): patch scores float32
     ``[B, h, w]`` (as :func:`patch_knn_scores`) and image scores float32 ``[B]``. The weight's
@@ -79,7 +79,8 @@ def reweighted_scores(index: FlatL2Index, embedding: torch.Tensor, k: int, rewei
     centres = torch.stack([index.rows(int(row), int(row) + 1)[0] for row in nearest]).cpu()
     _, support = index.search(centres, min(reweight_k, len(index)))  # N_b(m*)
     weights = np.empty(batch)
-    for image, (query, centre, rows) in enumerate(zip(queries[worst].double(), centres.double(), support)):
+    for image, (query, centre, rows) in enumerate(zip(queries[worst].double(), centres.double(),
+                                                      support)):
         around = torch.stack([index.rows(int(row), int(row) + 1)[0] for row in rows]).cpu().double()
         spread = torch.linalg.vector_norm(around - query, dim=1)
         own = torch.linalg.vector_norm(centre - query)
@@ -89,7 +90,7 @@ def reweighted_scores(index: FlatL2Index, embedding: torch.Tensor, k: int, rewei
     return torch.from_numpy(patch_scores).reshape(batch, height, width), image_scores
 
 
-def score_patches(settings: Dict[str, Any], index: FlatL2Index, global_index: FlatL2Index,
+def score_patches(settings: Dict[str, Any], index: ExactIndex, global_index: FlatL2Index,
                   offsets: np.ndarray, embedding: torch.Tensor, pooled: torch.Tensor
                   ) -> Tuple[torch.Tensor, Optional[np.ndarray]]:
     """Patch scores ``[B, h, w]`` by the strategy ``settings["image_score"]``, and the image

@@ -479,7 +479,8 @@ def ctrl_c_during_predict(ctx):
     assert run_cli(["predict", str(ctx.model), str(previous_images), "--out", str(out),
                     NO_BARS])[0] == 0
     before = {path.name: path.read_bytes() for path in out.iterdir()}
-    assert sorted(before) == ["0000_previous000.png", "0001_previous001.png", "scores.csv"]
+    assert sorted(before) == ["0000_previous000.png", "0001_previous001.png", "report.html",
+                              "scores.csv"]
     partial = out / "scores.partial.csv"
     process = cli_process(["predict", str(ctx.model), str(many), "--out", str(out),
                            "--batch-size", "4", NO_BARS])

@@ -120,5 +120,22 @@ def test_distributed_keeps_its_public_names():
     assert distributed.fit_many.__module__ == "knnad.distributed.fitting"
 
 
+def code_lines(path: Path) -> int:
+    """Lines of ``path`` that hold code: not blank, not a comment, not part of a docstring or an
+    import (what the 100-column wrapping of messages and imports adds is no logic)."""
+    source = path.read_text()
+    tree = ast.parse(source)
+    prose = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            prose |= set(range(node.lineno, node.end_lineno + 1))
+        elif (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+              and ast.get_docstring(node) is not None):
+            prose |= set(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+    return sum(1 for number, line in enumerate(source.splitlines(), 1)
+               if line.strip() and not line.strip().startswith("#") and number not in prose)
+
+
 def test_detector_is_a_short_composition():
-    assert len((PACKAGE / "detector.py").read_text().splitlines()) <= 200
+    # The parts' work lives in their modules: the detector only composes them.
+    assert code_lines(PACKAGE / "detector.py") <= 150

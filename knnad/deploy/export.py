@@ -37,11 +37,18 @@ from ..anomaly_map import map_matrices
 from ..archive import atomic_write, check_target
 from ..backbones import FeatureExtractor
 from ..embedding import PatchEmbedder
-from ..fusion import Scale
+from ..fusion import Scale, normal_scores
 from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from ..thresholds import Thresholds
-from .onnx_detector import (DIGEST_PREFIX, FORMAT, INPUT, METADATA_PREFIX, OUTPUTS,
-                            WHOLE_IMAGE_FORMAT, metadata_digest)
+from .onnx_detector import (
+    DIGEST_PREFIX,
+    FORMAT,
+    INPUT,
+    METADATA_PREFIX,
+    OUTPUTS,
+    WHOLE_IMAGE_FORMAT,
+    metadata_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +122,7 @@ def _export_embedding(extractor: FeatureExtractor, embedders: List[PatchEmbedder
     finally:
         for noisy, level in zip(quiet, levels):
             noisy.setLevel(level)
+    assert onnx_program is not None  # None only without dynamo=True
     return onnx_program.model_proto
 
 
@@ -189,6 +197,7 @@ def _add_patch_scores(writer: _GraphWriter, embedding: str, bank: torch.Tensor,
             values, order = writer.top(merged[0], min(candidates, start + len(tile)))
             found = (values, writer.node("GatherElements", [merged[1], order], axis=1))
         best = found
+    assert best is not None  # the bank holds rows
     nearest, _ = writer.top(best[1], k)
     patch_scores = writer.node("ReduceMean", [nearest, axis_1], keepdims=0)
     shape = writer.constant("shape", np.array([-1, *grid], np.int64))
@@ -202,6 +211,7 @@ def _add_scoring(writer: _GraphWriter, scales: List[Scale], grids: List[Tuple[in
     two matrix products); with several scales each normalised by its normal scores and fused
     as :func:`knnad.fusion.fused_maps` does (scales of weight 0 left out)."""
     several = len(scales) > 1
+    normals = normal_scores(scales) if several else []
     maps = []
     for number, (scale, grid) in enumerate(zip(scales, grids)):
         if scale.weight == 0:
@@ -215,8 +225,8 @@ def _add_scoring(writer: _GraphWriter, scales: List[Scale], grids: List[Tuple[in
         columns = writer.constant("map_columns", columns_matrix.T.contiguous().numpy())
         anomaly_map = writer.node("MatMul", [half, columns], name=None if several else OUTPUTS[1])
         if several:  # (map − location) · (weight / spread); max: weights do not count
-            factor = (1.0 if settings["fusion"] == "max" else scale.weight) / scale.normal.spread
-            location = writer.constant("location", np.array(scale.normal.location, np.float32))
+            factor = (1.0 if settings["fusion"] == "max" else scale.weight) / normals[number].spread
+            location = writer.constant("location", np.array(normals[number].location, np.float32))
             shifted = writer.node("Sub", [anomaly_map, location])
             anomaly_map = writer.node("Mul", [shifted, writer.constant(
                 "factor", np.array(factor, np.float32))])
@@ -256,7 +266,8 @@ def export_onnx(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtr
     if batch_size is not None:
         check_int(batch_size, "batch_size", hint=" or None (any batch size)")
     check_int(opset, "opset", MIN_OPSET, onnx.defs.onnx_opset_version())
-    frame = tuple(frame)
+    height, width = frame
+    frame = (height, width)
     model = _export_embedding(extractor, [scale.embedder for scale in scales], frame, batch_size,
                               opset)
     grids = [tuple(output.type.tensor_type.shape.dim[i].dim_value for i in (1, 2))

@@ -125,7 +125,9 @@ class OnnxDetector:
     def input_shape(self) -> tuple:
         """``(batch, 3, H, W)``: ``H = W =`` the crop, or the whole-image frame; batch None
         where the file takes any batch size."""
-        return (self.batch_size, 3, *self.preprocessor.frame)
+        frame = self.preprocessor.frame
+        assert frame is not None  # the crop, or the metadata's whole-image frame
+        return (self.batch_size, 3, *frame)
 
     def predict(self, data: Any, batch_size: int = 8, on_error: str = "raise",
                 progress: bool = False, map_size: str = "processed") -> Prediction:

@@ -49,7 +49,7 @@ def _local(host: str) -> bool:
 
 def _node_addresses() -> List[str]:
     try:
-        return [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)]
+        return [str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)]
     except OSError:
         return []
 

@@ -141,14 +141,15 @@ def fit_many(jobs: Iterable[Tuple[str, Any]], output_dir: PathLike, *,
             done, _ = ray.wait(list(pending), num_returns=1)
             row = pending.pop(done[0])
             try:
-                rows[row] = ray.get(done[0])
+                result = ray.get(done[0])
             except ray.exceptions.RayError as error:  # the worker died more than MAX_RETRIES times
-                rows[row] = _row(names[row], None, None, time.perf_counter() - started,
-                                 failure_text(error))
+                result = _row(names[row], None, None, time.perf_counter() - started,
+                              failure_text(error))
+            rows[row] = result
             logger.info("fit_many: %s %s (%d of %d jobs left)", names[row],
-                        "failed" if rows[row]["error"] else "saved", len(pending), len(names))
+                        "failed" if result["error"] else "saved", len(pending), len(names))
     except BaseException:  # Ctrl-C: the jobs not done yet are cancelled
         for ref in pending:
             ray.cancel(ref)
         raise
-    return rows  # type: ignore[return-value]
+    return rows  # type: ignore[return-value]  # every job has its row by now

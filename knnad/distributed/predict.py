@@ -155,7 +155,8 @@ def _model_preprocessor(model: Path, params: Dict[str, Any]) -> Preprocessor:
         raise FileNotFoundError(f"model {model} is not a file; name a model written by knnad "
                                 f"fit or Detector.save")
     meta, _, _ = read_archive(model, KIND, FORMAT_VERSION, arrays=False)
-    saved = meta.get("params") if isinstance(meta.get("params"), dict) else {}
+    stored = meta.get("params")
+    saved = stored if isinstance(stored, dict) else {}
     defaults = Detector().get_params()
     geometry = {name: saved.get(name, defaults[name])
                 for name in ("image_size", "crop_size", "bit_depth")}

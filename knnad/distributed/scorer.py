@@ -59,9 +59,9 @@ class _Scorer:
                                f"knnad bug")
         self.staging = staging
 
-    def _save_map(self, path: str, anomaly_map: np.ndarray) -> str:
+    def _save_map(self, staging: str, path: str, anomaly_map: np.ndarray) -> str:
         name = map_name(path)
-        target = os.path.join(self.staging, name)
+        target = os.path.join(staging, name)
         partial = f"{target}.{os.getpid()}.partial"
         with open(partial, "wb") as handle:
             np.save(handle, anomaly_map)
@@ -101,7 +101,7 @@ class _Scorer:
                 columns["status"].append("scored")
                 columns["error"].append(None)
                 if self.staging is not None:
-                    columns["map_file"].append(self._save_map(path, anomaly_map))
+                    columns["map_file"].append(self._save_map(self.staging, path, anomaly_map))
         for row, error in enumerate(batch["error"]):
             if error:
                 for name, values in columns.items():
