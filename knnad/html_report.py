@@ -112,19 +112,34 @@ def _contoured(picture: np.ndarray, mask: Optional[np.ndarray]) -> np.ndarray:
     return picture
 
 
+def heatmap_vmax(thresholds: Optional[Thresholds]) -> Optional[float]:
+    """Top of the heatmaps' colour scale the report uses by default: twice the pixel threshold
+    with ``thresholds``, else None (each image's own largest value)."""
+    return 2 * thresholds.pixel if thresholds else None
+
+
+def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray,
+                    vmax: Optional[float] = None) -> np.ndarray:
+    """RGB uint8 ``[H, W, 3]``: ``anomaly_map`` ``[H, W]`` coloured by :data:`COLOUR_MAP` from
+    0 to ``vmax`` (None: the map's largest value) over ``image`` (RGB float ``[H, W, 3]`` in
+    [0, 1]) at :data:`ALPHA`."""
+    top = float(anomaly_map.max()) if vmax is None else vmax
+    colours = colormaps[COLOUR_MAP](np.clip(anomaly_map / (top if top > 0 else 1.0), 0, 1))
+    image = np.clip(image, 0, 1)
+    return np.round(255 * ((1 - ALPHA) * image + ALPHA * colours[..., :3])).astype(np.uint8)
+
+
 def _pictures(image: np.ndarray, anomaly_map: np.ndarray, mask: Optional[np.ndarray],
-              top: float) -> tuple:
+              vmax: Optional[float]) -> tuple:
     """``(thumbnail, full)`` base64 JPEGs of one image: the thumbnail is the heatmap over the
     image; the full-size view the image and the heatmap over it side by side, each at most
     :data:`FULL_SIZE` pixels. Both show the ground-truth contour of ``mask`` where it has one.
 
     ``image``: RGB float ``[H, W, 3]`` in [0, 1]; ``anomaly_map``: ``[H, W]``, coloured from 0
-    to ``top``; ``mask``: bool ``[H, W]`` or None.
+    to ``vmax`` (None: its largest value); ``mask``: bool ``[H, W]`` or None.
     """
-    colours = colormaps[COLOUR_MAP](np.clip(anomaly_map / top, 0, 1))[..., :3]
-    image = np.clip(image, 0, 1)
-    plain = np.round(255 * image).astype(np.uint8)
-    overlay = np.round(255 * ((1 - ALPHA) * image + ALPHA * colours)).astype(np.uint8)
+    plain = np.round(255 * np.clip(image, 0, 1)).astype(np.uint8)
+    overlay = heatmap_overlay(image, anomaly_map, vmax)
     thumbnail = _contoured(_resized(overlay, THUMBNAIL_SIZE), mask)
     left, right = (_contoured(_resized(panel, FULL_SIZE), mask) for panel in (plain, overlay))
     gap = np.full((left.shape[0], GAP, 3), 255, np.uint8)
@@ -205,7 +220,7 @@ class HtmlReport:
     def __init__(self, rgb: Callable[[str], np.ndarray], *, thresholds: Optional[Thresholds] = None,
                  vmax: Optional[float] = None, title: str = "knnad inspection report"):
         self.rgb, self.thresholds, self.title = rgb, thresholds, title
-        self.vmax = vmax if vmax is not None else 2 * thresholds.pixel if thresholds else None
+        self.vmax = vmax if vmax is not None else heatmap_vmax(thresholds)
         self.images: List[_Image] = []
         self.skipped: List[Optional[str]] = []  # None: an image given as an array
         self.masked = False  # whether any image came with a ground-truth mask
@@ -238,9 +253,8 @@ class HtmlReport:
                                  f"its map {anomaly_map.shape[1]}x{anomaly_map.shape[0]}; with "
                                  f"map_size='original' show the images as given "
                                  f"(knnad.report.display_images)")
-            top = self.vmax if self.vmax is not None else float(anomaly_map.max())
             thumbnail, full = _pictures(image, anomaly_map, None if masks is None else masks[row],
-                                        top if top > 0 else 1.0)
+                                        self.vmax)
             self.images.append(_Image(len(self.images), path, float(prediction.image_scores[row]),
                                       None if labels is None else int(labels[row]),
                                       "" if defects is None else defects[row], thumbnail, full))

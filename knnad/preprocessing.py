@@ -47,7 +47,7 @@ class ImageLoadError(ValueError):
     """An image file that cannot be opened or decoded; ``path`` names it."""
 
     def __init__(self, path: object, reason: str):
-        self.path = str(path)
+        self.path, self.reason = str(path), reason
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
@@ -86,14 +86,22 @@ def open_image(image: ImageInput) -> Image.Image:
         raise ImageLoadError(path, broken)
     if not path.is_file():
         raise ImageLoadError(path, "no such file")
+    return decode_image(path.read_bytes(), path)
+
+
+def decode_image(data: bytes, source: object) -> Image.Image:
+    """The image file held in ``data``, decoded fully and upright, as :func:`open_image` reads a
+    file; an ImageLoadError naming ``source`` (its path or name) when it is not a decodable
+    image."""
     try:
-        return _upright(read_image(path.read_bytes()))
+        return _upright(read_image(data))
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(path, f"too many pixels to decode safely ({error}); skip it (on_error="
-                                   f"'skip', knnad predict --on-error skip), or, if the file is "
-                                   f"trusted, raise PIL.Image.MAX_IMAGE_PIXELS") from None
+        raise ImageLoadError(source, f"too many pixels to decode safely ({error}); skip it "
+                                     f"(on_error='skip', knnad predict --on-error skip), or, if "
+                                     f"the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS"
+                             ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError(path, f"not a decodable image ({error})") from error
+        raise ImageLoadError(source, f"not a decodable image ({error})") from error
 
 
 def resized_size(width: int, height: int, size: int) -> Tuple[int, int]:
