@@ -1,9 +1,10 @@
-"""The ``knnad`` command: fit, fit-many, predict, evaluate, export, demo and info. Argument parsing
-and output only; the work is done by the library."""
+"""The ``knnad`` command: fit, fit-many, predict, evaluate, export, serve, demo and info. Argument
+parsing and output only; the work is done by the library."""
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import errno
 import json
 import logging
@@ -23,6 +24,7 @@ from .distributed import fit_many, predict_dataset
 from .options import OPTIONS, SCORING, Option, defaults, validate
 from .preprocessing import IMAGE_SUFFIXES, ImageLoadError, image_files
 from .runtime import backend_info
+from .serve.settings import SERVE_OPTIONS, TOKEN_VARIABLE, ServeSettings
 from .thresholds import check_quantile
 
 if TYPE_CHECKING:
@@ -387,6 +389,31 @@ def command_demo(args: argparse.Namespace) -> None:
           f"same licence; see {demo_root() / 'NOTICE.md'}")
 
 
+def command_serve(args: argparse.Namespace) -> None:
+    given = {name: getattr(args, name) for name in SERVE_OPTIONS if hasattr(args, name)}
+    given.setdefault("token", os.environ.get(TOKEN_VARIABLE))
+    settings = ServeSettings(**given)  # an unguarded address is refused before anything loads
+    from .serve.server import serve  # knnad[serve]: FastAPI and uvicorn
+    serve(args.model, settings, weights=args.weights,
+          **detector_params(args, ("backend", "device")))
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """A flag for each setting of :class:`~knnad.serve.settings.ServeSettings`, with the help
+    and checks of :data:`~knnad.serve.settings.SERVE_OPTIONS` and its defaults; a flag not
+    given is left out of the parsed arguments (the setting keeps its default)."""
+    group = parser.add_argument_group("server options (knnad.serve.settings)")
+    for field in dataclasses.fields(ServeSettings):
+        option, flag = SERVE_OPTIONS[field.name], "--" + field.name.replace("_", "-")
+        if option.check is check_bool:
+            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
+                               help=option.help)
+            continue
+        shown = "" if field.default is None else f" (default: {field.default})"
+        group.add_argument(flag, type=_reader(field.name, option), default=argparse.SUPPRESS,
+                           metavar=field.name.upper(), help=option.help + shown)
+
+
 def command_info(args: argparse.Namespace) -> None:
     print(json.dumps({"knnad": __version__, **backend_info()}, indent=2))
 
@@ -399,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--backbone mobilenet_v2\n  knnad predict model.npz new_images/ --out scores/\n"
                "  knnad evaluate --dataset mvtec --root mvtec_ad --category bottle --out report/\n"
                "  knnad export model.npz --out model.onnx\n"
+               "  knnad serve model.npz\n"
                "  knnad predict model.npz archive/ --out scores/ --ray\n"
                "  knnad fit-many --dataset mvtec --root mvtec_ad --out models/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -496,6 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
                                           "with a local weight file")
     add_detector_options(export, SCORING, as_saved=True)
     export.set_defaults(run=command_export)
+
+    serve = commands.add_parser("serve", help="serve a saved model over HTTP: POST /v1/predict, "
+                                              "a page at / (knnad[serve])")
+    serve.add_argument("model", help="model file written by 'knnad fit' (read once, never "
+                                     "written)")
+    serve.add_argument("--weights", help="the .pth file the model was fit with, when it was fit "
+                                         "with a local weight file")
+    add_serve_options(serve)
+    add_detector_options(serve, ("backend", "device"), as_saved=True)
+    serve.set_defaults(run=command_serve)
 
     info = commands.add_parser("info", help="which faiss and GPUs knnad finds")
     info.set_defaults(run=command_info)

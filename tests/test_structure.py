@@ -24,7 +24,10 @@ LAYERS = [
     ["evaluation", "distributed.fitting", "distributed.scorer", "distributed.sharded"],
     ["distributed.predict"],
     ["html_report"],
-    ["report", "distributed"],
+    ["report", "distributed", "serve.batching", "serve.metrics", "serve.settings"],
+    ["serve", "serve.uploads"],
+    ["serve.app"],
+    ["serve.server"],
     ["cli"],
 ]
 #: The former paths of modules that moved into subpackages, and where they are now.

@@ -1,0 +1,161 @@
+"""Micro-batching: images of concurrent requests scored together, each request answered with
+its own rows.
+
+:class:`MicroBatcher` admits a request's images only while fewer than ``queue_size`` images are
+admitted and unanswered (:meth:`~MicroBatcher.admit`, else :class:`QueueFull`), and one worker
+thread scores the queued images in batches of up to ``batch_size``. After a batch's first
+image it takes the images already queued and, while admitted images are still on their way
+(their requests decoding them), waits for them up to ``max_wait_s``; with nothing on its way it
+does not wait. Each image carries its own future, resolved with the row the scoring function
+gave for it, so that a batch mixing several requests answers each with its own results.
+Imports nothing of knnad or of the web framework.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any, Callable, Deque, Iterator, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The request's images would exceed the batcher's ``queue_size``: try again later."""
+
+
+class Admission:
+    """The places of one request's images (see :meth:`MicroBatcher.admit`)."""
+
+    def __init__(self, batcher: "MicroBatcher", count: int):
+        self.batcher, self.coming = batcher, count
+
+    async def score(self, items: Sequence[Any]) -> List[Any]:
+        """The results of ``items`` (at most the admitted count), in their order, once the
+        worker has scored them in whatever batches they fell in."""
+        if len(items) > self.coming:
+            raise ValueError(f"{len(items)} items for {self.coming} admitted places")
+        futures: List[Future] = [Future() for _ in items]
+        self.coming -= len(items)
+        self.batcher._enqueue(list(zip(items, futures)))
+        return list(await asyncio.gather(*map(asyncio.wrap_future, futures)))
+
+
+class MicroBatcher:
+    """Score items of concurrent requests in batches on one worker thread.
+
+    Parameters
+    ----------
+    score
+        Called on the worker thread with a list of up to ``batch_size`` items; returns one
+        result per item, in their order. An exception fails every item of that batch.
+    batch_size
+        Most items per call of ``score``.
+    queue_size
+        Most items admitted at once (see :meth:`admit`).
+    max_wait_s
+        Most seconds a batch waits, after its first item, for admitted items on their way.
+    """
+
+    def __init__(self, score: Callable[[List[Any]], Sequence[Any]], batch_size: int,
+                 queue_size: int, max_wait_s: float):
+        self._score, self.batch_size = score, batch_size
+        self.queue_size, self.max_wait_s = queue_size, max_wait_s
+        self._ready = threading.Condition()
+        self._queue: Deque[Tuple[Any, Future]] = deque()
+        self._depth = 0  # admitted and not answered
+        self._coming = 0  # admitted and not queued yet
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def depth(self) -> int:
+        """Items admitted and not yet answered."""
+        return self._depth
+
+    @contextmanager
+    def admit(self, count: int) -> Iterator[Admission]:
+        """``with batcher.admit(count) as admission:`` reserves ``count`` places for the whole
+        request (its decoding, waiting and scoring: ``await admission.score(items)``), and frees
+        them when it ends; raises :class:`QueueFull` when fewer are free."""
+        with self._ready:
+            if self._depth + count > self.queue_size:
+                raise QueueFull(f"{self._depth} images are waiting (at most {self.queue_size}); "
+                                f"this request brings {count} more")
+            self._depth += count
+            self._coming += count
+        admission = Admission(self, count)
+        try:
+            yield admission
+        finally:
+            with self._ready:
+                self._depth -= count
+                self._coming -= admission.coming  # never queued: a batch waits no more for them
+                self._ready.notify()
+
+    def _enqueue(self, pairs: List[Tuple[Any, Future]]) -> None:
+        with self._ready:
+            self._queue.extend(pairs)
+            self._coming -= len(pairs)
+            self._ready.notify()
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="knnad-batcher", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Score what is queued, then stop the worker thread (blocks until it has)."""
+        if self._thread is not None:
+            with self._ready:
+                self._stopping = True
+                self._ready.notify()
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                return
+            live = [(item, future) for item, future in batch
+                    if future.set_running_or_notify_cancel()]  # a request gone: its items too
+            if live:
+                self._answer(live)
+
+    def _next_batch(self) -> List[Tuple[Any, Future]]:
+        """Up to ``batch_size`` queued items: the first as soon as there is one, then those
+        queued and, while admitted items are on their way, those that come within
+        ``max_wait_s``; none once stopping with nothing queued."""
+        with self._ready:
+            while not self._queue and not self._stopping:
+                self._ready.wait()
+            batch: List[Tuple[Any, Future]] = []
+            deadline = time.monotonic() + self.max_wait_s
+            while self._queue and len(batch) < self.batch_size:
+                batch.append(self._queue.popleft())
+                while not self._queue and self._coming and not self._stopping \
+                        and len(batch) < self.batch_size:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._ready.wait(remaining)
+            return batch
+
+    def _answer(self, batch: List[Tuple[Any, Future]]) -> None:
+        try:
+            results = self._score([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"scoring gave {len(results)} results for {len(batch)} items")
+        except Exception as error:  # every request of the batch learns of it
+            logger.exception("scoring a batch of %d images failed", len(batch))
+            for _, future in batch:
+                future.set_exception(error)
+            return
+        for (_, future), result in zip(batch, results):
+            future.set_result(result)

@@ -1,0 +1,80 @@
+"""``knnad serve``: a saved model served by uvicorn until Ctrl-C or SIGTERM.
+
+On either signal the server stops taking connections, answers the requests it has taken (for
+at most :data:`DRAIN_TIMEOUT_S` seconds), stops its worker and returns normally, so that the
+command exits with status 0. A second Ctrl-C stops without waiting.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from pathlib import Path
+from typing import Any, Optional
+
+from .._types import PathLike
+from ..detector import Detector
+from .app import create_app
+from .settings import ServeSettings, missing_extra
+
+try:
+    import uvicorn
+except ImportError as error:
+    raise missing_extra(error) from error
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the server waits, after a stop signal, for the requests it has taken.
+DRAIN_TIMEOUT_S = 30
+#: The signals that stop the server after it has answered what it had taken.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host`` (IPv4 or IPv6) and ``port`` (0: a free one), listening;
+    OSError when the address is taken or not this machine's."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host.strip("[]"), port), family=family)
+
+
+def uvicorn_server(app: Any, settings: ServeSettings) -> uvicorn.Server:
+    """A uvicorn server of ``app`` that leaves logging to the caller (its records go to the
+    ``uvicorn`` loggers) and drains for at most :data:`DRAIN_TIMEOUT_S` when stopped; run it
+    with ``server.run(sockets=[listening_socket(...)])``."""
+    return uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                         log_config=None,
+                                         timeout_graceful_shutdown=DRAIN_TIMEOUT_S))
+
+
+def _stop_requested(number: int, frame: Any) -> None:
+    """What the stop signals do once uvicorn, which handles them while it serves, has stopped
+    and raises them again: nothing (the server has drained; the command ends normally)."""
+    logger.info("stopped by %s", signal.Signals(number).name)
+
+
+def serve(model: PathLike, settings: Optional[ServeSettings] = None, *,
+          weights: Optional[str] = None, backend: Optional[str] = None,
+          device: Optional[str] = None) -> None:
+    """Serve the model saved at ``model`` (read once; ``weights``, ``backend`` and ``device`` as
+    in :meth:`Detector.load`) on ``settings.host``:``settings.port`` until SIGINT or SIGTERM,
+    then drain and return. The address is bound before the model is read, so that a taken
+    port fails at once. Call it from the main thread."""
+    settings = settings or ServeSettings()
+    sock = listening_socket(settings.host, settings.port)
+    try:
+        detector = Detector.load(model, weights=weights, backend=backend, device=device,
+                                 progress=False)
+        app = create_app(detector, settings, name=Path(model).name)
+        server = uvicorn_server(app, settings)
+        host, port = sock.getsockname()[:2]
+        logger.info("serving %s on http://%s:%d/ (%s)", model,
+                    f"[{host}]" if ":" in host else host, port,
+                    "token required" if settings.token else "no token")
+        previous = {number: signal.signal(number, _stop_requested) for number in STOP_SIGNALS}
+        try:
+            server.run(sockets=[sock])
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+    finally:
+        sock.close()
