@@ -10,6 +10,8 @@ import torch
 
 SHARED = Path(os.environ.get("KNNAD_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+#: knnad fit's options for a quick model: MobileNetV2 with random weights, no progress bars.
+FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--no-progress"]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -63,3 +65,16 @@ def seeded_torch_home(torch_home, monkeypatch):
 def bottle_root():
     """Root holding the genuine MVTec AD bottle category (../shared/data/mvtec)."""
     return need_shared("data/mvtec/bottle").parent
+
+
+@pytest.fixture(scope="module")
+def fast_model(tmp_path_factory):
+    """A model of the bottle sample (random weights), calibrated on two good test images."""
+    from knnad.cli import demo_root, main
+
+    sample = demo_root() / "bottle"
+    model = tmp_path_factory.mktemp("model") / "model.npz"
+    good = sorted((sample / "test" / "good").iterdir())
+    assert main(["fit", str(sample / "train" / "good"), "--model", str(model), "--coreset", "300",
+                 "--calibrate", *map(str, good[:2]), *FAST]) == 0
+    return model

@@ -22,12 +22,11 @@ from knnad.evaluation import score_prediction
 from knnad.html_report import FULL_SIZE, GAP, THUMBNAIL_SIZE, HtmlReport
 from knnad.report import display_images, html_name, write_html
 
-from conftest import skip_or_fail
+from conftest import FAST, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "docs" / "images" / "report.png"
-FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--no-progress"]
 #: File names that break HTML unless escaped.
 NAMES = ["<img src=x onerror=alert(1)>.png", "a&b \"quoted\" 'single'.png", "plain.png",
          "&lt;b&gt; <b>bold.png", "five.png", "six.png"]
@@ -268,17 +267,6 @@ def test_bad_inputs_are_refused(synthetic, tmp_path):
     with pytest.raises(ValueError, match="labels were given for some"):
         report.add(prediction)
     assert not list(tmp_path.iterdir())
-
-
-@pytest.fixture(scope="module")
-def fast_model(tmp_path_factory):
-    """A model of the bottle sample (random weights), calibrated on two good test images."""
-    sample = demo_root() / "bottle"
-    model = tmp_path_factory.mktemp("model") / "model.npz"
-    good = sorted((sample / "test" / "good").iterdir())
-    assert main(["fit", str(sample / "train" / "good"), "--model", str(model), "--coreset", "300",
-                 "--calibrate", *map(str, good[:2]), *FAST]) == 0
-    return model
 
 
 def test_predict_writes_report_html(fast_model, tmp_path, capsys):
