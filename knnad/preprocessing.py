@@ -86,7 +86,12 @@ def open_image(image: ImageInput) -> Image.Image:
         raise ImageLoadError(path, broken)
     if not path.is_file():
         raise ImageLoadError(path, "no such file")
-    return decode_image(path.read_bytes(), path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:  # permissions, a device error: the file's, so named with it
+        raise ImageLoadError(path, f"cannot read the file ({error.strerror or error}); check its "
+                                   f"permissions") from None
+    return decode_image(data, path)
 
 
 def decode_image(data: bytes, source: object) -> Image.Image:

@@ -1,6 +1,7 @@
 import csv
 import inspect
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from knnad import Detector, evaluate, runtime
@@ -92,9 +94,11 @@ def test_evaluate_mvtec_and_folder(tmp_path, sample, capsys):
         assert row[name] == pytest.approx(figures[name], abs=1e-9), name
     # The example script takes the same options and gives the same report.
     example = Path(__file__).resolve().parents[1] / "examples" / "evaluate_mvtec.py"
+    # As many torch threads as here (one under pytest-xdist): the same float32 rounding.
+    threads = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     subprocess.run([sys.executable, str(example), "--root", str(sample.parent), "--category",
                     "bottle", "--out", str(tmp_path / "example"), "--coreset", "none", *FAST],
-                   check=True, capture_output=True, text=True)
+                   check=True, capture_output=True, text=True, env=threads)
     example_row = json.loads((tmp_path / "example" / "results.json").read_text())["rows"][0]
     for name in ("image_auroc", "pixel_auroc", "aupro", "memory_bank"):
         assert example_row[name] == row[name], name
