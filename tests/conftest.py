@@ -13,17 +13,38 @@ MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 #: knnad fit's options for a quick model: MobileNetV2 with random weights, no progress bars.
 FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--no-progress"]
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: Test processes on this machine: pytest-xdist's workers (``-n 2``) or this one.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+# Two threads each at most, and one per worker under xdist: workers whose torch threads outnumber
+# the cores wait on each other.
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+#: Test files that start a Ray cluster: under xdist they run in one worker, one after the other.
+RAY_FILES = ("test_distributed.py", "test_bench_gpu.py")
+#: The slow tests (more than about 4 s each on two cores, measured): whole files (a Ray cluster,
+#: ONNX exports, a server and a browser) and tests named by a part of their id (commands in a
+#: subprocess, Ctrl-C and read-only folders of the bad-input catalogue, exports, the browser).
+SLOW_FILES = RAY_FILES + ("test_export.py", "test_serve.py")
+SLOW_TESTS = ("test_evaluate_mvtec_and_folder", "test_demo_with_genuine_weights",
+              "test_whole_image_export_scores_like_the_detector",
+              "test_exported_graph_fuses_like_the_detector", "ctrl-c-during", "read-only",
+              "test_in_chromium", "test_evaluate_writes_a_report_per_category",
+              "test_thread_tuning_changes_no_pick", "unreadable-folder", "other-account")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` skip on machines where torch sees no CUDA GPU."""
-    if torch.cuda.is_available():
-        return
+    """Tests marked ``cuda`` skip on machines where torch sees no CUDA GPU; the slow ones get
+    the ``slow`` mark. Under pytest-xdist (``-n 2 --dist loadgroup``) each file runs in one
+    worker, so that its module fixtures are built once, and the files of :data:`RAY_FILES` in
+    the same worker."""
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
     for item in items:
-        if "cuda" in item.keywords:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
+        if item.path.name in SLOW_FILES or any(part in item.nodeid for part in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+        group = "ray" if item.path.name in RAY_FILES else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def skip_or_fail(message: str) -> None:
