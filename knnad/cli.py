@@ -342,12 +342,12 @@ def command_export(args: argparse.Namespace) -> None:
 
 def _print_report(out: Path, pairs: Sequence[Any]) -> None:
     """The results table, then the report's files (``pairs``: the evaluated categories)."""
-    from .report import html_name
+    from .report import REPORT
 
-    pages = [str(out / html_name(name)) for name, _, _ in pairs]
+    pages = "" if len(pairs) == 1 else ", which links each category's report"
     print((out / "results.md").read_text())
     print(f"report written to {out}/ (results.md, results.csv, results.json, ROC and PRO plots, "
-          f"heatmaps); open in a browser: {', '.join(pages)}")
+          f"heatmaps); open in a browser: {out / REPORT}{pages}")
 
 
 def command_evaluate(args: argparse.Namespace) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from urllib.parse import quote
 
 import numpy as np
 from matplotlib import colormaps
@@ -271,12 +272,7 @@ class HtmlReport:
         path = Path(path)
         template = resources.files("knnad").joinpath("templates", TEMPLATE).read_text("utf-8")
         text = _fill(template, self._parts(figures, metrics))
-        partial = path.with_name(path.name + ".partial")
-        try:
-            partial.write_text(text, encoding="utf-8")
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        _replace(path, text)
         logger.info("wrote %s: %d images, %.1f MiB", path, len(self.images), len(text) / 2**20)
         return path
 
@@ -424,6 +420,45 @@ def _curves(prediction: Prediction, labels: np.ndarray, masks: Optional[np.ndarr
             paths += [roc_plot(pixels, Path(folder, "pixel.png"), title=f"{title}: pixel ROC"),
                       pro_plot(pixels, Path(folder, "pro.png"), fpr_limit, title=f"{title}: PRO")]
         return [path.read_bytes() for path in paths]
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, in its place only once complete."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+#: The columns of :func:`write_index`: (figure's key, header).
+INDEX_COLUMNS = (("test_images", "test images"), ("image_auroc", "image AUROC"),
+                 ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"))
+
+
+def write_index(path: PathLike, title: str, reports: Sequence[tuple]) -> Path:
+    """Write one self-contained HTML page to ``path`` that links the categories' reports:
+    ``reports`` holds ``(category, report file name in path's folder, figures)``, figures
+    a dict with the keys of :data:`INDEX_COLUMNS` (None where not measured). Returns the path."""
+    def cell(value: Any) -> str:
+        return "–" if value is None else (f"{value:.4f}" if isinstance(value, float) else
+                                          html.escape(str(value)))
+    header = "".join(f"<th>{html.escape(name)}</th>" for _, name in INDEX_COLUMNS)
+    rows = "".join(
+        f'<tr><td><a href="{html.escape(quote(href))}">{html.escape(category)}</a></td>'
+        + "".join(f"<td>{cell(figures.get(key))}</td>" for key, _ in INDEX_COLUMNS) + "</tr>"
+        for category, href, figures in reports)
+    text = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>'
+            f"{html.escape(title)}</title><style>body{{font-family:system-ui,sans-serif;"
+            f"margin:2em}}table{{border-collapse:collapse}}td,th{{padding:.35em .9em;"
+            f"border-bottom:1px solid #ddd;text-align:right}}td:first-child,th:first-child"
+            f"{{text-align:left}}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>One inspection report per category; written by knnad {__version__}.</p>"
+            f"<table><tr><th>category</th>{header}</tr>{rows}</table></body></html>\n")
+    path = Path(path)
+    _replace(path, text)
+    return path
 
 
 def write_html(prediction: Prediction, path: PathLike, rgb: Callable[[str], np.ndarray], *,

@@ -18,7 +18,7 @@ import numpy as np
 from .datasets import DatasetPair, ImageDataset
 from .detector import Detector
 from .evaluation import evaluate
-from .html_report import HtmlReport, write_html  # noqa: F401 (public)
+from .html_report import HtmlReport, write_html, write_index  # noqa: F401 (public)
 from .plots import heatmap_grid, pro_plot, roc_plot
 from .preprocessing import ImageInput
 
@@ -34,9 +34,16 @@ def display_images(detector: Detector) -> Callable[[ImageInput], np.ndarray]:
     return partial(detector.preprocessor_.rgb, original=detector.map_size == "original")
 
 
-def html_name(category: str) -> str:
-    """File name of a category's HTML report in :func:`evaluate_and_report`'s folder."""
-    return f"report_{category}.html"
+#: The HTML report in :func:`evaluate_and_report`'s folder: the category's report where one
+#: category was evaluated, else a page that links the categories' reports.
+REPORT = "report.html"
+
+
+def html_name(category: str, categories: int = 1) -> str:
+    """File name of a category's HTML report in :func:`evaluate_and_report`'s folder, where
+    ``categories`` were evaluated: :data:`REPORT` for the only one, ``report_<category>.html``
+    for each of several."""
+    return REPORT if categories == 1 else f"report_{category}.html"
 
 
 def _heatmaps(name: str, test: ImageDataset, prediction, masks, detector: Detector, out: Path,
@@ -62,9 +69,10 @@ def evaluate_and_report(pairs: Sequence[DatasetPair], detector_params: Dict[str,
                         ) -> List[Dict[str, Any]]:
     """Fit a ``Detector(**detector_params)`` on each train set, evaluate it on the test set and
     write the report to ``out``: results.md, .csv and .json, ROC and PRO plots, heatmaps_<name>.png
-    (with ``heatmaps`` > 0), the HTML inspection report :func:`html_name` of each category (with
-    the curves of all) and, with ``save_models``, model_<name>.npz. Returns one row of figures
-    per category (and a mean row when there are several)."""
+    (with ``heatmaps`` > 0), the HTML inspection report of each category (with the curves of
+    all; :func:`html_name`; ``report.html`` links them where there are several) and, with
+    ``save_models``, model_<name>.npz. Returns one row of figures per category (and a mean row
+    when there are several)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, details, pages = [], {}, []
@@ -103,9 +111,12 @@ def evaluate_and_report(pairs: Sequence[DatasetPair], detector_params: Dict[str,
         figures += [roc_plot(pixel_curves, out / "roc_pixel.png", title=f"{title}: pixel ROC"),
                     pro_plot(pixel_curves, out / "pro.png", title=f"{title}: PRO")]
     for name, test, prediction, masks, rgb, thresholds in pages:  # the curves of every category
-        write_html(prediction, out / html_name(name), rgb, labels=test.labels, defects=test.defects,
-                   masks=masks, thresholds=thresholds, title=f"{title}: {name}",
-                   metrics=details[name], figures=figures)
+        write_html(prediction, out / html_name(name, len(pages)), rgb, labels=test.labels,
+                   defects=test.defects, masks=masks, thresholds=thresholds,
+                   title=f"{title}: {name}", metrics=details[name], figures=figures)
+    if len(pages) > 1:
+        write_index(out / REPORT, title, [(name, html_name(name, len(pages)), row)
+                                          for name, row in zip(details, rows)])
     _write_tables(rows, details, detector_params, out, title)
     return rows
 

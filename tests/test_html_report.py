@@ -20,7 +20,7 @@ from knnad.cli import demo_root, main
 from knnad.datasets import MVTecAD, load_masks
 from knnad.evaluation import score_prediction
 from knnad.html_report import FULL_SIZE, GAP, THUMBNAIL_SIZE, HtmlReport
-from knnad.report import display_images, html_name, write_html
+from knnad.report import display_images, evaluate_and_report, html_name, write_html
 
 from conftest import FAST, skip_or_fail
 
@@ -294,11 +294,31 @@ def test_predict_writes_report_html(fast_model, tmp_path, capsys):
     assert sorted(path.name for path in (tmp_path / "none").iterdir()) == ["scores.csv"]
 
 
+def test_several_categories_get_a_report_each_linked_from_report_html(tmp_path):
+    train, test = (MVTecAD(demo_root(), "bottle", split) for split in ("train", "test"))
+    params = dict(backbone="mobilenet_v2", weights=None, image_size=72, crop_size=64,
+                  coreset=None, progress=False)
+    out = tmp_path / "report"
+    rows = evaluate_and_report([("first", train, test), ("<second>", train, test)], params, out,
+                               heatmaps=0)
+    assert sorted(p.name for p in out.glob("*.html")) == [
+        "report.html", "report_<second>.html", "report_first.html"]
+    index = (out / "report.html").read_text()
+    page = Page(index)
+    assert [attrs["href"] for tag, attrs in page.tags if tag == "a"] == [
+        "report_first.html", "report_%3Csecond%3E.html"]  # file names as web addresses
+    assert "<second>" not in index and "&lt;second&gt;" in index
+    for row in rows[:2]:
+        assert f"{row['pixel_auroc']:.4f}" in index and f"{row['aupro']:.4f}" in index
+    assert len(Page((out / "report_first.html").read_text()).rows) == len(test)
+
+
 def test_evaluate_writes_a_report_per_category(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["evaluate", "--dataset", "mvtec", "--root", str(demo_root()), "--category",
                  "bottle", "--out", str(out), "--coreset", "none", *FAST]) == 0
     page_path = out / html_name("bottle")
+    assert page_path.name == "report.html"  # the only category's report
     assert f"open in a browser: {page_path}" in capsys.readouterr().out
     text = page_path.read_text()
     page = Page(text)
