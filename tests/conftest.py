@@ -18,12 +18,14 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 # Two threads each at most, and one per worker under xdist: workers whose torch threads outnumber
 # the cores wait on each other.
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
-#: Test files that start a Ray cluster: under xdist they run in one worker, one after the other.
-RAY_FILES = ("test_distributed.py", "test_bench_gpu.py")
+#: Test files that start a Ray cluster in this process: under xdist they run in one worker, one
+#: after the other. (test_bench_gpu's benchmark starts its own local cluster in a subprocess: a
+#: cluster apart, which may run beside them.)
+RAY_FILES = ("test_distributed.py",)
 #: The slow tests (more than about 4 s each on two cores, measured): whole files (a Ray cluster,
 #: ONNX exports, a server and a browser) and tests named by a part of their id (commands in a
 #: subprocess, Ctrl-C and read-only folders of the bad-input catalogue, exports, the browser).
-SLOW_FILES = RAY_FILES + ("test_export.py", "test_serve.py")
+SLOW_FILES = RAY_FILES + ("test_bench_gpu.py", "test_export.py", "test_serve.py")
 SLOW_TESTS = ("test_evaluate_mvtec_and_folder", "test_demo_with_genuine_weights",
               "test_whole_image_export_scores_like_the_detector",
               "test_exported_graph_fuses_like_the_detector", "ctrl-c-during", "read-only",
