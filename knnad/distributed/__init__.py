@@ -23,13 +23,39 @@ cluster started on this machine by ``ray start``; ``"host:port"`` a cluster's he
 6379 by default); ``"ray://host:port"`` a Ray Client server. Image and model paths must be
 readable where the workers run (a shared file system on a multi-node cluster); relative paths
 are made absolute on the driver.
+
+Names load on first use, as in the top package: a Ray worker that unpickles one of this
+package's classes or functions imports only its module (a :class:`ShardedIndex`'s shard
+actors: :mod:`knnad.index` and torch, not the detector's torchvision and scikit-learn), not
+every module named here.
 """
-from .connection import CONNECT_TIMEOUT_S, RAY_EXTRA, connect, import_ray
-from .failures import MAX_RETRIES
-from .fitting import fit_many
-from .predict import MANIFEST, predict_dataset
-from .scorer import MAPS_FOLDER
-from .sharded import ShardedIndex, shard_detector
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what __getattr__ loads on first use, for type checkers and IDEs
+    from .connection import CONNECT_TIMEOUT_S, RAY_EXTRA, connect, import_ray
+    from .failures import MAX_RETRIES
+    from .fitting import fit_many
+    from .predict import MANIFEST, predict_dataset
+    from .scorer import MAPS_FOLDER
+    from .sharded import ShardedIndex, shard_detector
+
+#: Public names and the modules that define them.
+_NAMES = {"CONNECT_TIMEOUT_S": "connection", "RAY_EXTRA": "connection", "connect": "connection",
+          "import_ray": "connection", "MAX_RETRIES": "failures", "fit_many": "fitting",
+          "MANIFEST": "predict", "predict_dataset": "predict", "MAPS_FOLDER": "scorer",
+          "ShardedIndex": "sharded", "shard_detector": "sharded"}
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES))
+
 
 __all__ = ["CONNECT_TIMEOUT_S", "MANIFEST", "MAPS_FOLDER", "MAX_RETRIES", "RAY_EXTRA",
            "ShardedIndex", "connect", "fit_many", "import_ray", "predict_dataset",

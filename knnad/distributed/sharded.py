@@ -4,17 +4,18 @@ merge; :func:`shard_detector` makes it a fitted detector's index."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .._checks import check_int, check_number
 from .._types import ArrayLike
-from ..detector import Detector
 from ..index import DEFAULT_MEMORY_BUDGET, ExactIndex, FlatL2Index, check_matrix, float32_rows
-from ..options import check
 from .connection import connect, import_ray
+
+if TYPE_CHECKING:
+    from ..detector import Detector
 
 
 class _Shard:
@@ -88,6 +89,9 @@ class ShardedIndex(ExactIndex):
         placement_timeout = check_number(placement_timeout, "placement_timeout", 0.0, " (seconds)")
         if device == "auto" and num_gpus == 0:
             device = "cpu"  # not a GPU the actor was not given
+        # Here, not at the top: the shards' actors import this module, and knnad.options brings
+        # the detector's torchvision and scikit-learn (seconds of each actor's start).
+        from ..options import check
         options = {"backend": check("backend", backend), "device": check("device", device),
                    "memory_budget": check_int(memory_budget, "memory_budget", 2**20),
                    "rerank": check_int(rerank, "rerank", 0)}
