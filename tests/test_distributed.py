@@ -34,20 +34,33 @@ BOTTLE = demo_root() / "bottle"
 
 @pytest.fixture(scope="session")
 def cluster(torch_home):
-    """A local Ray cluster for the session; its workers find the genuine weights in TORCH_HOME."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"TORCH_HOME": str(torch_home)}})
+    """A local Ray cluster for the session; its workers find the genuine weights in TORCH_HOME
+    (set for its processes as they start, not as a runtime_env: the workers that Ray starts
+    with the cluster would not match one, and would be left idle beside new ones)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(torch_home))
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def release_failed_pipelines():
+def free_the_cpus():
     """Ray Data logs a failed pipeline's exception, and pytest's log capture keeps the record
     until the test ends: through the exception's traceback, the pipeline's actors and their
-    CPUs stay taken (a second run in the same test would wait for CPUs forever). Before each
-    test, collect the earlier tests' reference cycles, so that it finds the CPUs free."""
-    gc.collect()
+    CPUs stay taken (a second run in the same test would wait for CPUs forever). Where the
+    cluster's CPUs are taken, collect the earlier tests' reference cycles, so that they are
+    free again (only then: a collection takes about 0.4 s in this process)."""
+    if ray.is_initialized() \
+            and ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def release_failed_pipelines(request):
+    """Before each test on the cluster, :func:`free_the_cpus` (module fixtures that run on the
+    cluster, set up before this one, call it themselves)."""
+    if "cluster" in request.fixturenames:
+        free_the_cpus()
 
 
 @pytest.fixture
@@ -134,20 +147,31 @@ def corrupt_file(folder):
 @pytest.fixture(scope="module")
 def sample_run(cluster, model, tmp_path_factory):
     """predict_dataset over a Ray Dataset of the sample's test images and a corrupt file, with
-    maps; and Detector.predict of the same images in this process."""
+    maps; Detector.predict of the same images in this process; and the run's Ray Data stats
+    (those of the pipeline that predict._pipeline built for it, kept as it returns it)."""
     import pandas as pd
+    free_the_cpus()
     folder = tmp_path_factory.mktemp("sample_run")
     images = sorted(str(p) for p in (BOTTLE / "test").glob("*/*.png"))
     dataset = ray.data.from_items([{"path": p, "other": 1}
                                    for p in images + [str(corrupt_file(folder))]])
-    summary = distributed.predict_dataset(model[0], dataset, folder / "out", batch_size=4,
-                                          maps=True)
+    build, built = predict._pipeline, []
+
+    def pipeline(*args, **kwargs):
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(predict, "_pipeline", pipeline)
+        summary = distributed.predict_dataset(model[0], dataset, folder / "out", batch_size=4,
+                                              maps=True)
     reference = model[1].predict(images)
-    return summary, pd.read_parquet(folder / "out").set_index("path"), reference, folder
+    return (summary, pd.read_parquet(folder / "out").set_index("path"), reference, folder,
+            built[0].stats())
 
 
 def test_predict_dataset_scores_equal_detector_predict(sample_run, model):
-    summary, rows, reference, folder = sample_run
+    summary, rows, reference, folder, _ = sample_run
     assert summary["images"] == 13 and summary["scored"] == 12 and summary["skipped"] == 1
     assert list(rows.columns) == ["image_score", "label", "map_max", "status", "error", "map_file"]
     scored = rows.loc[reference.paths]
@@ -168,7 +192,7 @@ def test_predict_dataset_scores_equal_detector_predict(sample_run, model):
 
 
 def test_a_corrupt_image_is_recorded_as_skipped(sample_run):
-    _, rows, _, folder = sample_run
+    _, rows, _, folder, _ = sample_run
     skipped = rows[rows.status == "skipped"]
     assert skipped.index.tolist() == [str(folder / "corrupt.png")]
     assert skipped[["image_score", "label", "map_max", "map_file"]].isna().all(axis=None)
@@ -177,18 +201,14 @@ def test_a_corrupt_image_is_recorded_as_skipped(sample_run):
     assert rows[rows.status == "scored"].error.isna().all()
 
 
-def test_images_are_decoded_in_tasks_apart_from_the_scoring_actors(cluster, model):
-    """Decoding runs in Ray tasks (on any free CPU), not fused into the model's actors."""
-    from pathlib import Path
-    images = sorted(str(p) for p in (BOTTLE / "test" / "good").iterdir())
-    source = ray.data.from_items([{"path": p} for p in images])
-    preprocessor = predict._model_preprocessor(Path(model[0]), {})
-    scored = predict._pipeline(ray, source, preprocessor, str(model[0]), {"device": "cpu"}, None,
-                               1, 1, 0, 2).materialize()
-    stats = scored.stats()
+def test_images_are_decoded_in_tasks_apart_from_the_scoring_actors(sample_run, model):
+    """Decoding runs in Ray tasks (on any free CPU), not fused into the model's actors: the
+    operators that ran in sample_run's pipeline."""
+    _, rows, _, _, stats = sample_run
     assert "MapBatches(decode_batch):" in stats and "MapBatches(_Scorer):" in stats, stats
     assert "decode_batch)->" not in stats  # fused, the actors would decode
-    np.testing.assert_allclose(scored.to_pandas().set_index("path").loc[images].image_score,
+    images = sorted(str(p) for p in (BOTTLE / "test" / "good").iterdir())
+    np.testing.assert_allclose(rows.loc[images].image_score,
                                model[1].predict(images).image_scores, rtol=0, atol=1e-6)
 
 
@@ -304,7 +324,7 @@ def test_a_killed_worker_is_restarted_and_every_image_scored_once(cluster, model
     folder = tmp_path / "images"
     folder.mkdir()
     sources = sorted((BOTTLE / "test").glob("*/*.png"))
-    for i in range(48):
+    for i in range(24):
         image = Image.open(sources[i % len(sources)]).resize((160, 160)).rotate(7 * i)
         image.save(folder / f"{i:03d}.png")
 
@@ -333,7 +353,7 @@ def test_a_killed_worker_is_restarted_and_every_image_scored_once(cluster, model
     thread.join(timeout=180)
     assert killed is not None, "the run ended before the worker could be killed"
     assert "error" not in result, result.get("error")
-    assert result["summary"]["scored"] == 48 and result["summary"]["skipped"] == 0
+    assert result["summary"]["scored"] == 24 and result["summary"]["skipped"] == 0
     rows = pd.read_parquet(tmp_path / "out")
     assert sorted(rows.path) == sorted(str(p) for p in folder.iterdir())  # no duplicate, no gap
     restarted = [a for a in actors().values()
@@ -436,20 +456,37 @@ def test_a_detector_scores_the_same_with_a_sharded_index(cluster, model, tmp_pat
 
 # --- command line --------------------------------------------------------------------------
 
-def test_cli_predict_on_ray(cluster, model, tmp_path, capsys):
-    import pandas as pd
+@pytest.fixture(scope="module")
+def cli_run(cluster, model, tmp_path_factory):
+    """knnad predict --ray (--k 3, batches of 2, --map-size processed) on the sample's good test
+    images and a corrupt file: its exit status, what it printed, the images' folder and the
+    output folder."""
+    import contextlib
+    import io
 
     from knnad.cli import main
+    free_the_cpus()
+    tmp_path = tmp_path_factory.mktemp("cli_run")
     folder = tmp_path / "images"
     folder.mkdir()
     for source in sorted((BOTTLE / "test" / "good").iterdir()):
         shutil.copy(source, folder / source.name)
     corrupt_file(folder)
-    status = main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "out"), "--k",
-                   "3", "--batch-size", "2", "--ray"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "out"),
+                       "--k", "3", "--batch-size", "2", "--map-size", "processed", "--ray"])
+    return status, printed.getvalue(), folder, tmp_path / "out"
+
+
+def test_cli_predict_on_ray(cli_run, model, tmp_path, capsys):
+    import pandas as pd
+
+    from knnad.cli import main
+    status, printed, folder, out = cli_run
     assert status == 3  # PARTIAL: one image skipped
-    assert "scored 3 images on Ray" in capsys.readouterr().out
-    rows = pd.read_parquet(tmp_path / "out" / "scores.parquet").set_index("path")
+    assert "scored 3 images on Ray" in printed
+    rows = pd.read_parquet(out / "scores.parquet").set_index("path")
     expected = Detector.load(model[0]).set_params(k=3).predict(sorted(folder.glob("0*.png")))
     np.testing.assert_allclose(rows.loc[expected.paths].image_score, expected.image_scores, rtol=0,
                                atol=1e-6)
@@ -538,10 +575,12 @@ def test_a_broken_link_among_the_images_gets_a_skipped_row(tmp_path):
     assert "gone.png: a broken symbolic link to" in decoded["error"][1]
 
 
-def test_map_size_reaches_the_scoring_actors(cluster, model, single_thread, torch_home, tmp_path):
+def test_map_size_reaches_the_scoring_actors(cluster, model, single_thread, torch_home, tmp_path,
+                                             cli_run):
     """params={"map_size": ...} (knnad predict --ray --map-size) was passed twice to every
     scoring actor, a TypeError (issue #21). "original" gives a whole-image model's maps at
-    their images' size, as Detector.predict does; a cropping model refuses it before any work."""
+    their images' size, as Detector.predict does; a cropping model refuses it before any work;
+    knnad predict --ray --map-size processed (cli_run) scores as Detector.predict."""
     import pandas as pd
     detector = Detector(**{**PARAMS, "crop_size": None}).fit(BOTTLE / "train" / "good")
     path = detector.save(tmp_path / "whole.npz")
@@ -561,13 +600,14 @@ def test_map_size_reaches_the_scoring_actors(cluster, model, single_thread, torc
                        match=r"map_size='original' needs a whole-image model.*crop_size=112"):
         distributed.predict_dataset(model[0], images, tmp_path / "crop",
                                     params={"map_size": "original"})
-    from knnad.cli import main
-    assert main(["predict", str(model[0]), *images, "--out", str(tmp_path / "cli"), "--map-size",
-                 "processed", "--ray"]) == 0
-    scored = pd.read_parquet(tmp_path / "cli" / "scores.parquet").set_index("path").loc[images]
-    np.testing.assert_allclose(scored.image_score, model[1].predict(images).image_scores, rtol=0,
-                               atol=1e-6)
     assert not (tmp_path / "crop").exists()
+    status, _, folder, out = cli_run
+    assert status == 3  # every image scored, and the corrupt file skipped
+    good = sorted(str(p) for p in folder.glob("0*.png"))
+    scored = pd.read_parquet(out / "scores.parquet").set_index("path").loc[good]
+    np.testing.assert_allclose(scored.image_score,
+                               Detector.load(model[0]).set_params(k=3).predict(good).image_scores,
+                               rtol=0, atol=1e-6)
 
 
 def test_shards_the_cluster_cannot_place_fail_within_the_timeout(cluster):
@@ -576,10 +616,10 @@ def test_shards_the_cluster_cannot_place_fail_within_the_timeout(cluster):
     shards' actors are ended (two shards of one CPU fit again)."""
     start = time.perf_counter()
     with pytest.raises(RuntimeError,
-                       match=r"of num_shards=3 shards started within placement_timeout=5 s; "
+                       match=r"of num_shards=3 shards started within placement_timeout=1 s; "
                                            r"each asks for num_cpus_per_shard=1 CPUs.* of 2 "
                                            r"CPUs.*fewer shards"):
-        distributed.ShardedIndex(8, 3, num_cpus_per_shard=1, placement_timeout=5)
+        distributed.ShardedIndex(8, 3, num_cpus_per_shard=1, placement_timeout=1)
     assert time.perf_counter() - start < 30
     bank = np.eye(8, dtype=np.float32)
     with distributed.ShardedIndex.of(bank, 2, num_cpus_per_shard=1, placement_timeout=60) as index:
