@@ -22,13 +22,6 @@ BACKENDS = ("auto", "faiss", "torch")
 #: The device string that shards the faiss index over every GPU.
 ALL_GPUS = "cuda:all"
 
-#: faiss's default of ``distance_compute_blas_threshold`` since it compares ``queries x dim``
-#: with it (faiss PR 5022): below it, a flat search scans without BLAS.
-FAISS_BLAS_THRESHOLD_DEFAULT = 128_000
-#: ``queries x dim`` per OpenMP thread from which BLAS is faster, as faiss PR 5109 measured
-#: (800 at one thread) and knnad on two cores (BLAS 3-4x faster from 16 queries of 128 dims).
-FAISS_BLAS_THRESHOLD_PER_THREAD = 800
-
 #: PyPI distributions that provide the ``faiss`` module.
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12",
                        "faiss-gpu-cu13")
@@ -68,22 +61,7 @@ def import_faiss() -> Any:
     problem = faiss_install_problem()
     if problem:
         logger.warning(problem)
-    _tune_blas_threshold(faiss)
     return faiss
-
-
-def _tune_blas_threshold(faiss: Any) -> None:
-    """Lower faiss's switch from its own scan to BLAS where it still has the default that was
-    tuned on machines of dozens of threads: at that default, one image's 784 patches of 128
-    dimensions are scanned without BLAS, 2-4x slower on a few cores (the slower single-image
-    predict and serving latency). A value the user set (or an older faiss's query count of 20)
-    is left alone."""
-    variable = getattr(getattr(faiss, "cvar", None), "distance_compute_blas_threshold", None)
-    if variable == FAISS_BLAS_THRESHOLD_DEFAULT:
-        threshold = FAISS_BLAS_THRESHOLD_PER_THREAD * max(1, int(faiss.omp_get_max_threads()))
-        faiss.cvar.distance_compute_blas_threshold = threshold
-        logger.debug("faiss distance_compute_blas_threshold %d -> %d (queries x dim)", variable,
-                     threshold)
 
 
 def faiss_gpu_count() -> int:

@@ -225,20 +225,6 @@ def test_two_faiss_packages_are_reported(monkeypatch):
     assert "pip uninstall -y faiss-cpu faiss-gpu-cu12 && pip install faiss-gpu-cu12" in problem
 
 
-def test_faiss_uses_blas_from_a_few_queries_unless_the_user_chose(monkeypatch):
-    # faiss 1.15 scans without BLAS below queries x dim = 128,000: one image's 784 patches of
-    # 128 dims, 2-4x slower on a few cores. knnad lowers that default to 800 per OpenMP thread.
-    import faiss
-    threads = faiss.omp_get_max_threads()
-    monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold",
-                        runtime.FAISS_BLAS_THRESHOLD_DEFAULT)
-    runtime._tune_blas_threshold(faiss)
-    assert faiss.cvar.distance_compute_blas_threshold == 800 * threads
-    faiss.cvar.distance_compute_blas_threshold = 20  # a user's (or an older faiss's) value
-    runtime._tune_blas_threshold(faiss)
-    assert faiss.cvar.distance_compute_blas_threshold == 20
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rerank_recovers_neighbours_lost_to_float32_cancellation(backend):
     # A large common offset makes |x|² huge next to the distances: the matrix-product form
