@@ -8,10 +8,10 @@ Names load on first use, so that ``import knnad`` stays light and its torch-free
 (:class:`~knnad.onnx_detector.OnnxDetector`, preprocessing, thresholds) work where torch and
 faiss are not installed.
 """
-import importlib
 import logging
 from typing import TYPE_CHECKING
 
+from ._lazy import lazy_names
 from ._version import __version__  # noqa: F401 (public)
 
 if TYPE_CHECKING:  # what __getattr__ loads on first use, for type checkers and IDEs
@@ -69,16 +69,6 @@ _NAMES = {"Detector": "detector", "FeatureExtractor": "backbones", "FlatL2Index"
           "coreset": "sampling", "covering_radius": "sampling", "evaluate": "evaluation"}
 
 
-def __getattr__(name: str):
-    if name in _MODULES:
-        return importlib.import_module(f".{name}", __name__)
-    if name in _NAMES:
-        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_MODULES) | set(_NAMES))
-
+__getattr__, __dir__ = lazy_names(__name__, globals(), _NAMES, _MODULES)
 
 __all__ = sorted(_MODULES + tuple(_NAMES) + ("__version__",))

@@ -12,7 +12,7 @@ PACKAGE = Path(knnad.__file__).parent
 #: their dotted path below knnad (``deploy.export``), a subpackage's ``__init__`` by the
 #: subpackage's name (``deploy``): it imports its own modules, so it sits above them.
 LAYERS = [
-    ["_types", "_checks", "_version", "runtime", "decoders"],
+    ["_types", "_checks", "_lazy", "_version", "runtime", "decoders"],
     ["archive", "preprocessing", "anomaly_map", "metrics", "thresholds", "prediction"],
     ["sources", "decoding", "backbones", "index", "datasets", "plots"],
     ["embedding", "sampling", "scoring", "deploy.onnx_detector", "distributed.connection"],

@@ -29,8 +29,9 @@ package's classes or functions imports only its module (a :class:`ShardedIndex`'
 actors: :mod:`knnad.index` and torch, not the detector's torchvision and scikit-learn), not
 every module named here.
 """
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 if TYPE_CHECKING:  # what __getattr__ loads on first use, for type checkers and IDEs
     from .connection import CONNECT_TIMEOUT_S, RAY_EXTRA, connect, import_ray
@@ -47,15 +48,7 @@ _NAMES = {"CONNECT_TIMEOUT_S": "connection", "RAY_EXTRA": "connection", "connect
           "ShardedIndex": "sharded", "shard_detector": "sharded"}
 
 
-def __getattr__(name: str):
-    if name in _NAMES:
-        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_NAMES))
-
+__getattr__, __dir__ = lazy_names(__name__, globals(), _NAMES)
 
 __all__ = ["CONNECT_TIMEOUT_S", "MANIFEST", "MAPS_FOLDER", "MAX_RETRIES", "RAY_EXTRA",
            "ShardedIndex", "connect", "fit_many", "import_ray", "predict_dataset",
