@@ -109,9 +109,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
     replaces. Returns ``path``."""
     _remove_stale_partials(path)
     temporary = path.parent / _partial_name(path)
-    # O_EXCL with mode 0666: a new file of our own, with the umask applied as for any file.
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        # Opened inside the try: a Ctrl-C just after the file appears must still remove it.
+        # O_EXCL with mode 0666: a new file of our own, with the umask applied as for any file;
+        # the name holds this process's id and a random token, so no other writer owns it.
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
@@ -120,7 +122,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
             os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path
 

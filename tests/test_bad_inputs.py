@@ -8,12 +8,12 @@ Every row of :data:`CATALOGUE` names its outcome class, and the one test asserts
 * ``documented``: the documented result, asserted on values and files (a score scale, an
   orientation, a file mode, the rows of scores.csv, exit status 130 and what is left on disk).
 
-Counts: 134 cases, 108 refused (72 by the API, 36 by the command line) and 26 documented.
+Counts: 135 cases, 108 refused (72 by the API, 36 by the command line) and 27 documented.
 ``test_counts_in_the_docstring`` keeps the counts above true. By item of the issue (refused /
 documented):
 
     i1 outputs and options checked before the work   21 / 1
-    i2 no traceback; Ctrl-C; impossible coresets     12 / 4
+    i2 no traceback; Ctrl-C; impossible coresets     12 / 5
     i3 bad files and big runs in batch scoring        6 / 4
     i4 camera images: bit depth, floats, EXIF         6 / 4
     i5 model files                                   19 / 4
@@ -48,6 +48,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -458,6 +459,27 @@ def interrupted_save_leaves_nothing(ctx):
     assert sorted(p.name for p in ctx.tmp.iterdir()) == ["bank.npz"]
 
 
+def ctrl_c_as_the_partial_file_appears(ctx):
+    """The moment the real SIGINT above may or may not hit: right after the hidden file is
+    created, before a byte is written. The file must still go, the old model stay whole."""
+    target = ctx.tmp / "bank.npz"
+    archive.write_archive(target, "Test", 1, {}, {"x": np.zeros(3, np.float32)})
+    before, real_open = target.read_bytes(), os.open
+
+    def open_then_interrupt(*args, **kwargs):
+        handle = real_open(*args, **kwargs)
+        if str(args[0]).endswith(archive.PARTIAL_SUFFIX):
+            os.close(handle)
+            raise KeyboardInterrupt
+        return handle
+
+    with mock.patch.object(archive.os, "open", open_then_interrupt), \
+            pytest.raises(KeyboardInterrupt):
+        archive.write_archive(target, "Test", 1, {}, {"x": np.ones(3, np.float32)})
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in ctx.tmp.iterdir()) == ["bank.npz"]
+
+
 def sigint_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
@@ -803,6 +825,7 @@ CATALOGUE = [
     case("i2-ctrl-c-during-fit", Doc(ctrl_c_during_fit)),
     case("i2-ctrl-c-during-evaluate", Doc(ctrl_c_during_evaluate)),
     case("i2-ctrl-c-during-save", Doc(interrupted_save_leaves_nothing)),
+    case("i2-ctrl-c-as-save-starts", Doc(ctrl_c_as_the_partial_file_appears)),
 
     # 3. Batch scoring that survives bad files and big runs.
     case("i3-predict-on-error-skip", Doc(predict_skips_and_lists)),
