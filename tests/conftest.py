@@ -18,9 +18,10 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 # Two threads each at most, and one per worker under xdist: workers whose torch threads outnumber
 # the cores wait on each other.
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
-#: Test files that start a Ray cluster in this process: under xdist they run in one worker, one
-#: after the other. (test_bench_gpu's benchmark starts its own local cluster in a subprocess: a
-#: cluster apart, which may run beside them.)
+#: Test files that start a Ray cluster in this process. Keep it to one file: ``--dist loadfile``
+#: runs each file in one worker, so two such files could start two clusters at once on the two
+#: cores. (test_bench_gpu's benchmark starts its own local cluster in a subprocess: a cluster
+#: apart, which may run beside them.)
 RAY_FILES = ("test_distributed.py",)
 #: The slow tests (more than about 4 s each on two cores, measured): whole files (a Ray cluster,
 #: ONNX exports, a server and a browser) and tests named by a part of their id (commands in a
@@ -33,20 +34,18 @@ SLOW_TESTS = ("test_evaluate_mvtec_and_folder", "test_demo_with_genuine_weights"
               "test_thread_tuning_changes_no_pick", "unreadable-folder", "other-account")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` skip on machines where torch sees no CUDA GPU; the slow ones get
-    the ``slow`` mark. Under pytest-xdist (``-n 2 --dist loadgroup``) each file runs in one
-    worker, so that its module fixtures are built once, and the files of :data:`RAY_FILES` in
-    the same worker."""
+    the ``slow`` mark. (Under pytest-xdist, ``-n 2 --dist loadfile`` runs each file in one
+    worker, so that its module fixtures are built once. Not ``loadgroup``: pytest-xdist 3.8
+    marks a test's group by editing ``item._nodeid``, which pytest 9.2 no longer reads, so
+    every group would be split.)"""
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
         if item.path.name in SLOW_FILES or any(part in item.nodeid for part in SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
-        group = "ray" if item.path.name in RAY_FILES else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def skip_or_fail(message: str) -> None:
