@@ -247,9 +247,9 @@ def export_onnx(path: PathLike, settings: Dict[str, Any], extractor: FeatureExtr
     Memory at inference: the weights and the bank (ONNX Runtime holds the bank twice: it
     prepacks the tiles for its matrix product, unless ``session.disable_prepacking`` is set)
     and, per image of a batch, one distance tile of 4 · h · w · :data:`TILE_ROWS` bytes
-    (49 MiB at a 28 × 28 grid), never bank size × patches. Export adds about twice the bank's
-    bytes (initializers, serialised file). Measured with 1,083,456 × 128 rows (529 MiB):
-    export +1.17 GiB; a process scoring one 576² image peaks at 1.59 GiB, 1.07 GiB without
+    (49 MiB at a 28 × 28 grid), never bank size × patches. Export adds up to about twice the
+    bank's bytes (initializers, serialised file). Measured with 1,083,456 × 128 rows (529 MiB):
+    export +616 MiB; a process scoring one 576² image peaks at 1.58 GiB, 1.06 GiB without
     prepacking (``benchmarks/results/export-bottle-cpu2.md``).
     """
     if settings["image_score"] != "max":
