@@ -39,10 +39,16 @@ def git_state() -> Dict[str, object]:
     return {"git_commit": commit, "git_dirty": None if changes is None else bool(changes)}
 
 
+#: The code a run measures: read when the script starts, before it writes any result file
+#: (a plot written before the tables would otherwise mark the run's own checkout as changed).
+CODE_AT_START = git_state()
+
+
 def machine_description() -> Dict[str, object]:
     """What a result was measured with: the CPU (model, cores, torch threads), the GPU (None
-    without one), the code (git commit, and whether the checkout had uncommitted changes) and
-    the versions of knnad, torch, faiss (None when it is not importable), numpy and Python."""
+    without one), the code (:data:`CODE_AT_START`: git commit, and whether the checkout had
+    uncommitted changes when the script started) and the versions of knnad, torch, faiss (None
+    when it is not importable), numpy and Python."""
     import knnad
     from knnad.runtime import import_faiss
 
@@ -56,7 +62,7 @@ def machine_description() -> Dict[str, object]:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            **git_state(), "knnad": knnad.__version__,
+            **CODE_AT_START, "knnad": knnad.__version__,
             "faiss": getattr(import_faiss(), "__version__", None), "numpy": np.__version__}
 
 

@@ -31,3 +31,16 @@ def test_results_record_the_commit_the_versions_and_the_machine(tmp_path, monkey
         == versions
     assert machine["cpu"] and machine["cores"] and "gpu" in machine
     assert f"Machine: {json.dumps(machine)}" in written.read_text()
+
+
+def test_results_record_the_code_as_it_was_when_the_run_started(tmp_path, monkeypatch):
+    """A script that writes a tracked file (bench_scaling's plot) before its tables must not
+    record its own output as an uncommitted change: the state is read when the script starts."""
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    monkeypatch.setattr(_common, "git_state",
+                        lambda: {"git_commit": "changed since", "git_dirty": True})
+    written = _common.write_results("probe", {"a table": [{"value": 1.0}]}, tag="here")
+    machine = json.loads(written.with_suffix(".json").read_text())["machine"]
+    assert (machine["git_commit"], machine["git_dirty"]) == (
+        _common.CODE_AT_START["git_commit"], _common.CODE_AT_START["git_dirty"])
+    assert machine["git_commit"] != "changed since"
