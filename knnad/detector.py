@@ -27,7 +27,7 @@ from .persistence import (
 )
 from .prediction import Prediction
 from .preprocessing import Preprocessor
-from .runtime import backbone_device
+from .runtime import ThreadTuner, backbone_device, cpu_threads, kept_cpu_threads
 from .scales import check_scales, fit_scales, index_placement, scale_embedders, score_images
 from .scoring import image_row_ranges
 from .selection import held_out_numbers
@@ -138,14 +138,20 @@ class Detector(Parameters):
             yield prediction if thresholds is None else thresholds.apply(prediction)
 
     def _scores(self, data: Any, settings: Dict[str, Any]) -> Iterator[Prediction]:
-        for batch in batches(image_items(data, "predict data"), self.preprocessor_,
-                             settings["batch_size"], settings["on_error"], settings["progress"],
-                             "predict"):
+        # Each batch on the thread count that scores faster now (one thread when another
+        # process holds a core); the caller's thread counts between batches.
+        tuner = ThreadTuner(cpu_threads()[0] if self.extractor_.device.type == "cpu" else 1, 1)
+        for number, batch in enumerate(batches(image_items(data, "predict data"),
+                                               self.preprocessor_, settings["batch_size"],
+                                               settings["on_error"], settings["progress"],
+                                               "predict")):
             if not len(batch.images):
                 yield Prediction.empty(batch.images.shape[-2:], batch.skipped)
                 continue
-            scores, maps = score_images(self.extractor_, self.scales_, settings,
-                                        (self.global_index_, self.image_rows_), batch.images)
+            with kept_cpu_threads():
+                tuner.tick(number)
+                scores, maps = score_images(self.extractor_, self.scales_, settings,
+                                            (self.global_index_, self.image_rows_), batch.images)
             yield Prediction(scores, maps.numpy(), batch.paths, skipped=batch.skipped,
                              image_sizes=batch.sizes)
 

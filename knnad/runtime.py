@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import time
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -178,3 +180,70 @@ def resolve_backend(backend: str, device: Union[str, torch.device]) -> Tuple[str
                     "instead; install faiss-gpu-cu12 for faiss on GPU", resolved, resolved)
         return "torch", str(resolved)
     return "faiss", str(resolved)
+
+
+def cpu_threads() -> Tuple[int, int]:
+    """The sizes of torch's and faiss's CPU thread pools (faiss's is 1 without faiss)."""
+    faiss = import_faiss()
+    return torch.get_num_threads(), int(faiss.omp_get_max_threads()) if faiss is not None else 1
+
+
+def set_cpu_threads(torch_threads: int, faiss_threads: Optional[int] = None) -> None:
+    """Size torch's CPU thread pool to ``torch_threads`` and faiss's to ``faiss_threads``
+    (default: the same), only where that changes them."""
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    faiss = import_faiss()
+    faiss_threads = torch_threads if faiss_threads is None else faiss_threads
+    if faiss is not None and faiss.omp_get_max_threads() != faiss_threads:
+        faiss.omp_set_num_threads(faiss_threads)
+
+
+@contextmanager
+def kept_cpu_threads() -> Iterator[None]:
+    """Give torch's and faiss's thread pools back their sizes on leaving the block."""
+    before = cpu_threads()
+    try:
+        yield
+    finally:
+        set_cpu_threads(*before)
+
+
+class ThreadTuner:
+    """Chooses the CPU thread count of a loop of similar steps by timing it. Work made of many
+    small operations (the coreset's picks, a batch's backbone and search) runs faster on two
+    threads of a quiet machine, but when another process competes for the cores the threads
+    wait on each other and the loop slows several-fold (predict 4.5x on a 2-core machine, one
+    competing process), while one thread keeps its pace. So every few blocks of ``block`` steps
+    it times one block with each candidate count (``threads`` and 1) and runs the faster until
+    the next probe, sizing torch's and faiss's pools (:func:`set_cpu_threads`); wrap the loop in
+    :func:`kept_cpu_threads`. Exact arithmetic gives the same results on every count, but on
+    some CPUs a float32 matrix-vector product rounds a row differently with one and two
+    threads, so a near-tie may then go either way."""
+
+    EXPLOIT = 16  # blocks run with the chosen count between two probes
+    MARGIN = 1.5  # how much faster one thread must be to be chosen
+
+    def __init__(self, threads: int, block: int):
+        self.candidates = sorted({threads, 1}, reverse=True)
+        self.block_steps = block
+        self.schedule: List[Tuple[int, bool]] = [(count, True) for count in self.candidates]
+        self.probe_times: Dict[int, float] = {}
+        self.block: Optional[Tuple[int, bool]] = None
+        self.started = 0.0
+
+    def tick(self, step: int) -> None:
+        """Call before each step (numbered from 0); acts at block boundaries."""
+        if len(self.candidates) == 1 or step % self.block_steps:
+            return
+        if self.block is not None and self.block[1]:  # a probe ended
+            self.probe_times[self.block[0]] = time.perf_counter() - self.started
+        if not self.schedule:  # fewer threads only when clearly faster: blocks vary in cost
+            best = min(self.probe_times, key=lambda count: self.probe_times[count]
+                       * (1.0 if count == self.candidates[0] else self.MARGIN))
+            probes = [(count, True) for count in self.candidates]
+            self.schedule = [(best, False)] * self.EXPLOIT + probes
+            self.probe_times = {}
+        self.block = self.schedule.pop(0)
+        set_cpu_threads(self.block[0])
+        self.started = time.perf_counter()

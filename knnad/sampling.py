@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from ._checks import check_int
 from ._types import ArrayLike
 from .index import FlatL2Index, as_float32_matrix
-from .runtime import resolve_device
+from .runtime import ThreadTuner, kept_cpu_threads, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +35,8 @@ _LISTED_FRACTION = 0.5
 _SLACK = 2e-5
 #: Dimension of the projection in which the cell test is screened first.
 _SCREEN_DIM = 32
+#: Picks per block timed by the loop's thread tuner.
+_TUNED_PICKS = 64
 
 
 CoresetSpec = Union[None, float, int]
@@ -115,48 +116,8 @@ def coreset(features: ArrayLike, ratio: Optional[float] = None, n: Optional[int]
         projection = torch.randn(dim, projection_dim, generator=generator) / projection_dim ** 0.5
         points = points @ projection.to(target)
     first = int(torch.randint(total, (1,), generator=generator))
-    threads = torch.get_num_threads()
-    try:
+    with kept_cpu_threads():  # the loop's tuner may change them
         return _greedy_k_center(points, count, first, progress).cpu().numpy()
-    finally:
-        torch.set_num_threads(threads)  # the loop's tuner may have changed it
-
-
-class _ThreadTuner:
-    """Chooses torch's CPU thread count for the selection loop by timing it. Each pick is a few
-    small operations (products over the picks so far or, early on, the whole bank): on a quiet
-    machine two threads can be faster, but when another process competes for the cores they
-    wait on each other and the loop slows several-fold, while one thread keeps its pace.
-    So every few blocks of picks it times one block with each candidate count and runs the
-    faster until the next probe. The picks do not depend on the thread count."""
-
-    BLOCK = 64  # picks per timed block
-    EXPLOIT = 16  # blocks run with the chosen count between two probes
-    MARGIN = 1.5  # how much faster one thread must be to be chosen
-
-    def __init__(self, threads: int):
-        self.candidates = sorted({threads, 1}, reverse=True)
-        self.schedule: List[Tuple[int, bool]] = [(count, True) for count in self.candidates]
-        self.probe_times: Dict[int, float] = {}
-        self.block: Optional[Tuple[int, bool]] = None
-        self.started = 0.0
-
-    def tick(self, step: int) -> None:
-        """Call before each pick; acts at block boundaries."""
-        if len(self.candidates) == 1 or step % self.BLOCK:
-            return
-        if self.block is not None and self.block[1]:  # a probe ended
-            self.probe_times[self.block[0]] = time.perf_counter() - self.started
-        if not self.schedule:  # fewer threads only when clearly faster: blocks vary in cost
-            best = min(self.probe_times, key=lambda count: self.probe_times[count]
-                       * (1.0 if count == self.candidates[0] else self.MARGIN))
-            probes = [(count, True) for count in self.candidates]
-            self.schedule = [(best, False)] * self.EXPLOIT + probes
-            self.probe_times = {}
-        self.block = self.schedule.pop(0)
-        if self.block[0] != torch.get_num_threads():
-            torch.set_num_threads(self.block[0])
-        self.started = time.perf_counter()
 
 
 class _Cells:
@@ -337,7 +298,8 @@ def _greedy_k_center(points: torch.Tensor, count: int, first: int, progress: boo
     owner = torch.zeros(total, dtype=torch.int64, device=points.device)
     picks = torch.empty(count, dtype=torch.int64, device=points.device)
     pick = torch.tensor(first, device=points.device)
-    tuner = _ThreadTuner(torch.get_num_threads() if points.device.type == "cpu" else 1)
+    tuner = ThreadTuner(torch.get_num_threads() if points.device.type == "cpu" else 1,
+                        _TUNED_PICKS)
     for step in tqdm(range(count), desc="coreset", unit="pt", disable=not progress,
                      mininterval=1.0):
         tuner.tick(step)

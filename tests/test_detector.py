@@ -516,3 +516,49 @@ def test_files_of_format_version_1_still_load(fitted, tmp_path):
     got = loaded.predict(tests)
     np.testing.assert_array_equal(got.anomaly_maps, expected.anomaly_maps)
     np.testing.assert_array_equal(got.labels, expected.labels)
+
+
+@pytest.mark.parametrize("two, one, chosen", [(3.0, 1.0, 1), (1.0, 1.2, 2)])
+def test_the_thread_tuner_runs_the_count_that_is_clearly_faster(monkeypatch, two, one, chosen):
+    """A step that takes ``two`` time units on two threads and ``one`` on one (a fake clock):
+    after one probe of each, the tuner runs one thread only when it is more than MARGIN faster."""
+    from knnad import runtime
+    clock = [0.0]
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
+    used = []
+    with runtime.kept_cpu_threads():
+        tuner = runtime.ThreadTuner(2, 1)
+        for step in range(2 + tuner.EXPLOIT):
+            tuner.tick(step)
+            used.append(runtime.cpu_threads())
+            clock[0] += two if torch.get_num_threads() == 2 else one
+    assert used[:2] == [(2, 2), (1, 1)]  # the probes size both pools
+    assert used[2:] == [(chosen, chosen)] * tuner.EXPLOIT
+
+
+def test_predict_tunes_threads_per_batch_without_changing_scores(fitted, monkeypatch):
+    """predict switches torch's and faiss's thread counts between batches (here every other
+    batch), scores as with the caller's counts, and gives the caller its counts back, also
+    between the batches predict_batches yields."""
+    from knnad import runtime
+    images = textured_images(8, seed=61)
+    expected = fitted.predict(images)
+    monkeypatch.setattr(runtime.ThreadTuner, "EXPLOIT", 1)
+    counts = []
+    original = runtime.set_cpu_threads
+    monkeypatch.setattr(runtime, "set_cpu_threads", lambda *args: (counts.append(args),
+                                                                    original(*args))[1])
+    before = runtime.cpu_threads()
+    fitted.set_params(batch_size=1)
+    try:
+        for part in fitted.predict_batches(images):
+            assert runtime.cpu_threads() == before
+            assert len(part) == 1
+        tuned = fitted.predict(images)
+    finally:
+        fitted.set_params(batch_size=8)
+    assert runtime.cpu_threads() == before
+    if torch.get_num_threads() > 1:
+        assert {args[0] for args in counts} >= {1, torch.get_num_threads()}
+    np.testing.assert_allclose(tuned.image_scores, expected.image_scores, rtol=1e-5)
+    np.testing.assert_allclose(tuned.anomaly_maps, expected.anomaly_maps, rtol=1e-5, atol=1e-6)
