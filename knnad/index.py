@@ -31,6 +31,15 @@ _TORCH_BYTES_PER_PAIR = 16
 #: At most this many queries per FAISS call (FAISS tiles its distance computation itself).
 _FAISS_MAX_QUERY_CHUNK = 16384
 _FAISS_GPU_MAX_K = 2048
+#: faiss's CPU search (1.15) streams the whole bank once per query below this many queries and
+#: tiles queries from it on: 784 queries against 16,385 x 128 rows took 106 ms, the same queries
+#: padded to 1,000 took 17 ms, with the same neighbours.
+_FAISS_TILED_QUERIES = 1000
+#: Pad a smaller query block to :data:`_FAISS_TILED_QUERIES` from this many queries, when the
+#: bank does not fit in a core's cache (:data:`_FAISS_PADDED_BANK_BYTES`): below, padding costs
+#: more than it saves.
+_FAISS_PADDED_FROM = 250
+_FAISS_PADDED_BANK_BYTES = 2**20
 #: Rows checked for NaN/inf at a time, so that checking a large array needs no full-size mask.
 _CHECK_ROWS = 65536
 _FORMAT_VERSION = 1
@@ -328,8 +337,11 @@ class FlatL2Index(ExactIndex):
         find: Callable[[torch.Tensor], torch.Tensor]
         if self._backend == "faiss":
             def find(block: torch.Tensor) -> torch.Tensor:
-                return torch.from_numpy(self._faiss_index.search(block.cpu().numpy(),
-                                                                 candidates)[1])
+                if self._device != "cpu":
+                    return torch.from_numpy(self._faiss_index.search(block.cpu().numpy(),
+                                                                     candidates)[1])
+                return _faiss_candidates(lambda queries: self._faiss_index.search(
+                    queries, candidates)[1], block, 4 * self._count * self._dim)
         else:
             find = self._torch_finder(self._vectors, candidates)
         chunk = self._query_chunk(candidates, self._bank_chunk())
@@ -356,8 +368,9 @@ class FlatL2Index(ExactIndex):
             faiss = import_faiss()
 
             def find(block: torch.Tensor) -> torch.Tensor:
-                return torch.from_numpy(faiss.knn(block.cpu().numpy(), gallery.numpy(),
-                                                  candidates)[1])
+                return _faiss_candidates(lambda queries: faiss.knn(queries, gallery.numpy(),
+                                                                   candidates)[1],
+                                         block, 4 * gallery.numel())
         else:
             find = self._torch_finder(gallery, candidates)
         chunk = self._query_chunk(candidates, self._bank_chunk(len(gallery)))
@@ -396,6 +409,20 @@ class FlatL2Index(ExactIndex):
         if len(vectors):
             index.add(vectors)
         return index
+
+
+def _faiss_candidates(search: Callable[[np.ndarray], np.ndarray], block: torch.Tensor,
+                      bank_bytes: int) -> torch.Tensor:
+    """``search(queries)``'s candidate rows of ``block``'s queries (float32 ``[m, dim]``),
+    with a block of :data:`_FAISS_PADDED_FROM` to :data:`_FAISS_TILED_QUERIES` queries against
+    a bank of more than :data:`_FAISS_PADDED_BANK_BYTES` padded with zero queries to
+    :data:`_FAISS_TILED_QUERIES`, so that faiss takes its tiled kernel."""
+    queries = block.cpu().numpy()
+    count = len(queries)
+    if _FAISS_PADDED_FROM <= count < _FAISS_TILED_QUERIES and bank_bytes > _FAISS_PADDED_BANK_BYTES:
+        padding = np.zeros((_FAISS_TILED_QUERIES - count, queries.shape[1]), np.float32)
+        return torch.from_numpy(search(np.concatenate([queries, padding]))[:count])
+    return torch.from_numpy(search(queries))
 
 
 def _search_in_chunks(queries: ArrayLike, k: int, chunk: int,

@@ -357,3 +357,32 @@ def test_rows_are_read_only(backend):
     writable += 1
     np.testing.assert_array_equal(index.vectors(), bank)
     np.testing.assert_array_equal(index.search(bank[:5], 1)[1][:, 0], np.arange(5))
+
+
+def test_a_mid_sized_query_block_is_padded_into_faiss_tiled_kernel(monkeypatch):
+    """faiss 1.15 streams the bank once per query below 1,000 queries: a block of 250-999
+    queries against a bank over 1 MiB goes to faiss padded to 1,000 queries, and only its own
+    rows come back, with the neighbours of the float64 reference (the same as unpadded), in
+    search and in search_among."""
+    rng = np.random.default_rng(12)
+    bank = rng.standard_normal((4000, 96)).astype(np.float32)  # 1.5 MiB
+    queries = rng.standard_normal((300, 96)).astype(np.float32)
+    index = FlatL2Index.of(bank, backend="faiss", device="cpu")
+    sizes = []
+    faiss = runtime.import_faiss()
+    search, knn = type(index._faiss_index).search, faiss.knn
+    monkeypatch.setattr(type(index._faiss_index), "search",
+                        lambda self, x, k: (sizes.append(len(x)), search(self, x, k))[1])
+    monkeypatch.setattr(faiss, "knn", lambda x, y, k: (sizes.append(len(x)), knn(x, y, k))[1])
+    for k in (1, 4):
+        distances, indices = index.search(queries, k)
+        assert_matches_reference(bank, queries, k, distances, indices)
+        distances, indices = index.search_among(queries, k, [(0, 1500), (2000, 4000)])
+        kept = np.r_[0:1500, 2000:4000]
+        local_d, local_i = brute_force(bank[kept], queries, k)
+        np.testing.assert_array_equal(indices, kept[local_i])
+        np.testing.assert_allclose(distances, local_d, rtol=1e-4, atol=1e-5)
+    assert sizes == [1000] * 4
+    index.search(queries[:249], 1)  # fewer: not padded
+    FlatL2Index.of(bank[:2000], backend="faiss", device="cpu").search(queries, 1)  # 0.73 MiB
+    assert sizes[4:] == [249, 300]
