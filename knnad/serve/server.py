@@ -31,10 +31,17 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host`` (IPv4 or IPv6) and ``port`` (0: a free one), listening;
-    OSError when the address is taken or not this machine's."""
+    """A TCP socket bound to ``host`` (IPv4 or IPv6) and ``port`` (0: a free one), listening,
+    whose connections send without Nagle's delay; OSError when the address is taken or not
+    this machine's."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host.strip("[]"), port), family=family)
+    sock = socket.create_server((host.strip("[]"), port), family=family)
+    # asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP, which
+    # create_server's are not; connections inherit it from the listening socket. Without it, a
+    # response written in two parts waited for the client's delayed ACK: 40 ms per request on
+    # a kept-alive connection.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def uvicorn_server(app: Any, settings: ServeSettings) -> uvicorn.Server:
