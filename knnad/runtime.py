@@ -217,9 +217,10 @@ class ThreadTuner:
     competing process), while one thread keeps its pace. So every few blocks of ``block`` steps
     it times one block with each candidate count (``threads`` and 1) and runs the faster until
     the next probe, sizing torch's and faiss's pools (:func:`set_cpu_threads`); wrap the loop in
-    :func:`kept_cpu_threads`. Exact arithmetic gives the same results on every count, but on
-    some CPUs a float32 matrix-vector product rounds a row differently with one and two
-    threads, so a near-tie may then go either way."""
+    :func:`kept_cpu_threads`. The count can change float32 rounding (on some CPUs a
+    matrix-vector product rounds a row differently with one and two threads): a loop whose
+    choices must not depend on it sums each value the same way on any count, as the coreset's
+    distances do."""
 
     EXPLOIT = 16  # blocks run with the chosen count between two probes
     MARGIN = 1.5  # how much faster one thread must be to be chosen

@@ -172,6 +172,14 @@ def _rows(values: torch.Tensor, rows: Union[slice, torch.Tensor]) -> torch.Tenso
     return values[rows] if isinstance(rows, slice) else values.index_select(0, rows)
 
 
+def _row_dots(rows: torch.Tensor, centre: torch.Tensor,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``rows @ centre`` (float32 ``[n]``), each row's sum taken the same way whatever the
+    number of rows and threads: a matrix-vector product rounds a row differently with one and
+    two threads on some CPUs, and the thread tuner switches between them mid-selection."""
+    return torch.sum(rows * centre, dim=1, out=out)
+
+
 def _lower_gaps(vectors: torch.Tensor, norms: torch.Tensor, rows: Union[slice, torch.Tensor],
                 at: Union[int, torch.Tensor], bank_norms: torch.Tensor) -> torch.Tensor:
     """Lower bounds of the squared distances from ``vectors[rows]`` to ``vectors[at]``
@@ -257,12 +265,12 @@ class _Points:
         centre, centre_norm = self.vectors[pick], self.norms[pick]
         if candidates is None or len(candidates) > _DENSE_FRACTION * len(self.vectors):
             # Most points may come closer: one pass over all beats gathering them.
-            torch.mv(self.vectors, centre, out=self.distances)
+            _row_dots(self.vectors, centre, out=self.distances)
             self.distances.mul_(-2.0).add_(self.norms).add_(centre_norm)
             moved = torch.nonzero(self.distances < nearest).squeeze(1)
             return moved, self.distances.index_select(0, moved)
         near = self.norms.index_select(0, candidates) + centre_norm \
-            - 2.0 * (self.vectors.index_select(0, candidates) @ centre)
+            - 2.0 * _row_dots(self.vectors.index_select(0, candidates), centre)
         closer = torch.nonzero(near < nearest.index_select(0, candidates)).squeeze(1)
         return candidates.index_select(0, closer), near.index_select(0, closer)
 

@@ -136,9 +136,7 @@ def test_numpy_ratios_and_counts_are_accepted():
 
 
 def test_thread_tuning_changes_no_pick_and_restores_the_thread_count(monkeypatch):
-    # Integer coordinates: exact products. On float data some CPUs round a row's product
-    # differently with one and two threads, and near-ties may then go either way.
-    points = integer_clusters(dim=32)
+    points = clustered(n_clusters=40, per_cluster=300, dim=32)  # float data: rounding matters
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
