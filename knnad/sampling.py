@@ -37,6 +37,8 @@ _SLACK = 2e-5
 _SCREEN_DIM = 32
 #: Picks per block timed by the loop's thread tuner.
 _TUNED_PICKS = 64
+#: Rows per block of a dense pass's products (its temporary: this many rows).
+_DOT_ROWS = 65536
 
 
 CoresetSpec = Union[None, float, int]
@@ -174,10 +176,15 @@ def _rows(values: torch.Tensor, rows: Union[slice, torch.Tensor]) -> torch.Tenso
 
 def _row_dots(rows: torch.Tensor, centre: torch.Tensor,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``rows @ centre`` (float32 ``[n]``), each row's sum taken the same way whatever the
-    number of rows and threads: a matrix-vector product rounds a row differently with one and
-    two threads on some CPUs, and the thread tuner switches between them mid-selection."""
-    return torch.sum(rows * centre, dim=1, out=out)
+    """``rows @ centre`` (float32 ``[n]``, into ``out`` when given), each row's sum taken the
+    same way whatever the number of rows and threads: a matrix-vector product rounds a row
+    differently with one and two threads on some CPUs, and the thread tuner switches between
+    them mid-selection. Products of :data:`_DOT_ROWS` rows at a time (a bounded temporary)."""
+    out = torch.empty(len(rows), dtype=rows.dtype, device=rows.device) if out is None else out
+    for start in range(0, len(rows), _DOT_ROWS):
+        torch.sum(rows[start:start + _DOT_ROWS] * centre, dim=1,
+                  out=out[start:start + _DOT_ROWS])
+    return out
 
 
 def _lower_gaps(vectors: torch.Tensor, norms: torch.Tensor, rows: Union[slice, torch.Tensor],

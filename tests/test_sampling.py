@@ -156,6 +156,7 @@ def test_thread_tuning_changes_no_pick_and_restores_the_thread_count(monkeypatch
 
 PATHS = {  # module settings that force each code path of the selection loop
     "dense passes only": {"_DENSE_FRACTION": -1.0},
+    "dense passes in blocks of 7 rows": {"_DENSE_FRACTION": -1.0, "_DOT_ROWS": 7},
     "pruned steps only": {"_DENSE_FRACTION": 1.0, "_LISTED_FRACTION": 1.0},
     "pruned, no screening projection": {"_DENSE_FRACTION": 1.0, "_LISTED_FRACTION": 1.0,
                                         "_SCREEN_DIM": 1000},
