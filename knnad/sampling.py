@@ -101,8 +101,9 @@ def coreset(features: ArrayLike, ratio: Optional[float] = None, n: Optional[int]
     thread count. Working memory beyond ``features`` (and its projection): a temporary of their
     size while the squared norms are computed, then about 36 bytes per row, 132 more when
     ``dim`` >= 64 (the rows' 32-dim PCA projection, for pruning), and ``4 * (dim + 37)`` bytes
-    per pick (``dim`` after projection); ``bench_coreset.py`` measured a peak of 1.15 times the
-    bank's bytes above it at 10 % of 270,864 x 128 rows.
+    per pick (``dim`` after projection), and a temporary of 65,536 rows in a dense pass;
+    ``bench_coreset.py`` measured a peak of 1.25 times the bank's bytes above it at 10 % of
+    270,864 x 128 rows.
     """
     points = as_float32_matrix(features, "features")
     total, dim = points.shape
