@@ -336,12 +336,12 @@ class FlatL2Index(ExactIndex):
         checked = check_matrix(queries, "queries", self._dim)
         find: Callable[[torch.Tensor], torch.Tensor]
         if self._backend == "faiss":
+            # A GPU index is not padded: its kernel is not the CPU one.
+            bank_bytes = 4 * self._count * self._dim if self._device == "cpu" else 0
+
             def find(block: torch.Tensor) -> torch.Tensor:
-                if self._device != "cpu":
-                    return torch.from_numpy(self._faiss_index.search(block.cpu().numpy(),
-                                                                     candidates)[1])
                 return _faiss_candidates(lambda queries: self._faiss_index.search(
-                    queries, candidates)[1], block, 4 * self._count * self._dim)
+                    queries, candidates)[1], block, bank_bytes)
         else:
             find = self._torch_finder(self._vectors, candidates)
         chunk = self._query_chunk(candidates, self._bank_chunk())
