@@ -148,6 +148,33 @@ def test_concurrent_requests_never_mix(url, expected):
     assert len(answers) == 9
 
 
+def test_the_model_is_read_and_scored_on_one_thread(fast_model, expected, monkeypatch):
+    """A model served from its path is loaded on the thread that scores it (a second thread
+    running torch slows a forward pass ~1.6x: the app module's docstring), and scores as
+    predict does; load options with a fitted Detector are refused."""
+    threads = {"load": set(), "predict": set()}
+    load, predict = Detector.load.__func__, Detector.predict
+
+    def spy_load(cls, *args, **kwargs):
+        threads["load"].add(threading.get_ident())
+        return load(cls, *args, **kwargs)
+
+    def spy_predict(self, *args, **kwargs):
+        threads["predict"].add(threading.get_ident())
+        return predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(Detector, "load", classmethod(spy_load))
+    monkeypatch.setattr(Detector, "predict", spy_predict)
+    with running(create_app(fast_model, **SETTINGS)) as base:
+        for path in IMAGES[:3]:
+            check_scores(httpx.post(f"{base}/v1/predict", files=files([path]), headers=AUTH),
+                         [path], expected)
+    assert len(threads["load"]) == 1 and threads["predict"] == threads["load"]
+    assert threading.get_ident() not in threads["load"]
+    with pytest.raises(ValueError, match="pass the saved model's path"):
+        create_app(Detector.load(fast_model, progress=False), weights="x.pth")
+
+
 def test_the_batcher_mixes_requests_and_answers_each_its_own_rows():
     """Twelve requests of one to three items each, at once: batches hold items of several
     requests, none more than batch_size, and every request gets the results of its items."""

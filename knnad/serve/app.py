@@ -22,8 +22,12 @@ set; 401 otherwise):
 
 Uploads are parsed in memory as they arrive (:mod:`knnad.serve.uploads`) and never written to
 disk; the model file is read once, when the application is made, and never written.
-Concurrent requests are scored together by :class:`~knnad.serve.batching.MicroBatcher`;
-decoding runs in a pool of one thread per CPU.
+Concurrent requests are scored together by :class:`~knnad.serve.batching.MicroBatcher` on
+the model's thread, the thread that read the model file; decoding runs in a pool of one thread
+per CPU. (One thread for all of the model's torch work: torch's OpenMP runtime keeps a pool of
+threads for each thread that has run parallel work, and with more of them than CPUs it stops
+spinning between the many small operations of a forward pass — one image's predict took 39 ms
+on a thread other than the one that loaded the model, 25 ms on the same.)
 """
 from __future__ import annotations
 
@@ -109,8 +113,10 @@ class _Scored:
 class _Service:
     """The loaded model and what serves it: batcher, decoding pool, metrics."""
 
-    def __init__(self, detector: Detector, name: str, settings: ServeSettings):
+    def __init__(self, detector: Detector, name: str, settings: ServeSettings,
+                 model_thread: ThreadPoolExecutor):
         self.detector, self.name, self.settings = detector, name, settings
+        self.model_thread = model_thread  # one thread: loads the model, then scores
         thresholds = detector.thresholds_
         usable = thresholds is not None and thresholds.usable(detector.get_params())
         self.thresholds = thresholds if usable else None
@@ -248,29 +254,44 @@ class _Service:
 
 
 def create_app(model: Union[Detector, PathLike], settings: Optional[ServeSettings] = None, *,
-               name: Optional[str] = None, **changes: Any) -> FastAPI:
-    """The application serving ``model``: a fitted :class:`~knnad.Detector` or the path of a
-    saved one (read here, once). ``settings`` (default :class:`ServeSettings`'s), with
-    ``changes`` by name (``batch_size=4``), say how; ``batch_size`` sets the detector's, and
-    its progress bars are turned off. ``name``: the model's name in ``GET /v1/model`` (default:
-    the file's name). Its worker thread and decoding pool run while the application does (its
-    lifespan): serve it with uvicorn (:func:`knnad.serve.server.serve`) or
-    ``with fastapi.testclient.TestClient(app)``."""
+               name: Optional[str] = None, weights: Optional[str] = None,
+               backend: Optional[str] = None, device: Optional[str] = None,
+               **changes: Any) -> FastAPI:
+    """The application serving ``model``: the path of a saved :class:`~knnad.Detector` (read
+    here, once, with ``weights``, ``backend`` and ``device`` as in :meth:`Detector.load`) or a
+    fitted one. A path is better: it is read on the thread that will score, which keeps
+    predict at its speed (see the module docstring). ``settings`` (default
+    :class:`ServeSettings`'s), with ``changes`` by name (``batch_size=4``), say how;
+    ``batch_size`` sets the detector's, and its progress bars are turned off. ``name``: the
+    model's name in ``GET /v1/model`` (default: the file's name). Its scoring and decoding
+    threads run while the application does (its lifespan): serve it with uvicorn
+    (:func:`knnad.serve.server.serve`) or ``with fastapi.testclient.TestClient(app)``."""
     settings = replace(settings or ServeSettings(), **changes)
+    model_thread = ThreadPoolExecutor(1, "knnad-model")
     if isinstance(model, Detector):
+        if (weights, backend, device) != (None, None, None):
+            raise ValueError("weights, backend and device are read with a saved model; a fitted "
+                             "Detector has them already: pass the saved model's path instead")
         detector = model
     else:
-        detector, name = Detector.load(model, progress=False), name or Path(model).name
+        try:
+            detector = model_thread.submit(Detector.load, model, weights=weights,
+                                           backend=backend, device=device,
+                                           progress=False).result()
+        except BaseException:
+            model_thread.shutdown()
+            raise
+        name = name or Path(model).name
     if settings.batch_size is not None:
         detector.set_params(batch_size=settings.batch_size)
     detector.set_params(progress=False)
-    service = _Service(detector, name or "a detector in memory", settings)
+    service = _Service(detector, name or "a detector in memory", settings, model_thread)
     page = resources.files("knnad").joinpath("templates", PAGE).read_text("utf-8")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.pool = ThreadPoolExecutor(os.cpu_count() or 1, "knnad-decode")
-        service.batcher.start()
+        service.batcher.start(service.model_thread)
         try:
             yield
         finally:  # after the server answered every request it had taken

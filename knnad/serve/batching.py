@@ -3,7 +3,8 @@ its own rows.
 
 :class:`MicroBatcher` admits a request's images only while fewer than ``queue_size`` images are
 admitted and unanswered (:meth:`~MicroBatcher.admit`, else :class:`QueueFull`), and one worker
-thread scores the queued images in batches of up to ``batch_size``. After a batch's first
+thread (its own, or one lent by the caller) scores the queued images in batches of up to
+``batch_size``. After a batch's first
 image it takes the images already queued and, while admitted images are still on their way
 (their requests decoding them), waits for them up to ``max_wait_s``; with nothing on its way it
 does not wait. Each image carries its own future, resolved with the row the scoring function
@@ -17,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from typing import Any, Callable, Deque, Iterator, List, Optional, Sequence, Tuple
 
@@ -71,6 +72,7 @@ class MicroBatcher:
         self._coming = 0  # admitted and not queued yet
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
+        self._lent: Optional[Future] = None  # the loop running on a thread of the caller's
 
     @property
     def depth(self) -> int:
@@ -103,20 +105,29 @@ class MicroBatcher:
             self._coming -= len(pairs)
             self._ready.notify()
 
-    def start(self) -> None:
-        """Start the worker thread."""
+    def start(self, executor: Optional[Executor] = None) -> None:
+        """Start scoring: on a thread of its own, or on one of ``executor``'s, which it then
+        holds until :meth:`close` (lend it a one-thread executor that has already done the
+        scoring function's set-up, when that must happen on the thread that scores)."""
         self._stopping = False
+        if executor is not None:
+            self._lent = executor.submit(self._run)
+            return
         self._thread = threading.Thread(target=self._run, name="knnad-batcher", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Score what is queued, then stop the worker thread (blocks until it has)."""
+        """Score what is queued, then stop the worker (blocks until it has)."""
+        if self._thread is None and self._lent is None:
+            return
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
         if self._thread is not None:
-            with self._ready:
-                self._stopping = True
-                self._ready.notify()
             self._thread.join()
-            self._thread = None
+        if self._lent is not None:
+            self._lent.result()
+        self._thread = self._lent = None
 
     def _run(self) -> None:
         while True:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-from pathlib import Path
 from typing import Any, Optional
 
 from .._types import PathLike
-from ..detector import Detector
 from .app import create_app
 from .settings import ServeSettings, missing_extra
 
@@ -69,9 +67,7 @@ def serve(model: PathLike, settings: Optional[ServeSettings] = None, *,
     settings = settings or ServeSettings()
     sock = listening_socket(settings.host, settings.port)
     try:
-        detector = Detector.load(model, weights=weights, backend=backend, device=device,
-                                 progress=False)
-        app = create_app(detector, settings, name=Path(model).name)
+        app = create_app(model, settings, weights=weights, backend=backend, device=device)
         server = uvicorn_server(app, settings)
         host, port = sock.getsockname()[:2]
         logger.info("serving %s on http://%s:%d/ (%s)", model,
