@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import pickle
+import threading
 import urllib.error
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -297,8 +298,9 @@ class FeatureExtractor:
         # Channels-last is oneDNN's and cuDNN's fast layout for convolutions.
         self.model = model.eval().requires_grad_(False).to(self.device).to(
             memory_format=torch.channels_last)
-        self._outputs: Optional[Dict[str, torch.Tensor]] = None  # a dict only while running
-        self._stop_early = True
+        # Per thread (threads may run forward passes at once): the hooked outputs, a dict only
+        # while a pass runs, and whether the pass stops after the last hooked layer.
+        self._running = threading.local()
         self._hooks = [modules[name].register_forward_hook(self._make_hook(name))
                        for name in self.layers]
 
@@ -315,10 +317,11 @@ class FeatureExtractor:
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            if self._outputs is None:  # another extractor sharing this module is running
+            outputs = getattr(self._running, "outputs", None)
+            if outputs is None:  # another extractor sharing this module is running
                 return
-            self._outputs[name] = output
-            if len(self._outputs) == len(self.layers) and self._stop_early:
+            outputs[name] = output
+            if len(outputs) == len(self.layers) and self._running.stop_early:
                 raise _LastLayerReached
         return hook
 
@@ -349,13 +352,13 @@ class FeatureExtractor:
         pass of ``images`` (already on the model's device), stopped after the last hooked layer
         (``stop_early``; else the whole model runs, as tracers need). No checks, no inference
         mode: what :mod:`knnad.export` traces."""
-        self._outputs, self._stop_early = {}, stop_early
+        self._running.outputs, self._running.stop_early = {}, stop_early
         try:
             self.model(images)
         except _LastLayerReached:
             pass
         finally:
-            outputs, self._outputs = self._outputs, None
+            outputs, self._running.outputs = self._running.outputs, None
         return outputs
 
     def _forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -1,3 +1,4 @@
+import threading
 import urllib.error
 
 import numpy as np
@@ -73,6 +74,34 @@ def test_random_init_is_seeded():
     second = FeatureExtractor("resnet18", weights=None)
     assert module_fingerprint(first.model) == module_fingerprint(second.model)
     assert first.weights_id == "random:seed=0"
+
+
+def test_threads_extract_at_once_each_their_own_features():
+    """Two threads running one extractor at once (knnad serve's helper beside its model thread)
+    each get their own images' features, equal to a pass alone."""
+    extractor = FeatureExtractor("mobilenet_v2", layers="coarse", weights=None)
+    batches = [torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+               for seed in (0, 1)]
+    alone = [extractor(batch) for batch in batches]
+    found, start = [[], []], threading.Barrier(2)
+
+    def extract(number):
+        start.wait()
+        for _ in range(20):
+            found[number].append(extractor(batches[number]))
+
+    threads = [threading.Thread(target=extract, args=(number,)) for number in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for number in (0, 1):
+        assert len(found[number]) == 20
+        for features in found[number]:
+            assert features.keys() == alone[number].keys()
+            for name in features:
+                torch.testing.assert_close(features[name], alone[number][name], rtol=1e-5,
+                                           atol=1e-5)
 
 
 def test_truncation_skips_later_layers_and_keeps_values(wide_resnet):

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import knnad
@@ -151,8 +152,11 @@ def test_concurrent_requests_never_mix(url, expected):
 def test_the_model_is_read_and_scored_on_one_thread(fast_model, expected, monkeypatch):
     """A model served from its path is loaded on the thread that scores it (a second thread
     running torch slows a forward pass ~1.6x: the app module's docstring), and scores as
-    predict does; load options with a fitted Detector are refused."""
+    predict does, on torch's thread count one request at a time and on one thread (on the
+    model's thread or the helper) under concurrent requests; load options with a fitted
+    Detector are refused."""
     threads = {"load": set(), "predict": set()}
+    counts = []  # torch's thread count at each predict call
     load, predict = Detector.load.__func__, Detector.predict
 
     def spy_load(cls, *args, **kwargs):
@@ -161,16 +165,31 @@ def test_the_model_is_read_and_scored_on_one_thread(fast_model, expected, monkey
 
     def spy_predict(self, *args, **kwargs):
         threads["predict"].add(threading.get_ident())
+        counts.append(torch.get_num_threads())
         return predict(self, *args, **kwargs)
 
     monkeypatch.setattr(Detector, "load", classmethod(spy_load))
     monkeypatch.setattr(Detector, "predict", spy_predict)
+    default = torch.get_num_threads()
     with running(create_app(fast_model, **SETTINGS)) as base:
         for path in IMAGES[:3]:
             check_scores(httpx.post(f"{base}/v1/predict", files=files([path]), headers=AUTH),
                          [path], expected)
-    assert len(threads["load"]) == 1 and threads["predict"] == threads["load"]
-    assert threading.get_ident() not in threads["load"]
+        assert len(threads["load"]) == 1 and threads["predict"] == threads["load"]
+        assert threading.get_ident() not in threads["load"] and counts == [default] * 3
+        counts.clear()
+
+        def one(path):
+            check_scores(httpx.post(f"{base}/v1/predict", files=files([path]), headers=AUTH,
+                                    timeout=60), [path], expected)
+
+        burst = [threading.Thread(target=one, args=(path,)) for path in IMAGES[:6]]
+        for thread in burst:
+            thread.start()
+        for thread in burst:
+            thread.join()
+    assert counts and counts[-1] == 1  # concurrent: the last batches on one thread
+    assert torch.get_num_threads() == default
     with pytest.raises(ValueError, match="pass the saved model's path"):
         create_app(Detector.load(fast_model, progress=False), weights="x.pth")
 
@@ -180,7 +199,7 @@ def test_the_batcher_mixes_requests_and_answers_each_its_own_rows():
     requests, none more than batch_size, and every request gets the results of its items."""
     batches = []
 
-    def score(items):
+    def score(items, worker):
         batches.append(list(items))
         time.sleep(0.01)
         return [item * 10 for item in items]
@@ -212,13 +231,49 @@ def test_the_batcher_mixes_requests_and_answers_each_its_own_rows():
     assert batcher.depth == 0 and batcher._coming == 0
 
 
+def test_a_helper_takes_batches_only_while_the_first_worker_scores():
+    """One request at a time: every batch on worker 0. Twenty at once, with one helper: the
+    helper scores batches while worker 0 is busy with another (they overlap), every request
+    gets its own results, and close() stops both."""
+    first_busy = []  # at each helper batch: whether worker 0 was scoring one
+
+    def score(items, worker):
+        if worker:
+            first_busy.append(batcher._busy[0])
+        time.sleep(0.02)
+        return [(item, worker) for item in items]
+
+    batcher = MicroBatcher(score, batch_size=2, queue_size=100, max_wait_s=0, helpers=1)
+
+    async def run():
+        batcher.start()
+
+        async def one(item):
+            with batcher.admit(1) as admission:
+                return (await admission.score([item]))[0]
+
+        try:
+            alone = [await one(item) for item in range(5)]
+            together = await asyncio.gather(*map(one, range(100, 120)))
+        finally:
+            batcher.close()
+        return alone, together
+
+    alone, together = asyncio.run(run())
+    assert alone == [(item, 0) for item in range(5)]
+    assert [item for item, _ in together] == list(range(100, 120))
+    assert {worker for _, worker in together} == {0, 1}
+    assert first_busy and all(first_busy)
+    assert batcher._threads == [] and batcher._busy == [False, False]
+
+
 def test_a_batch_waits_only_for_images_on_their_way():
     """With nothing else admitted, an image is scored at once (max_wait_s is 1 s); with images
     admitted and being decoded, the batch waits for them, and no longer once the one whose
     decoding fails gives its place back."""
     batches = []
 
-    def score(items):
+    def score(items, worker):
         batches.append(list(items))
         return items
 

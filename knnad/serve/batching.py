@@ -2,9 +2,10 @@
 its own rows.
 
 :class:`MicroBatcher` admits a request's images only while fewer than ``queue_size`` images are
-admitted and unanswered (:meth:`~MicroBatcher.admit`, else :class:`QueueFull`), and one worker
+admitted and unanswered (:meth:`~MicroBatcher.admit`, else :class:`QueueFull`), and a worker
 thread (its own, or one lent by the caller) scores the queued images in batches of up to
-``batch_size``. After a batch's first
+``batch_size``; ``helpers`` further workers each take a batch only while every worker before
+them is scoring one, so that under load batches overlap. After a batch's first
 image it takes the images already queued and, while admitted images are still on their way
 (their requests decoding them), waits for them up to ``max_wait_s``; with nothing on its way it
 does not wait. Each image carries its own future, resolved with the row the scoring function
@@ -47,32 +48,42 @@ class Admission:
 
 
 class MicroBatcher:
-    """Score items of concurrent requests in batches on one worker thread.
+    """Score items of concurrent requests in batches on a worker thread (and its helpers).
 
     Parameters
     ----------
     score
-        Called on the worker thread with a list of up to ``batch_size`` items; returns one
-        result per item, in their order. An exception fails every item of that batch.
+        Called on a worker thread with a list of up to ``batch_size`` items and the worker's
+        number (0: the first; helpers 1, 2 ...); returns one result per item, in their order.
+        An exception fails every item of that batch.
     batch_size
         Most items per call of ``score``.
     queue_size
         Most items admitted at once (see :meth:`admit`).
     max_wait_s
         Most seconds a batch waits, after its first item, for admitted items on their way.
+    helpers
+        Further workers, each on a thread of its own, that take a batch only while every worker
+        before them is scoring one.
     """
 
-    def __init__(self, score: Callable[[List[Any]], Sequence[Any]], batch_size: int,
-                 queue_size: int, max_wait_s: float):
+    def __init__(self, score: Callable[[List[Any], int], Sequence[Any]], batch_size: int,
+                 queue_size: int, max_wait_s: float, helpers: int = 0):
         self._score, self.batch_size = score, batch_size
         self.queue_size, self.max_wait_s = queue_size, max_wait_s
+        self._busy = [False] * (1 + helpers)  # per worker: scoring a batch
         self._ready = threading.Condition()
         self._queue: Deque[Tuple[Any, Future]] = deque()
         self._depth = 0  # admitted and not answered
         self._coming = 0  # admitted and not queued yet
         self._stopping = False
-        self._thread: Optional[threading.Thread] = None
-        self._lent: Optional[Future] = None  # the loop running on a thread of the caller's
+        self._threads: List[threading.Thread] = []
+        self._lent: Optional[Future] = None  # the first worker on a thread of the caller's
+
+    @property
+    def waiting(self) -> int:
+        """Items admitted and not yet taken into a batch (queued, or on their way)."""
+        return len(self._queue) + self._coming
 
     @property
     def depth(self) -> int:
@@ -97,55 +108,61 @@ class MicroBatcher:
             with self._ready:
                 self._depth -= count
                 self._coming -= admission.coming  # never queued: a batch waits no more for them
-                self._ready.notify()
+                self._ready.notify_all()
 
     def _enqueue(self, pairs: List[Tuple[Any, Future]]) -> None:
         with self._ready:
             self._queue.extend(pairs)
             self._coming -= len(pairs)
-            self._ready.notify()
+            self._ready.notify_all()
 
     def start(self, executor: Optional[Executor] = None) -> None:
-        """Start scoring: on a thread of its own, or on one of ``executor``'s, which it then
-        holds until :meth:`close` (lend it a one-thread executor that has already done the
-        scoring function's set-up, when that must happen on the thread that scores)."""
+        """Start scoring: the first worker on a thread of its own, or on one of ``executor``'s,
+        which it then holds until :meth:`close` (lend it a one-thread executor that has already
+        done the scoring function's set-up, when that must happen on the thread that scores);
+        each helper on a thread of its own."""
         self._stopping = False
         if executor is not None:
-            self._lent = executor.submit(self._run)
-            return
-        self._thread = threading.Thread(target=self._run, name="knnad-batcher", daemon=True)
-        self._thread.start()
+            self._lent = executor.submit(self._run, 0)
+        self._threads = [threading.Thread(target=self._run, args=(worker,), daemon=True,
+                                          name=f"knnad-batcher-{worker}")
+                         for worker in range(0 if executor is None else 1, len(self._busy))]
+        for thread in self._threads:
+            thread.start()
 
     def close(self) -> None:
-        """Score what is queued, then stop the worker (blocks until it has)."""
-        if self._thread is None and self._lent is None:
-            return
+        """Score what is queued, then stop the workers (blocks until they have)."""
         with self._ready:
             self._stopping = True
-            self._ready.notify()
-        if self._thread is not None:
-            self._thread.join()
+            self._ready.notify_all()
+        for thread in self._threads:
+            thread.join()
         if self._lent is not None:
             self._lent.result()
-        self._thread = self._lent = None
+        self._threads, self._lent = [], None
 
-    def _run(self) -> None:
+    def _run(self, worker: int) -> None:
         while True:
-            batch = self._next_batch()
+            batch = self._next_batch(worker)
             if not batch:
                 return
             live = [(item, future) for item, future in batch
                     if future.set_running_or_notify_cancel()]  # a request gone: its items too
-            if live:
-                self._answer(live)
+            self._answer(live, worker)
 
-    def _next_batch(self) -> List[Tuple[Any, Future]]:
-        """Up to ``batch_size`` queued items: the first as soon as there is one, then those
-        queued and, while admitted items are on their way, those that come within
-        ``max_wait_s``; none once stopping with nothing queued."""
+    def _may_take(self, worker: int) -> bool:
+        return bool(self._queue) and all(self._busy[:worker])
+
+    def _next_batch(self, worker: int) -> List[Tuple[Any, Future]]:
+        """Up to ``batch_size`` queued items for ``worker`` once it may take them (see the
+        class docstring): the first as soon as there is one, then those queued and, while
+        admitted items are on their way, those that come within ``max_wait_s``; none once
+        stopping with nothing it may take (the first worker takes what is left)."""
         with self._ready:
-            while not self._queue and not self._stopping:
+            while not self._may_take(worker) and not self._stopping:
                 self._ready.wait()
+            if not self._may_take(worker):
+                return []
             batch: List[Tuple[Any, Future]] = []
             deadline = time.monotonic() + self.max_wait_s
             while self._queue and len(batch) < self.batch_size:
@@ -156,17 +173,29 @@ class MicroBatcher:
                     if remaining <= 0:
                         break
                     self._ready.wait(remaining)
+            self._busy[worker] = True  # only now: while this one gathers, later ones wait
             return batch
 
-    def _answer(self, batch: List[Tuple[Any, Future]]) -> None:
+    def _answer(self, batch: List[Tuple[Any, Future]], worker: int) -> None:
+        """Score ``batch`` on ``worker``, mark the worker free, then resolve the futures: a
+        request answered finds its worker free (one client's next request goes to the first
+        worker again, not to a helper)."""
+        error: Optional[Exception] = None
+        results: Sequence[Any] = []
         try:
-            results = self._score([item for item, _ in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"scoring gave {len(results)} results for {len(batch)} items")
-        except Exception as error:  # every request of the batch learns of it
+            if batch:
+                results = self._score([item for item, _ in batch], worker)
+                if len(results) != len(batch):
+                    raise RuntimeError(f"scoring gave {len(results)} results for "
+                                       f"{len(batch)} items")
+        except Exception as failure:  # every request of the batch learns of it
             logger.exception("scoring a batch of %d images failed", len(batch))
-            for _, future in batch:
+            error = failure
+        with self._ready:
+            self._busy[worker] = False
+            self._ready.notify_all()
+        for number, (_, future) in enumerate(batch):
+            if error is None:
+                future.set_result(results[number])
+            else:
                 future.set_exception(error)
-            return
-        for (_, future), result in zip(batch, results):
-            future.set_result(result)
