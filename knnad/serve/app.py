@@ -83,7 +83,7 @@ PAGE = "serve.html"
 RETRY_AFTER_S = 1
 #: Seconds after the last sign of concurrent requests (a batch of several images, another
 #: image admitted, the helper scoring) during which every batch scores on one thread.
-SHARED_HOLD_S = 1.0
+SHARED_HOLD_S = 0.25
 #: The endpoints, as the metrics label them (any other path counts as "other").
 ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/model", "/v1/predict")
 
