@@ -28,13 +28,12 @@ that takes a batch while the model's thread scores another; decoding runs in a p
 thread per CPU. Threads and torch: torch's OpenMP runtime keeps a pool of threads for each
 thread that runs parallel work, and with more of them than CPUs it stops spinning between a
 forward pass's many small operations — one image's predict took 39 ms on a thread other than
-the one that loaded the model, 25 ms on the same. So the model's thread alone scores on
-several threads, and only while one request at a time comes: within
-:data:`SHARED_HOLD_S` of a sign of concurrent requests (a batch of several images, another
-image admitted, the helper busy), every batch scores on one thread (OpenMP thread counts are
-per thread), the two workers side by side without spinning threads. On bottle, two CPUs
-shared with the clients: 16 clients 35.6 images/s (26.6 with one worker on two threads), one
-client 45 ms a request (64 on one thread).
+the one that loaded the model, 25 ms on the same. So only the model's thread scores on several
+threads, and only a batch that is all the work admitted (one request at a time), which no
+helper joins; any other batch scores on one thread (OpenMP thread counts are per thread), the
+two workers side by side without spinning threads. On bottle, two CPUs shared with the
+clients: 16 clients 35.6 images/s (26.6 with one worker on two threads), one client 45 ms a
+request (64 on one thread).
 """
 from __future__ import annotations
 
@@ -81,9 +80,6 @@ logger = logging.getLogger(__name__)
 PAGE = "serve.html"
 #: Seconds a client is told to wait (``Retry-After``) when the queue is full.
 RETRY_AFTER_S = 1
-#: Seconds after the last sign of concurrent requests (a batch of several images, another
-#: image admitted, the helper scoring) during which every batch scores on one thread.
-SHARED_HOLD_S = 0.25
 #: The endpoints, as the metrics label them (any other path counts as "other").
 ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/model", "/v1/predict")
 
@@ -142,7 +138,6 @@ class _Service:
                                     helpers=int(detector.extractor_.device.type == "cpu"))
         self.pool: Optional[ThreadPoolExecutor] = None
         self.receiving = 0  # requests sending their bodies
-        self.shared_until = 0.0  # monotonic time until which batches score on one thread
 
     @contextmanager
     def receive(self) -> Iterator[None]:
@@ -218,16 +213,13 @@ class _Service:
             uploads.append(_Upload(name, image if overlay else None, array, size))
         return uploads
 
-    def _score(self, uploads: List[_Upload], worker: int) -> List[_Scored]:
+    def _score(self, uploads: List[_Upload], worker: int, alone: bool) -> List[_Scored]:
         """The batcher's scoring, on its worker ``worker``'s thread: ``Detector.predict`` on the
         batch of preprocessed images, each map brought to its image's size with
-        ``map_size="original"``. On one thread (this thread's count only) while requests come
-        concurrently, else on the detector's (the module docstring)."""
+        ``map_size="original"``. A batch scored ``alone`` on torch's thread count, any other on
+        one thread (this thread's count only; see the module docstring)."""
         images = np.stack([upload.array for upload in uploads])
-        now = time.monotonic()
-        if worker or len(uploads) > 1 or self.batcher.depth > len(uploads):
-            self.shared_until = now + SHARED_HOLD_S
-        if now < self.shared_until:
+        if not alone:
             with kept_cpu_threads():
                 set_cpu_threads(1)
                 prediction = self.detector.predict(images)

@@ -5,7 +5,9 @@ its own rows.
 admitted and unanswered (:meth:`~MicroBatcher.admit`, else :class:`QueueFull`), and a worker
 thread (its own, or one lent by the caller) scores the queued images in batches of up to
 ``batch_size``; ``helpers`` further workers each take a batch only while every worker before
-them is scoring one, so that under load batches overlap. After a batch's first
+them is scoring one, so that under load batches overlap. A batch that was all the admitted
+work when taken is scored *alone*: no helper starts before it ends (one request at a time gets
+the whole machine). After a batch's first
 image it takes the images already queued and, while admitted images are still on their way
 (their requests decoding them), waits for them up to ``max_wait_s``; with nothing on its way it
 does not wait. Each image carries its own future, resolved with the row the scoring function
@@ -53,9 +55,10 @@ class MicroBatcher:
     Parameters
     ----------
     score
-        Called on a worker thread with a list of up to ``batch_size`` items and the worker's
-        number (0: the first; helpers 1, 2 ...); returns one result per item, in their order.
-        An exception fails every item of that batch.
+        Called on a worker thread with a list of up to ``batch_size`` items, the worker's
+        number (0: the first; helpers 1, 2 ...) and whether the batch is scored alone (see
+        above); returns one result per item, in their order. An exception fails every item of
+        that batch.
     batch_size
         Most items per call of ``score``.
     queue_size
@@ -67,11 +70,12 @@ class MicroBatcher:
         before them is scoring one.
     """
 
-    def __init__(self, score: Callable[[List[Any], int], Sequence[Any]], batch_size: int,
+    def __init__(self, score: Callable[[List[Any], int, bool], Sequence[Any]], batch_size: int,
                  queue_size: int, max_wait_s: float, helpers: int = 0):
         self._score, self.batch_size = score, batch_size
         self.queue_size, self.max_wait_s = queue_size, max_wait_s
         self._busy = [False] * (1 + helpers)  # per worker: scoring a batch
+        self._alone = False  # the first worker scores a batch alone: helpers wait
         self._ready = threading.Condition()
         self._queue: Deque[Tuple[Any, Future]] = deque()
         self._depth = 0  # admitted and not answered
@@ -146,12 +150,14 @@ class MicroBatcher:
             batch = self._next_batch(worker)
             if not batch:
                 return
+            alone = self._alone
             live = [(item, future) for item, future in batch
                     if future.set_running_or_notify_cancel()]  # a request gone: its items too
-            self._answer(live, worker)
+            self._answer(live, worker, alone)
 
     def _may_take(self, worker: int) -> bool:
-        return bool(self._queue) and all(self._busy[:worker])
+        return bool(self._queue) and (worker == 0 or (all(self._busy[:worker])
+                                                      and not self._alone))
 
     def _next_batch(self, worker: int) -> List[Tuple[Any, Future]]:
         """Up to ``batch_size`` queued items for ``worker`` once it may take them (see the
@@ -174,17 +180,18 @@ class MicroBatcher:
                         break
                     self._ready.wait(remaining)
             self._busy[worker] = True  # only now: while this one gathers, later ones wait
+            self._alone = worker == 0 and self._depth == len(batch)
             return batch
 
-    def _answer(self, batch: List[Tuple[Any, Future]], worker: int) -> None:
-        """Score ``batch`` on ``worker``, mark the worker free, then resolve the futures: a
-        request answered finds its worker free (one client's next request goes to the first
-        worker again, not to a helper)."""
+    def _answer(self, batch: List[Tuple[Any, Future]], worker: int, alone: bool) -> None:
+        """Score ``batch`` on ``worker`` (``alone``: see the class docstring), mark the worker
+        free, then resolve the futures: a request answered finds its worker free (one client's
+        next request goes to the first worker again, not to a helper)."""
         error: Optional[Exception] = None
         results: Sequence[Any] = []
         try:
             if batch:
-                results = self._score([item for item, _ in batch], worker)
+                results = self._score([item for item, _ in batch], worker, alone)
                 if len(results) != len(batch):
                     raise RuntimeError(f"scoring gave {len(results)} results for "
                                        f"{len(batch)} items")
@@ -193,6 +200,7 @@ class MicroBatcher:
             error = failure
         with self._ready:
             self._busy[worker] = False
+            self._alone = self._alone and worker != 0
             self._ready.notify_all()
         for number, (_, future) in enumerate(batch):
             if error is None:
