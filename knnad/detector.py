@@ -27,11 +27,11 @@ from .persistence import (
 )
 from .prediction import Prediction
 from .preprocessing import Preprocessor
-from .runtime import ThreadTuner, backbone_device, cpu_threads, kept_cpu_threads
+from .runtime import backbone_device, cpu_threads, one_thread_lanes
 from .scales import check_scales, fit_scales, index_placement, scale_embedders, score_images
 from .scoring import image_row_ranges
 from .selection import held_out_numbers
-from .sources import batches, image_items
+from .sources import Batch, batches, image_items
 from .thresholds import Thresholds, check_quantile
 
 logger = logging.getLogger(__name__)
@@ -138,22 +138,24 @@ class Detector(Parameters):
             yield prediction if thresholds is None else thresholds.apply(prediction)
 
     def _scores(self, data: Any, settings: Dict[str, Any]) -> Iterator[Prediction]:
-        # Each batch on the thread count that scores faster now (one thread when another
-        # process holds a core); the caller's thread counts between batches.
-        tuner = ThreadTuner(cpu_threads()[0] if self.extractor_.device.type == "cpu" else 1, 1)
-        for number, batch in enumerate(batches(image_items(data, "predict data"),
-                                               self.preprocessor_, settings["batch_size"],
-                                               settings["on_error"], settings["progress"],
-                                               "predict")):
-            if not len(batch.images):
-                yield Prediction.empty(batch.images.shape[-2:], batch.skipped)
-                continue
-            with kept_cpu_threads():
-                tuner.tick(number)
-                scores, maps = score_images(self.extractor_, self.scales_, settings,
-                                            (self.global_index_, self.image_rows_), batch.images)
-            yield Prediction(scores, maps.numpy(), batch.paths, skipped=batch.skipped,
-                             image_sizes=batch.sizes)
+        items = image_items(data, "predict data")
+        scored = batches(items, self.preprocessor_, settings["batch_size"], settings["on_error"],
+                         settings["progress"], "predict")
+        lanes = cpu_threads()[0] if self.extractor_.device.type == "cpu" else 1
+        if lanes > 1 and len(items) > settings["batch_size"]:
+            # Several batches on a CPU: as many at once as torch has threads, one thread each.
+            yield from one_thread_lanes(lambda batch: self._score_batch(batch, settings), scored,
+                                        lanes)
+        else:
+            yield from map(lambda batch: self._score_batch(batch, settings), scored)
+
+    def _score_batch(self, batch: Batch, settings: Dict[str, Any]) -> Prediction:
+        if not len(batch.images):
+            return Prediction.empty(batch.images.shape[-2:], batch.skipped)
+        scores, maps = score_images(self.extractor_, self.scales_, settings,
+                                    (self.global_index_, self.image_rows_), batch.images)
+        return Prediction(scores, maps.numpy(), batch.paths, skipped=batch.skipped,
+                          image_sizes=batch.sizes)
 
     def calibrate(self, normal_data: Any, quantile: float = 0.99) -> "Detector":
         """Set deployment thresholds (``thresholds_``) from defect-free images only: the

@@ -10,9 +10,23 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 import torch
 
@@ -207,6 +221,37 @@ def kept_cpu_threads() -> Iterator[None]:
         yield
     finally:
         set_cpu_threads(*before)
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def one_thread_lanes(function: Callable[[Item], Result], items: Iterable[Item], lanes: int
+                     ) -> Iterator[Result]:
+    """``function(item)`` of each of ``items``, in their order, computed on ``lanes`` threads at
+    once, each with torch's and faiss's thread counts at 1 (OpenMP's counts are per thread: the
+    caller's stay as they are); at most ``lanes`` items in flight, the next item drawn while
+    they run. On a CPU, batches of a forward pass and a search run faster this way than one
+    after the other on ``lanes`` threads, whose OpenMP threads spin between the many small
+    operations and collapse when another process takes a core (MVTec bottle, two CPUs:
+    predict 55 -> 67 images/s at a 1 % coreset, 44 -> 57 at 10 %). ``function`` must be safe to
+    call from several threads at once; its exceptions reach the caller."""
+    before = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(lanes, "knnad-lane", initializer=set_cpu_threads,
+                                initargs=(1,)) as lane_pool:
+            pending: Deque[Future] = deque()
+            for item in items:
+                pending.append(lane_pool.submit(function, item))
+                if len(pending) >= lanes:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        # torch.set_num_threads also sets the count that threads started later begin with;
+        # the lanes' 1 must not become theirs.
+        torch.set_num_threads(before)
 
 
 class ThreadTuner:

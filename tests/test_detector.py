@@ -5,6 +5,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -536,29 +537,44 @@ def test_the_thread_tuner_runs_the_count_that_is_clearly_faster(monkeypatch, two
     assert used[2:] == [(chosen, chosen)] * tuner.EXPLOIT
 
 
-def test_predict_tunes_threads_per_batch_without_changing_scores(fitted, monkeypatch):
-    """predict switches torch's and faiss's thread counts between batches (here every other
-    batch), scores as with the caller's counts, and gives the caller its counts back, also
-    between the batches predict_batches yields."""
-    from knnad import runtime
+def test_predict_scores_several_batches_at_once_on_one_thread_each(fitted, monkeypatch):
+    """On a CPU with torch on several threads, predict of several batches scores them at once on
+    that many threads of one thread each (the caller's counts untouched, also for threads
+    started later), in order, as one batch at a time does; one batch scores on the caller's
+    thread with its counts."""
+    from knnad import runtime, scales
     images = textured_images(8, seed=61)
-    expected = fitted.predict(images)
-    monkeypatch.setattr(runtime.ThreadTuner, "EXPLOIT", 1)
-    counts = []
-    original = runtime.set_cpu_threads
-    monkeypatch.setattr(runtime, "set_cpu_threads", lambda *args: (counts.append(args),
-                                                                    original(*args))[1])
+    expected = fitted.predict(images)  # one batch of 8
+    calls = []
+    score_images = scales.score_images
+
+    def spy(*args):
+        calls.append((threading.get_ident(), runtime.cpu_threads()))
+        return score_images(*args)
+
+    monkeypatch.setattr("knnad.detector.score_images", spy)
     before = runtime.cpu_threads()
     fitted.set_params(batch_size=1)
     try:
+        parts = []
         for part in fitted.predict_batches(images):
             assert runtime.cpu_threads() == before
-            assert len(part) == 1
-        tuned = fitted.predict(images)
+            parts.append(part)
+        laned = fitted.predict(images)
     finally:
         fitted.set_params(batch_size=8)
-    assert runtime.cpu_threads() == before
-    if torch.get_num_threads() > 1:
-        assert {args[0] for args in counts} >= {1, torch.get_num_threads()}
-    np.testing.assert_allclose(tuned.image_scores, expected.image_scores, rtol=1e-5)
-    np.testing.assert_allclose(tuned.anomaly_maps, expected.anomaly_maps, rtol=1e-5, atol=1e-6)
+    later = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert runtime.cpu_threads() == before and later == [before[0]]
+    assert [len(part) for part in parts] == [1] * 8
+    np.testing.assert_allclose(laned.image_scores, expected.image_scores, rtol=1e-5)
+    np.testing.assert_allclose(laned.anomaly_maps, expected.anomaly_maps, rtol=1e-5, atol=1e-6)
+    if before[0] > 1:
+        assert {counts for _, counts in calls} == {(1, 1)}
+        assert threading.get_ident() not in {ident for ident, _ in calls}
+        assert len({ident for ident, _ in calls}) > 1
+    calls.clear()
+    fitted.predict(images[:2])
+    assert calls == [(threading.get_ident(), before)]
