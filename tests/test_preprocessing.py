@@ -178,3 +178,42 @@ def test_equals_torchvision_transforms_bit_for_bit(size, crop):
         image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
         expected = reference(image).numpy()
         assert np.array_equal(Preprocessor(size, crop)(image), expected)
+
+
+def test_the_crop_is_resampled_alone_with_the_pixels_of_the_whole_resize():
+    """The centre crop computed from its own region (PIL's box) equals the centre crop of the
+    whole resized image, bit for bit, in every mode, for sizes that scale by odd factors,
+    upwards, or not at all."""
+    from knnad.preprocessing import center_crop, resized_rgb
+    rng = np.random.default_rng(7)
+    shapes = [(900, 900), (448, 448), (768, 1024), (517, 333), (1000, 257), (240, 240), (30, 45)]
+    for height, width in shapes:
+        images = {
+            "RGB": Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)),
+            "L": Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8)),
+            "I;16": Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16)),
+            "F": Image.fromarray(rng.random((height, width), dtype=np.float32)),
+        }
+        for size, crop in ((256, 224), (240, 240), (64, 41)):
+            for mode, image in images.items():
+                whole = center_crop(resized_rgb(image, size), crop)
+                assert np.array_equal(resized_rgb(image, size, crop=crop), whole), (mode, height,
+                                                                                    width, size)
+                mean, std = (np.array(values, np.float32).reshape(3, 1, 1)
+                             for values in (IMAGENET_MEAN, IMAGENET_STD))
+                if size >= crop:
+                    assert np.array_equal(Preprocessor(size, crop).prepare(image)[0],
+                                          (whole - mean) / std)
+
+
+def test_a_square_image_resamples_only_its_crop(monkeypatch):
+    """MVTec's square images (900 x 900 to 256, crop 224) take the window-only path (PIL's box),
+    an image whose scale is not a binary fraction the whole resize."""
+    boxes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *args, box=None, **kwargs: (
+        boxes.append(box), resize(self, size, *args, box=box, **kwargs))[1])
+    rng = np.random.default_rng(3)
+    for shape in ((900, 900, 3), (300, 400, 3)):
+        Preprocessor(256, 224).prepare(Image.fromarray(rng.integers(0, 256, shape, np.uint8)))
+    assert boxes == [(56.25, 56.25, 843.75, 843.75), None]  # 16 and 240 pixels x 900 / 256
