@@ -106,7 +106,8 @@ class Detector(Parameters):
                          config["progress"], "fit: features")
         embedders = scale_embedders(self.extractor_, config)
         keep = held_out_numbers(len(items)) if len(embedders) > 1 else ()
-        found = embed_images(images, self.extractor_, embedders, config["augment"], keep)
+        found = embed_images(images, self.extractor_, embedders, config["augment"], keep,
+                             self._lanes(len(items), config["batch_size"]))
         scales = fit_scales(found, embedders, self.extractor_, config)
         self._set_bank(config, scales, found.global_features)
         whole_image = config["crop_size"] is None  # the frame of fit's images is then fixed
@@ -141,13 +142,20 @@ class Detector(Parameters):
         items = image_items(data, "predict data")
         scored = batches(items, self.preprocessor_, settings["batch_size"], settings["on_error"],
                          settings["progress"], "predict")
-        lanes = cpu_threads()[0] if self.extractor_.device.type == "cpu" else 1
-        if lanes > 1 and len(items) > settings["batch_size"]:
-            # Several batches on a CPU: as many at once as torch has threads, one thread each.
+        lanes = self._lanes(len(items), settings["batch_size"])
+        if lanes > 1:
             yield from one_thread_lanes(lambda batch: self._score_batch(batch, settings), scored,
                                         lanes)
         else:
             yield from map(lambda batch: self._score_batch(batch, settings), scored)
+
+    def _lanes(self, images: int, batch_size: int) -> int:
+        """How many batches of ``images`` to run at once, each on one thread: on a CPU, with
+        several batches, as many as torch has threads (faster than one batch at a time on all of
+        them, see :func:`~knnad.runtime.one_thread_lanes`); else 1."""
+        if self.extractor_.device.type != "cpu" or images <= batch_size:
+            return 1
+        return cpu_threads()[0]
 
     def _score_batch(self, batch: Batch, settings: Dict[str, Any]) -> Prediction:
         if not len(batch.images):

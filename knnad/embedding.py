@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ._checks import check_int
 from .backbones import FeatureExtractor
+from .runtime import one_thread_lanes
 from .sources import Batch
 
 #: Views of an image ``[..., H, W]`` a memory bank can be augmented with: the seven
@@ -153,12 +154,20 @@ class Embedded:
 
 def embed_images(batches: Iterable[Batch], extractor: FeatureExtractor,
                  embedders: Sequence[PatchEmbedder], augment: Optional[Tuple[str, ...]] = None,
-                 keep: Sequence[int] = ()) -> Embedded:
+                 keep: Sequence[int] = (), lanes: int = 1) -> Embedded:
     """:func:`patch_features` of every image of ``batches`` (from :func:`knnad.sources.batches`)
     and of its ``augment`` views (names of :data:`VIEWS`), and the prepared images numbered
     ``keep`` (0 for the first image read; views are not kept); a ValueError when no image could
-    be read, or when the images do not share one size."""
+    be read, or when the images do not share one size. ``lanes`` > 1: that many batches at
+    once, each on one thread (:func:`~knnad.runtime.one_thread_lanes`)."""
     transforms = [lambda x: x] + [VIEWS[name] for name in check_augment(augment) or ()]
+
+    def featured(batch: Batch) -> Tuple[Batch, List[Tuple[List[torch.Tensor], torch.Tensor]]]:
+        images = torch.as_tensor(batch.images)
+        return batch, [patch_features(extractor, embedders, transform(images))
+                       for transform in transforms] if len(images) else []
+
+    found = one_thread_lanes(featured, batches, lanes) if lanes > 1 else map(featured, batches)
     patches: List[List[torch.Tensor]] = [[] for _ in embedders]
     pooled: List[torch.Tensor] = []
     counts: List[List[int]] = [[] for _ in embedders]
@@ -168,7 +177,7 @@ def embed_images(batches: Iterable[Batch], extractor: FeatureExtractor,
     kept: List[torch.Tensor] = []
     kept_ids: List[int] = []
     wanted, read = set(keep), 0
-    for batch in batches:
+    for batch, views in found:
         skipped += batch.skipped
         if not len(batch.images):
             continue
@@ -178,8 +187,6 @@ def embed_images(batches: Iterable[Batch], extractor: FeatureExtractor,
                              f"preprocessing among images of {frame[1]}x{frame[0]}; give images of "
                              "one size")
         frame = (images.shape[-2], images.shape[-1])
-        views = [patch_features(extractor, embedders, transform(images))
-                 for transform in transforms]
         for image in range(len(images)):  # each image's views in turn: image ids stay sorted
             if read + image in wanted:
                 kept.append(images[image])

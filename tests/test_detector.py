@@ -537,6 +537,17 @@ def test_the_thread_tuner_runs_the_count_that_is_clearly_faster(monkeypatch, two
     assert used[2:] == [(chosen, chosen)] * tuner.EXPLOIT
 
 
+def test_fit_embeds_several_batches_at_once_as_one_batch_does():
+    """fit of several batches (at once on a CPU of several threads, one thread each) stores the
+    bank one batch at a time would: the same rows in the same order, to float32 rounding."""
+    images = textured_images(6, seed=71)
+    one = Detector("resnet18", weights=None, coreset=None, batch_size=8).fit(images)
+    several = Detector("resnet18", weights=None, coreset=None, batch_size=2).fit(images)
+    np.testing.assert_allclose(several.index_.vectors(), one.index_.vectors(),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(several.image_rows_, one.image_rows_)
+
+
 def test_predict_scores_several_batches_at_once_on_one_thread_each(fitted, monkeypatch):
     """On a CPU with torch on several threads, predict of several batches scores them at once on
     that many threads of one thread each (the caller's counts untouched, also for threads
