@@ -9,7 +9,8 @@
 3. Detector.predict images/s at a 1 % coreset (all training images) and a 10 % coreset (the
    first ``--subset`` training images, so that anomalib's coreset selection stays within
    minutes): cold (the first predict after fit), warm (two more passes over their time, the
-   estimate the peer gets too), and warm with one competing CPU-bound process (the same). anomalib 2.7's PatchCore on the same images and bank size with
+   estimate the peer gets too), and warm with one competing CPU-bound process (the same).
+   anomalib 2.7's PatchCore on the same images and bank size with
    ``--peer-python`` (../shared/tools/peer_anomalib.py, run twice: the test set once and three
    times, so that its warm images/s is the two extra passes over their extra time).
 
