@@ -6,6 +6,7 @@ queue 503 with Retry-After, and the server recovers; the token guards every endp
 is never written; the page at / shows, in the system's chromium, the scores predict gives."""
 import asyncio
 import base64
+import gc
 import hashlib
 import io
 import re
@@ -598,3 +599,17 @@ def test_served_connections_send_without_nagles_delay():
             connection, _ = server.accept()
             with connection:
                 assert connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_serve_freezes_the_loaded_objects_before_serving(fast_model, monkeypatch):
+    """serve() reads the model, then moves every object alive into the collector's permanent
+    generation (full collections then skip the model), then serves."""
+    from knnad.serve import server as serve_module
+    frozen = []
+    monkeypatch.setattr(serve_module.uvicorn.Server, "run",
+                        lambda self, sockets=None: frozen.append(gc.get_freeze_count()))
+    try:
+        serve_module.serve(fast_model, ServeSettings(port=0))
+    finally:
+        gc.unfreeze()
+    assert len(frozen) == 1 and frozen[0] > 10_000
