@@ -142,12 +142,8 @@ class Detector(Parameters):
         items = image_items(data, "predict data")
         scored = batches(items, self.preprocessor_, settings["batch_size"], settings["on_error"],
                          settings["progress"], "predict")
-        lanes = self._lanes(len(items), settings["batch_size"])
-        if lanes > 1:
-            yield from one_thread_lanes(lambda batch: self._score_batch(batch, settings), scored,
-                                        lanes)
-        else:
-            yield from map(lambda batch: self._score_batch(batch, settings), scored)
+        yield from one_thread_lanes(lambda batch: self._score_batch(batch, settings), scored,
+                                    self._lanes(len(items), settings["batch_size"]))
 
     def _lanes(self, images: int, batch_size: int) -> int:
         """How many batches of ``images`` to run at once, each on one thread: on a CPU, with

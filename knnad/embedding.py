@@ -158,8 +158,8 @@ def embed_images(batches: Iterable[Batch], extractor: FeatureExtractor,
     """:func:`patch_features` of every image of ``batches`` (from :func:`knnad.sources.batches`)
     and of its ``augment`` views (names of :data:`VIEWS`), and the prepared images numbered
     ``keep`` (0 for the first image read; views are not kept); a ValueError when no image could
-    be read, or when the images do not share one size. ``lanes`` > 1: that many batches at
-    once, each on one thread (:func:`~knnad.runtime.one_thread_lanes`)."""
+    be read, or when the images do not share one size. ``lanes``: how many batches at once, each
+    on one thread when more than one (:func:`~knnad.runtime.one_thread_lanes`)."""
     transforms = [lambda x: x] + [VIEWS[name] for name in check_augment(augment) or ()]
 
     def featured(batch: Batch) -> Tuple[Batch, List[Tuple[List[torch.Tensor], torch.Tensor]]]:
@@ -167,7 +167,7 @@ def embed_images(batches: Iterable[Batch], extractor: FeatureExtractor,
         return batch, [patch_features(extractor, embedders, transform(images))
                        for transform in transforms] if len(images) else []
 
-    found = one_thread_lanes(featured, batches, lanes) if lanes > 1 else map(featured, batches)
+    found = one_thread_lanes(featured, batches, lanes)
     patches: List[List[torch.Tensor]] = [[] for _ in embedders]
     pooled: List[torch.Tensor] = []
     counts: List[List[int]] = [[] for _ in embedders]

@@ -218,13 +218,10 @@ class _Service:
         batch of preprocessed images, each map brought to its image's size with
         ``map_size="original"``. A batch scored ``alone`` on torch's thread count, any other on
         one thread (this thread's count only; see the module docstring)."""
-        images = np.stack([upload.array for upload in uploads])
-        if not alone:
-            with kept_cpu_threads():
+        with kept_cpu_threads():
+            if not alone:
                 set_cpu_threads(1)
-                prediction = self.detector.predict(images)
-        else:
-            prediction = self.detector.predict(images)
+            prediction = self.detector.predict(np.stack([upload.array for upload in uploads]))
         scored = []
         for row, upload in enumerate(uploads):
             anomaly_map = prediction.anomaly_maps[row]

@@ -85,11 +85,6 @@ class MicroBatcher:
         self._lent: Optional[Future] = None  # the first worker on a thread of the caller's
 
     @property
-    def waiting(self) -> int:
-        """Items admitted and not yet taken into a batch (queued, or on their way)."""
-        return len(self._queue) + self._coming
-
-    @property
     def depth(self) -> int:
         """Items admitted and not yet answered."""
         return self._depth
@@ -147,10 +142,9 @@ class MicroBatcher:
 
     def _run(self, worker: int) -> None:
         while True:
-            batch = self._next_batch(worker)
+            batch, alone = self._next_batch(worker)
             if not batch:
                 return
-            alone = self._alone
             live = [(item, future) for item, future in batch
                     if future.set_running_or_notify_cancel()]  # a request gone: its items too
             self._answer(live, worker, alone)
@@ -159,16 +153,17 @@ class MicroBatcher:
         return bool(self._queue) and (worker == 0 or (all(self._busy[:worker])
                                                       and not self._alone))
 
-    def _next_batch(self, worker: int) -> List[Tuple[Any, Future]]:
+    def _next_batch(self, worker: int) -> Tuple[List[Tuple[Any, Future]], bool]:
         """Up to ``batch_size`` queued items for ``worker`` once it may take them (see the
         class docstring): the first as soon as there is one, then those queued and, while
         admitted items are on their way, those that come within ``max_wait_s``; none once
-        stopping with nothing it may take (the first worker takes what is left)."""
+        stopping with nothing it may take (the first worker takes what is left). And whether
+        the batch is scored alone (decided here, under the lock: a helper's never is)."""
         with self._ready:
             while not self._may_take(worker) and not self._stopping:
                 self._ready.wait()
             if not self._may_take(worker):
-                return []
+                return [], False
             batch: List[Tuple[Any, Future]] = []
             deadline = time.monotonic() + self.max_wait_s
             while self._queue and len(batch) < self.batch_size:
@@ -180,8 +175,10 @@ class MicroBatcher:
                         break
                     self._ready.wait(remaining)
             self._busy[worker] = True  # only now: while this one gathers, later ones wait
-            self._alone = worker == 0 and self._depth == len(batch)
-            return batch
+            alone = worker == 0 and self._depth == len(batch)
+            if worker == 0:
+                self._alone = alone
+            return batch, alone
 
     def _answer(self, batch: List[Tuple[Any, Future]], worker: int, alone: bool) -> None:
         """Score ``batch`` on ``worker`` (``alone``: see the class docstring), mark the worker
@@ -200,7 +197,8 @@ class MicroBatcher:
             error = failure
         with self._ready:
             self._busy[worker] = False
-            self._alone = self._alone and worker != 0
+            if worker == 0:
+                self._alone = False
             self._ready.notify_all()
         for number, (_, future) in enumerate(batch):
             if error is None:
