@@ -1,18 +1,20 @@
 """Accuracy and cost of knnad's settings on a genuine MVTec AD category: the multi-scale default
-(issue #20) against its coarse and fine scales alone, the fusion rules, and the options of
+(issue #20) against its coarse and fine scales alone, the other fusion rules, and the options of
 issue #14, in one run.
 
 knnad's Detector, MobileNetV2 with torchvision's IMAGENET1K_V1 weights, 10 % coreset, k = 1.
-Fits: the default (``layers="multiscale"``: the coarse and the fine scale, each in units of its
-normal scores, fused by their maximum), ``fusion="mean"`` and ``fusion="auto"`` (weights chosen
-from synthetic defects), the coarse scale alone (``layers="coarse"``: knnad's default before
-0.4, also with ``k=3``, ``image_score="reweighted"``, whole-image mode and
-``augment="rotations"`` at its bank size), the fine scale alone (``layers="fine"``, as many rows
-as the coarse bank) and the issue's fine row (``layers="fine", reduce_dim=128``, the same rows).
-Each row: image AUROC, pixel AUROC with a 95 % bootstrap interval and the paired bootstrap
-differences (the same resamples of the test images) to the coarse scale (the old default) and
-to the better of coarse-only and fine-only, AUPRO, ms/image (predict, decoding included, warm),
-fit seconds, memory-bank rows and MiB over all scales.
+Fits (each named by its parameters, so that a later change of the defaults does not rename
+them): the default (``layers="multiscale", fusion="refine"``: the coarse and the fine scale,
+each in units of its normal scores, the coarse map cut to the fine map's outline where the
+fine scale sees a defect), ``fusion="max"``, ``"mean"`` and ``"auto"`` (weights chosen from
+synthetic defects), the coarse scale alone (``layers="coarse"``: knnad 0.3's default, also with
+``k=3``, ``image_score="reweighted"``, whole-image mode and ``augment="rotations"`` at its bank
+size), the fine scale alone (``layers="fine"``, as many rows as the coarse bank) and the issue's
+fine row (``layers="fine", reduce_dim=128``, the same rows). Each row: image AUROC, pixel AUROC
+with a 95 % bootstrap interval and the paired bootstrap differences (the same resamples of the
+test images) to the coarse scale (knnad 0.3's default) and to the better of coarse-only and
+fine-only, AUPRO, ms/image (predict, decoding included, warm), fit seconds, memory-bank rows and
+MiB over all scales.
 
 Pixel figures are on the pixels every setting scores: the 224 crop of the 256-resized image
 (for whole-image mode the same pixels cut from its frame). With ``--peer-python`` (a Python with
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 from knnad import Detector, evaluate
+from knnad.backbones import DEFAULT_PRESET
 from knnad.datasets import MVTecAD
 from knnad.metrics import aupro, image_auroc, pixel_auroc, pixel_auroc_bootstrap
 from knnad.preprocessing import center_crop
@@ -41,20 +44,22 @@ BOOTSTRAP_ROUNDS = 2000
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 #: A coreset of as many rows as the coarse scale's memory bank.
 COARSE_ROWS = "coarse rows"
-COARSE, FINE = "defaults (layers=coarse)", "layers=fine, coarse's bank rows"
+COARSE, FINE = "layers=coarse (knnad 0.3's default)", "layers=fine, coarse's bank rows"
+MULTISCALE = {"layers": "multiscale"}
 #: The fits: (parameters that need a new fit, then (row name, predict-time settings) of each).
 FITS = [
-    ({},
+    ({**MULTISCALE, "fusion": "refine"}, [("layers=multiscale, fusion=refine (default)", {})]),
+    ({"layers": "coarse"},
      [(COARSE, {}), ("k=3", {"k": 3}), ("image_score=reweighted", {"image_score": "reweighted"})]),
     ({"layers": "fine", "coreset": COARSE_ROWS}, [(FINE, {})]),
-    ({"layers": "multiscale"}, [("layers=multiscale, fusion=max", {})]),
-    ({"layers": "multiscale", "fusion": "mean"}, [("layers=multiscale, fusion=mean", {})]),
-    ({"layers": "multiscale", "fusion": "auto"},
+    ({**MULTISCALE, "fusion": "max"}, [("layers=multiscale, fusion=max", {})]),
+    ({**MULTISCALE, "fusion": "mean"}, [("layers=multiscale, fusion=mean", {})]),
+    ({**MULTISCALE, "fusion": "auto"},
      [("layers=multiscale, fusion=auto (synthetic defects)", {})]),
     ({"layers": "fine", "reduce_dim": 128, "coreset": COARSE_ROWS},
      [("layers=fine, reduce_dim=128, coarse's bank rows", {})]),
-    ({"crop_size": None}, [("crop_size=None (whole image)", {})]),
-    ({"augment": "rotations", "coreset": COARSE_ROWS},
+    ({"layers": "coarse", "crop_size": None}, [("crop_size=None (whole image)", {})]),
+    ({"layers": "coarse", "augment": "rotations", "coreset": COARSE_ROWS},
      [("augment=rotations, coarse's bank rows", {})]),
 ]
 #: The defaults' crop, whose pixels every setting is compared on.
@@ -99,7 +104,7 @@ def main() -> None:
         detector.fit(train)
         fit_seconds = time.perf_counter() - start
         banks = [scale.index for scale in detector.scales_]
-        coarse_rows = coarse_rows or len(banks[0])
+        coarse_rows = coarse_rows or len(banks[0])  # the coarse scale comes first in every fit
         detector.predict(test.samples[0].path)  # warm-up: the first call's setup is not timed
         fitted = detector.get_params()
         for name, params in settings:
@@ -136,6 +141,7 @@ def main() -> None:
         rows.append({key: "" for key in rows[0]} | peer)
     summary = {"test images": len(labels), "defect images": int((labels == 1).sum()),
                "better single scale (point pixel AUROC)": names[better],
+               "knnad's default": f"layers={DEFAULT_PRESET}, fusion={Detector().fusion}",
                "bootstrap resamples": rounds}
     title = (f"MVTec AD {args.category}, MobileNetV2 {args.weights}, coreset {args.coreset}, k = "
              f"1, pixels of the 224 crop"

@@ -108,7 +108,9 @@ OPTIONS: Dict[str, Option] = {
                      "'multiscale' (the two as two scales, each in units of its scores on held-out "
                      "normal images, fused as fusion says)", _layers, nargs="+"),
     "fusion": Option("with several scales: how their maps, each in units of its normal scores, "
-                     "become one: 'max' (a defect any scale sees is kept), 'mean', or 'auto' "
+                     "become one: 'refine' (the coarser map cut to the finer map's outline where "
+                     "the finer scale sees a defect, else the larger), 'max' (a defect any scale "
+                     "sees is kept), 'mean', or 'auto' "
                      "(weights chosen at fit by synthetic defects in held-out normal images; "
                      "measured not to pick the real defects' best weights on MVTec bottle and "
                      "transistor)",

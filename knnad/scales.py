@@ -127,7 +127,8 @@ def score_images(extractor: FeatureExtractor, scales: Sequence[Scale], settings:
                                    settings["sigma"], settings["upsampling"])
                       for scale, embedding in zip(active, embeddings)]
         maps = fused_maps(scale_maps, normal_scores(active), [scale.weight for scale in active],
-                          settings["fusion"])
+                          settings["fusion"], [size[0] / embedding.shape[1]
+                                               for embedding in embeddings])
         image_scores = None
     scores = maps.amax(dim=(1, 2)).numpy() if image_scores is None else image_scores
     return scores.astype(np.float32, copy=False), maps

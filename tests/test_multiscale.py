@@ -10,7 +10,7 @@ import torch
 from knnad import Detector, OnnxDetector
 from knnad.anomaly_map import anomaly_maps
 from knnad.archive import read_archive
-from knnad.fusion import NormalScores, Scale, normal_scores, weight_grid
+from knnad.fusion import NormalScores, Scale, normal_scores, refined_map, weight_grid
 from knnad.options import check
 from knnad.selection import DEFECT_AREA, held_out_numbers, synthetic_defects
 
@@ -67,7 +67,35 @@ def test_normal_scores_are_the_held_out_images_scored_without_their_own_rows(fit
                                                     rel=1e-4)
 
 
-@pytest.mark.parametrize("fusion", ["max", "mean"])
+def refined_by_definition(coarse, fine, radius):
+    """float64 refine fusion of [B, H, W] maps, the local maximum by a loop over offsets."""
+    height, width = fine.shape[-2:]
+    padded = torch.nn.functional.pad(fine, (radius,) * 4, value=-float("inf"))
+    local = torch.stack([padded[:, dy:dy + height, dx:dx + width]
+                         for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]).amax(0)
+    outline = torch.where(local > 1, fine / local, fine).clamp(0, 1)
+    found = (local - 1).clamp(0, 1)
+    return torch.maximum(fine, coarse * (1 - found * (1 - outline)))
+
+
+def test_refine_cuts_the_coarse_halo_to_the_fine_outline_and_keeps_what_fine_misses():
+    coarse = torch.zeros(1, 40, 40)
+    fine = torch.zeros(1, 40, 40)
+    coarse[0, 5:19, 5:19] = 4.0  # a blurred coarse response around a small defect ...
+    fine[0, 10:14, 10:14] = 3.0  # ... that the fine scale outlines
+    coarse[0, 25:35, 25:35] = 2.5  # a defect only the coarse scale sees
+    fused = refined_map(coarse, fine, radius=2)
+    assert torch.all(fused[0, 10:14, 10:14] == 4.0)  # coarse x outline 1
+    assert fused[0, 8, 8] == 0.0  # the halo within reach of the fine detection: cut
+    assert fused[0, 5, 5] == 4.0  # out of reach (radius 2): the coarse map stands
+    assert torch.all(fused[0, 25:35, 25:35] == 2.5)  # fine sees nothing nearby: max(coarse, fine)
+    weak = fine * 0.3  # a fine response below normal's 99.9th percentile gates nothing
+    assert torch.equal(refined_map(coarse, weak, 2), torch.maximum(coarse, weak))
+    np.testing.assert_allclose(fused.double(), refined_by_definition(coarse.double(),
+                                                                     fine.double(), 2))
+
+
+@pytest.mark.parametrize("fusion", ["max", "mean", "refine"])
 def test_fused_maps_equal_their_definition(fitted, images, fusion):
     fitted = fitted if fusion == "max" else Detector(**SMALL, k=2, fusion=fusion).fit(images)
     tests = [with_defect(textured_images(1, seed=9)[0]), textured_images(1, seed=10)[0]]
@@ -78,7 +106,8 @@ def test_fused_maps_equal_their_definition(fitted, images, fusion):
         maps = anomaly_maps(patch.float(), 64, fitted.sigma, fitted.upsampling).double()
         normalised.append((maps - scale.normal.location) / scale.normal.spread)
     stacked = torch.stack(normalised)
-    expected = stacked.amax(0) if fusion == "max" else stacked.mean(0)
+    expected = (stacked.amax(0) if fusion == "max" else stacked.mean(0) if fusion == "mean"
+                else refined_by_definition(*normalised, radius=8))  # 2 fine patches of 4 px
     prediction = fitted.predict(tests)
     np.testing.assert_allclose(prediction.anomaly_maps, expected.numpy(), atol=1e-4)
     np.testing.assert_allclose(prediction.image_scores, expected.amax(dim=(1, 2)).numpy(),
@@ -138,7 +167,9 @@ def test_layers_name_scales_in_the_api_and_on_the_command_line():
         check("layers", ["features.6+", "features.3"])
 
 
-def test_exported_graph_fuses_like_the_detector(fitted, tmp_path):
+@pytest.mark.parametrize("fusion", ["max", "refine"])
+def test_exported_graph_fuses_like_the_detector(fitted, images, fusion, tmp_path):
+    fitted = fitted if fusion == "max" else Detector(**SMALL, k=2, fusion=fusion).fit(images)
     tests = [with_defect(textured_images(1, seed=12)[0])] + textured_images(2, seed=13)
     onnx = OnnxDetector(fitted.export_onnx(tmp_path / "multi.onnx")).predict(tests)
     expected = fitted.predict(tests)

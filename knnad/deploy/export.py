@@ -37,7 +37,7 @@ from ..anomaly_map import map_matrices
 from ..archive import atomic_write, check_target
 from ..backbones import FeatureExtractor
 from ..embedding import PatchEmbedder
-from ..fusion import Scale, normal_scores
+from ..fusion import Scale, normal_scores, refine_order, refine_radius
 from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from ..thresholds import Thresholds
 from .onnx_detector import (
@@ -204,6 +204,24 @@ def _add_patch_scores(writer: _GraphWriter, embedding: str, bank: torch.Tensor,
     return writer.node("Reshape", [patch_scores, shape])
 
 
+def _add_refined_map(writer: _GraphWriter, coarse: str, fine: str, radius: int,
+                     name: Optional[str]) -> str:
+    """Nodes of :func:`knnad.fusion.refined_map` of two normalised maps ``[B, H, W]``."""
+    window = 2 * radius + 1
+    axis_1 = writer.constant("axes", np.array([1], np.int64))
+    rows = writer.node("MaxPool", [writer.node("Unsqueeze", [fine, axis_1])],
+                       kernel_shape=[window, 1], pads=[radius, 0, radius, 0])
+    pooled = writer.node("MaxPool", [rows], kernel_shape=[1, window], pads=[0, radius, 0, radius])
+    local = writer.node("Squeeze", [pooled, axis_1])
+    zero, one = (writer.constant("bound", np.array(value, np.float32)) for value in (0.0, 1.0))
+    outline = writer.node("Clip", [writer.node("Div", [fine, writer.node("Max", [local, one])]),
+                                   zero, one])
+    found = writer.node("Clip", [writer.node("Sub", [local, one]), zero, one])
+    gate = writer.node("Sub", [one, writer.node("Mul", [found,
+                                                         writer.node("Sub", [one, outline])])])
+    return writer.node("Max", [fine, writer.node("Mul", [coarse, gate])], name=name)
+
+
 def _add_scoring(writer: _GraphWriter, scales: List[Scale], grids: List[Tuple[int, int]],
                  frame: Tuple[int, int], settings: Dict[str, Any]) -> None:
     """Nodes from the scales' embeddings (``embedding_<s>``) to the outputs ``image_scores`` and
@@ -212,7 +230,8 @@ def _add_scoring(writer: _GraphWriter, scales: List[Scale], grids: List[Tuple[in
     as :func:`knnad.fusion.fused_maps` does (scales of weight 0 left out)."""
     several = len(scales) > 1
     normals = normal_scores(scales) if several else []
-    maps = []
+    maps: List[str] = []
+    patch_sizes: List[float] = []  # of the scales in maps, in map pixels
     for number, (scale, grid) in enumerate(zip(scales, grids)):
         if scale.weight == 0:
             continue
@@ -224,14 +243,23 @@ def _add_scoring(writer: _GraphWriter, scales: List[Scale], grids: List[Tuple[in
                            [writer.constant("map_rows", rows_matrix.numpy()), patch_scores])
         columns = writer.constant("map_columns", columns_matrix.T.contiguous().numpy())
         anomaly_map = writer.node("MatMul", [half, columns], name=None if several else OUTPUTS[1])
-        if several:  # (map − location) · (weight / spread); max: weights do not count
-            factor = (1.0 if settings["fusion"] == "max" else scale.weight) / normals[number].spread
+        if several:  # (map − location) · (weight / spread); max, refine: weights do not count
+            weighted = settings["fusion"] in ("mean", "auto")
+            factor = (scale.weight if weighted else 1.0) / normals[number].spread
             location = writer.constant("location", np.array(normals[number].location, np.float32))
             shifted = writer.node("Sub", [anomaly_map, location])
             anomaly_map = writer.node("Mul", [shifted, writer.constant(
                 "factor", np.array(factor, np.float32))])
         maps.append(anomaly_map)
-    if several:
+        patch_sizes.append(frame[0] / grid[0])
+    if several and settings["fusion"] == "refine":
+        coarsest_first = refine_order(patch_sizes)
+        fused = maps[coarsest_first[0]]
+        for finer in coarsest_first[1:]:
+            fused = _add_refined_map(writer, fused, maps[finer],
+                                     refine_radius(patch_sizes[finer]),
+                                     OUTPUTS[1] if finer == coarsest_first[-1] else None)
+    elif several:
         writer.node("Max" if settings["fusion"] == "max" else "Sum", maps, name=OUTPUTS[1])
     writer.node("ReduceMax", [OUTPUTS[1], writer.constant("axes", np.array([1, 2], np.int64))],
                 keepdims=0, name=OUTPUTS[0])
