@@ -42,7 +42,7 @@ from knnad.datasets import MVTecAD
 from knnad.sampling import _greedy_k_center, coreset, covering_radius
 
 import _common
-from _common import CompetingProcess, PeakMemory, write_results
+from _common import ONE_SCALE, CompetingProcess, PeakMemory, write_results
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "coreset"
 BANKS = {  # name: (description, Detector settings)
@@ -97,7 +97,7 @@ def bank_of(name: str, mvtec_root: Path) -> np.ndarray:
         paths = [s.path for s in MVTecAD(mvtec_root, "bottle", "train").samples]
         detector = Detector(backbone="mobilenet_v2", weights="IMAGENET1K_V1", coreset=None,
                             backend="torch", device="cpu", progress=False,
-                            **BANKS[name][1]).fit(paths)
+                            **{"layers": ONE_SCALE, **BANKS[name][1]}).fit(paths)
         CACHE.mkdir(parents=True, exist_ok=True)
         np.save(path, detector.index_.vectors())
     return np.load(path)
@@ -162,8 +162,8 @@ def detector_rows(args, load: str) -> list:
     """Fit (coreset 10 %), search and predict on bank A's settings, from image files."""
     train = [s.path for s in MVTecAD(args.mvtec_root, "bottle", "train").samples]
     test = [s.path for s in MVTecAD(args.mvtec_root, "bottle", "test").samples]
-    detector = Detector(backbone="mobilenet_v2", weights="IMAGENET1K_V1", coreset=0.1,
-                        progress=False, **BANKS["A"][1])
+    detector = Detector(backbone="mobilenet_v2", layers=ONE_SCALE, weights="IMAGENET1K_V1",
+                        coreset=0.1, progress=False, **BANKS["A"][1])
     start = time.perf_counter()
     detector.fit(train)
     fit = time.perf_counter() - start

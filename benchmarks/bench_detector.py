@@ -1,7 +1,9 @@
 """knnad's detector on a genuine MVTec AD category against anomalib's PatchCore, in one run.
 
 Both use MobileNetV2 with torchvision's IMAGENET1K_V1 weights, resize 256 / crop 224 and the
-same coreset ratio; knnad also reports the full memory bank. The peer runs through
+same coreset ratio, one scale (knnad: ``layers="coarse"``, the layers PatchCore hooks; the
+multi-scale default is measured against it by bench_accuracy.py); knnad also reports the full
+memory bank. The peer runs through
 shared/tools/peer_anomalib.py in its own Python (with anomalib installed) when given; its
 anomaly maps are kept, so the pixel AUROC difference is also given as a paired bootstrap over
 the test images (same resamples for both methods): a 95 % interval for each method and for the
@@ -24,7 +26,7 @@ from knnad import Detector, evaluate
 from knnad.datasets import MVTecAD
 from knnad.metrics import pixel_auroc, pixel_auroc_bootstrap
 
-from _common import category_parser, interval, write_results
+from _common import ONE_SCALE, category_parser, interval, write_results
 
 PEER_PATTERN = re.compile(r"image AUROC=(?P<image>[\d.]+) pixel AUROC=(?P<pixel>[\d.]+).*?"
                           r"fit (?P<fit>[\d.]+)s predict (?P<predict>[\d.]+)s \((?P<rate>[\d.]+) "
@@ -44,7 +46,8 @@ BOOTSTRAP_ROUNDS = 2000
 def knnad_row(root: Path, category: str, coreset, weights: str, **params):
     """knnad's table row, and its test paths (resolved), maps ``[N, 224, 224]`` and masks."""
     train, test = MVTecAD(root, category, "train"), MVTecAD(root, category, "test")
-    detector = Detector("mobilenet_v2", weights=weights, coreset=coreset, progress=False, **params)
+    detector = Detector("mobilenet_v2", layers=ONE_SCALE, weights=weights, coreset=coreset,
+                        progress=False, **params)
     start = time.perf_counter()
     detector.fit(train)
     fit_seconds = time.perf_counter() - start

@@ -49,7 +49,7 @@ import numpy as np
 from knnad import Detector
 from knnad.datasets import MVTecAD
 
-from _common import best_time, markdown_table, patch_embeddings, write_results
+from _common import ONE_SCALE, best_time, markdown_table, patch_embeddings, write_results
 
 #: Titles Ray gives its worker processes (``ray::<what runs>``), by role.
 ROLES = {"scoring actor": "_Scorer", "decoding tasks": "decode_batch"}
@@ -279,7 +279,7 @@ def main() -> None:
     if args.quick:
         train, test = train[:4], test[:3]
         args.repeat, args.rounds, args.memory_repeats, args.shards = 2, 1, [1], [2]
-    params = dict(backbone="mobilenet_v2", weights=args.weights, progress=False)
+    params = dict(backbone="mobilenet_v2", layers=ONE_SCALE, weights=args.weights, progress=False)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         model = Detector(**params, coreset=args.coreset).fit(train).save(folder / "model.npz")

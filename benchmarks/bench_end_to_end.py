@@ -20,8 +20,10 @@ from knnad import Detector
 from knnad.anomaly_map import anomaly_maps
 from knnad.backbones import FeatureExtractor, WeightsUnavailableError
 from knnad.datasets import MVTecAD
+from knnad.fusion import fused_maps, normal_scores
+from knnad.scoring import patch_knn_scores
 
-from _common import method, write_results
+from _common import ONE_SCALE, method, write_results
 
 
 def timed(function):
@@ -30,18 +32,30 @@ def timed(function):
     return result, time.perf_counter() - start
 
 
-def stage_costs(detector: Detector, paths, backend_index) -> dict:
-    """Milliseconds per image of each stage, run one after the other on one batch size."""
+def stage_costs(detector: Detector, paths) -> dict:
+    """Milliseconds per image of each stage, run one after the other on one batch size; with
+    several scales, embedding, search and map are summed over the scales, and the map includes
+    their fusion."""
     images, decode = timed(lambda: [detector.preprocessor_(p) for p in paths])
     batches = [torch.from_numpy(np.stack(images[i:i + detector.batch_size]))
                for i in range(0, len(images), detector.batch_size)]
+    scales = detector.scales_
     features, backbone = timed(lambda: [detector.extractor_(b) for b in batches])
-    embedded, embed = timed(lambda: [detector.embedder_(f) for f in features])
-    queries = [e.reshape(-1, e.shape[-1]) for e in embedded]
-    distances, search = timed(lambda: [backend_index.search(q, detector.k)[0] for q in queries])
-    _, maps = timed(lambda: [anomaly_maps(torch.from_numpy(d.mean(1)).reshape(e.shape[:3]), 224,
-                                          detector.sigma)
-                             for d, e in zip(distances, embedded)])
+    embedded, embed = timed(lambda: [[scale.embedder(f) for scale in scales] for f in features])
+    scores, search = timed(lambda: [[patch_knn_scores(scale.index, embedding, detector.k)
+                                     for scale, embedding in zip(scales, per_scale)]
+                                    for per_scale in embedded])
+    size = tuple(images[0].shape[-2:])
+
+    def maps_of(per_scale):
+        maps = [anomaly_maps(patch, size, detector.sigma, detector.upsampling)
+                for patch in per_scale]
+        if len(scales) == 1:
+            return maps[0]
+        return fused_maps(maps, normal_scores(scales), [scale.weight for scale in scales],
+                          detector.fusion, [size[0] / patch.shape[1] for patch in per_scale])
+
+    _, maps = timed(lambda: [maps_of(per_scale) for per_scale in scores])
     per_image = 1000 / len(paths)
     return {"decode+preprocess ms": decode * per_image, "backbone ms": backbone * per_image,
             "embedding ms": embed * per_image, "search ms": search * per_image,
@@ -69,8 +83,8 @@ def main() -> None:
                 FeatureExtractor(backbone, weights=weights).close()
             except WeightsUnavailableError:  # the ImageNet file is not here
                 weights = None
-            detector = Detector(backbone, weights=weights, backend=backend, coreset=args.coreset,
-                                progress=False)
+            detector = Detector(backbone, layers=ONE_SCALE, weights=weights, backend=backend,
+                                coreset=args.coreset, progress=False)
             _, fit_seconds = timed(lambda: detector.fit(train))
             prediction, predict_seconds = timed(lambda: detector.predict(test))
             row = {"backbone": backbone, "weights": weights or "random",
@@ -78,7 +92,7 @@ def main() -> None:
                    "bank": f"{len(detector.index_)}x{detector.index_.dim}",
                    "fit img/s": len(train) / fit_seconds,
                    "predict img/s": len(test) / predict_seconds}
-            row.update(stage_costs(detector, test_paths, detector.index_))
+            row.update(stage_costs(detector, test_paths))
             stages = {k: v for k, v in row.items() if k.endswith(" ms")}
             row["slowest stage"] = max(stages, key=stages.get).replace(" ms", "")
             rows.append(row)

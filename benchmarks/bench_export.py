@@ -28,7 +28,7 @@ from knnad import Detector, OnnxDetector
 from knnad.datasets import MVTecAD
 from knnad.sources import batches, image_items
 
-from _common import PeakMemory, category_parser, write_results
+from _common import ONE_SCALE, PeakMemory, category_parser, write_results
 
 BIG_CROP = 576
 
@@ -78,7 +78,8 @@ def _max_relative(actual, expected):
 def compare(args, coreset, rerank, folder: Path, openvino: bool):
     train = MVTecAD(args.mvtec_root, args.category, "train")
     tests = [sample.path for sample in MVTecAD(args.mvtec_root, args.category, "test").samples]
-    detector = Detector("mobilenet_v2", weights=args.weights, coreset=coreset, rerank=rerank,
+    detector = Detector("mobilenet_v2", layers=ONE_SCALE, weights=args.weights, coreset=coreset,
+                        rerank=rerank,
                         progress=False).fit(train)
     start = time.perf_counter()
     path = detector.export_onnx(folder / f"{args.category}-{coreset}-{rerank}.onnx")
@@ -116,8 +117,9 @@ sys.path.insert(0, {benchmarks!r})
 from _common import PeakMemory
 from knnad import Detector
 from knnad.datasets import MVTecAD
-detector = Detector("mobilenet_v2", weights={weights!r}, coreset=None, image_size={crop},
-                    crop_size={crop}, progress=False).fit(MVTecAD({root!r}, {category!r}, "train"))
+detector = Detector("mobilenet_v2", layers={layers!r}, weights={weights!r}, coreset=None,
+                    image_size={crop}, crop_size={crop}, progress=False)
+detector.fit(MVTecAD({root!r}, {category!r}, "train"))
 with PeakMemory() as peak:
     start = time.perf_counter()
     detector.export_onnx({path!r})
@@ -160,7 +162,7 @@ def big_bank(args, folder: Path):
     image = str(next((args.mvtec_root / args.category / "test" / "broken_large").glob("*.png")))
     fields = dict(benchmarks=str(Path(__file__).resolve().parent), weights=args.weights,
                   crop=BIG_CROP, root=str(args.mvtec_root), category=args.category, path=path,
-                  image=image)
+                  image=image, layers=ONE_SCALE)
     exported = _run(_EXPORT_BIG.format(**fields))
     bank = exported["bank_bytes"]
     rows = [{"step": "export (process holding the fitted detector)", "bank rows": exported["rows"],

@@ -15,7 +15,7 @@ from knnad import Detector, evaluate
 from knnad.datasets import MVTecAD
 from knnad.metrics import pixel_auroc_bootstrap
 
-from _common import category_parser, interval, write_results
+from _common import ONE_SCALE, category_parser, interval, write_results
 
 DEFAULTS = {"k": 1, "image_score": "max", "upsampling": "bilinear"}
 SETTINGS = [DEFAULTS, {"k": 3}, {"k": 5}, {"k": 9}, {"upsampling": "nearest"},
@@ -28,7 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     train = MVTecAD(args.mvtec_root, args.category, "train")
     test = MVTecAD(args.mvtec_root, args.category, "test")
-    detector = Detector("mobilenet_v2", weights=args.weights, coreset=args.coreset, progress=False)
+    detector = Detector("mobilenet_v2", layers=ONE_SCALE, weights=args.weights,
+                        coreset=args.coreset, progress=False)
     start = time.perf_counter()
     detector.fit(train)
     fit_seconds = time.perf_counter() - start

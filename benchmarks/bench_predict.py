@@ -2,16 +2,17 @@
 
 1. Decoders side by side on the category's test images (PNG as stored, and JPEG copies encoded
    at quality 90): ms per image on one thread, and whether the pixels equal Pillow's.
-2. Stage costs of knnad's default detector on one thread, torch's and faiss's, each the least
-   of three runs (decode + preprocessing, backbone, patch embedding, search, anomaly map; ms
-   per image): their sum is the CPU work of an image,
-   and ``cores x 1000 / sum`` images/s the most any pipeline can reach on this machine (the
-   CPU-work bound). Detector.predict's images/s is reported as a share of it.
-3. Detector.predict images/s at a 1 % coreset (all training images) and a 10 % coreset (the
+2. Stage costs of knnad's detectors (:data:`LAYERS`: the default, two scales fused, and one
+   scale, ``layers="coarse"``) on one thread, torch's and faiss's, each the least of three runs
+   (decode + preprocessing, backbone, patch embedding, search, anomaly map and fusion, the
+   scales' summed; ms per image): their sum is the CPU work of an image, and ``cores x 1000 /
+   sum`` images/s the most any pipeline can reach on this machine (the CPU-work bound).
+   Detector.predict's images/s is reported as a share of it.
+3. Detector.predict images/s of both at a 1 % coreset (all training images) and a 10 % coreset (the
    first ``--subset`` training images, so that anomalib's coreset selection stays within
    minutes): cold (the first predict after fit), warm (two more passes over their time, the
    estimate the peer gets too), and warm with one competing CPU-bound process (the same).
-   anomalib 2.7's PatchCore on the same images and bank size with
+   anomalib 2.7's PatchCore on the same images and coreset ratio with
    ``--peer-python`` (../shared/tools/peer_anomalib.py, run twice: the test set once and three
    times, so that its warm images/s is the two extra passes over their extra time).
 
@@ -40,6 +41,8 @@ from bench_end_to_end import stage_costs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PASSES = 3
+#: knnad's detectors measured: the default (two scales, fused) and one scale (knnad 0.3's).
+LAYERS = {"knnad (default: multiscale)": None, "knnad, layers=coarse": "coarse"}
 
 
 def _optional(name: str):
@@ -109,8 +112,8 @@ def one_thread_stages(detector: Detector, paths: List[str], repeats: int = 3
     each stage's least of ``repeats`` runs (a floor: the machine's noise only slows runs)."""
     with kept_cpu_threads():
         set_cpu_threads(1)
-        stage_costs(detector, paths[:8], detector.index_)  # warm-up
-        runs = [stage_costs(detector, paths, detector.index_) for _ in range(repeats)]
+        stage_costs(detector, paths[:8])  # warm-up
+        runs = [stage_costs(detector, paths) for _ in range(repeats)]
     return {stage: min(run[stage] for run in runs) for stage in runs[0]}
 
 
@@ -197,22 +200,26 @@ def main() -> None:
     runs = {"1 %": (0.01, train), "10 %": (0.1, train[:args.subset])}
     speed, stages = [], []
     for name, (ratio, images) in runs.items():
-        detector = Detector("mobilenet_v2", weights=args.weights, coreset=ratio, progress=False)
-        rates = knnad_rates(detector, [str(path) for path in images], test)
-        costs = one_thread_stages(detector, test)
-        work = sum(costs.values())
-        bound = (os.cpu_count() or 1) * 1000.0 / work
-        stages.append({"coreset": name, **costs, "CPU work ms": work, "bound img/s": bound,
-                       "warm / bound": rates["warm img/s"] / bound})
-        row = {"coreset": name, "training images": len(images), "who": "knnad", **rates}
-        speed.append(row)
+        ours = []
+        for who, layers in LAYERS.items():
+            detector = Detector("mobilenet_v2", layers=layers, weights=args.weights,
+                                coreset=ratio, progress=False)
+            rates = knnad_rates(detector, [str(path) for path in images], test)
+            costs = one_thread_stages(detector, test)
+            work = sum(costs.values())
+            bound = (os.cpu_count() or 1) * 1000.0 / work
+            stages.append({"coreset": name, "who": who, **costs, "CPU work ms": work,
+                           "bound img/s": bound, "warm / bound": rates["warm img/s"] / bound})
+            ours.append({"coreset": name, "training images": len(images), "who": who, **rates})
+        speed += ours
         if args.peer_python:
             peer = peer_rates(args.peer_python, args.mvtec_root, args.category, images,
                               args.peer_weights, ratio)
             speed.append({"coreset": name, "training images": len(images), "who": "anomalib 2.7",
                           **peer, "loaded img/s": float("nan")})
-            row["warm ratio"] = rates["warm img/s"] / peer["warm img/s"]
-            row["cold ratio"] = rates["cold img/s"] / peer["cold img/s"]
+            for row in ours:
+                row["warm ratio"] = row["warm img/s"] / peer["warm img/s"]
+                row["cold ratio"] = row["cold img/s"] / peer["cold img/s"]
     for row in speed:
         row.setdefault("warm ratio", float("nan"))
         row.setdefault("cold ratio", float("nan"))

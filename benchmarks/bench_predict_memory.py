@@ -16,7 +16,7 @@ from pathlib import Path
 from knnad import Detector
 from knnad.datasets import MVTecAD
 
-from _common import write_results
+from _common import ONE_SCALE, write_results
 
 RUN = "import resource, sys; from knnad.cli import main; code = main(sys.argv[1:]); " \
       "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
@@ -34,7 +34,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        detector = Detector("mobilenet_v2", weights="IMAGENET1K_V1", progress=False)
+        detector = Detector("mobilenet_v2", layers=ONE_SCALE, weights="IMAGENET1K_V1",
+                            progress=False)
         model = detector.fit(train).save(folder / "m.npz")
         for count in args.counts:
             images = folder / f"images-{count}"

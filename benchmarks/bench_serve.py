@@ -35,7 +35,7 @@ import numpy as np
 from knnad import Detector
 from knnad.datasets import MVTecAD
 
-from _common import best_time, category_parser, write_results
+from _common import ONE_SCALE, best_time, category_parser, write_results
 
 #: The largest allowed difference between a served score and predict's.
 TOLERANCE = 1e-6
@@ -138,8 +138,8 @@ def main() -> None:
     images = [(name, Path(path).read_bytes()) for name, path in zip(names, paths)]
     good = [sample.path for sample in test.samples if sample.label == 0]
     weights = ["--weights", args.weights] if Path(args.weights).suffix == ".pth" else []
-    detector = Detector("mobilenet_v2", weights=args.weights, coreset=args.coreset,
-                        progress=False).fit(train).calibrate(good)
+    detector = Detector("mobilenet_v2", layers=ONE_SCALE, weights=args.weights,
+                        coreset=args.coreset, progress=False).fit(train).calibrate(good)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         model = detector.save(folder / "model.npz")

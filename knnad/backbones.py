@@ -25,8 +25,8 @@ from .runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
-#: Hooked layers of the coarse scale per backbone, the default: mid-level layers at strides 8
-#: and 16, as PatchCore.
+#: Hooked layers of the coarse scale per backbone (the first scale of the default,
+#: ``"multiscale"``; alone, ``"coarse"``): mid-level layers at strides 8 and 16, as PatchCore.
 PRESET_LAYERS: Dict[str, Tuple[str, ...]] = {
     "wide_resnet50_2": ("layer2", "layer3"),
     "resnet18": ("layer2", "layer3"),
@@ -42,18 +42,19 @@ FINE_LAYERS: Dict[str, Tuple[str, ...]] = {
 }
 #: Scales: one tuple of layer names per scale, the coarsest first.
 Scales = Tuple[Tuple[str, ...], ...]
-#: Named layer presets (``layers="fine"``), per backbone, as scales: ``"coarse"`` (the default,
-#: also ``"default"`` and None): :data:`PRESET_LAYERS`; ``"fine"``: :data:`FINE_LAYERS` (4x the
-#: patches of the coarse scale; ``reduce_dim`` can take its channels back); ``"multiscale"``:
-#: both, each in units of its normal scores, fused (see :mod:`knnad.fusion`).
+#: Named layer presets (``layers="fine"``), per backbone, as scales: ``"multiscale"`` (the
+#: default, also ``"default"`` and None): both of the following, each in units of its normal
+#: scores, fused (see :mod:`knnad.fusion`); ``"coarse"``: :data:`PRESET_LAYERS` (knnad 0.3's
+#: default); ``"fine"``: :data:`FINE_LAYERS` (4x the patches of the coarse scale; ``reduce_dim``
+#: can take its channels back).
 LAYER_PRESETS: Dict[str, Dict[str, Scales]] = {
     "multiscale": {name: (PRESET_LAYERS[name], FINE_LAYERS[name]) for name in PRESET_LAYERS},
     "coarse": {name: (layers,) for name, layers in PRESET_LAYERS.items()},
     "fine": {name: (layers,) for name, layers in FINE_LAYERS.items()},
 }
-#: The preset of ``layers=None`` and ``layers="default"`` (``bench_accuracy.py``: multiscale did
-#: not score above it on MVTec bottle and transistor at its cost).
-DEFAULT_PRESET = "coarse"
+#: The preset of ``layers=None`` and ``layers="default"`` (``bench_accuracy.py``: with
+#: ``fusion="refine"`` above the coarse and the fine scale alone on MVTec bottle and transistor).
+DEFAULT_PRESET = "multiscale"
 
 
 def layer_scales(layers: Any) -> Optional[Scales]:

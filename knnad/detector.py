@@ -62,7 +62,7 @@ class Detector(Parameters):
     skipped_: List[Optional[str]]
     thresholds_: Optional[Thresholds]
 
-    def __init__(self, backbone="wide_resnet50_2", layers=None, fusion="max", weights="DEFAULT",
+    def __init__(self, backbone="wide_resnet50_2", layers=None, fusion="refine", weights="DEFAULT",
                  k=1, image_score="max", image_k=50, reweight_k=9, coreset=0.1, augment=None,
                  backend="auto", device="auto", rerank=0, image_size=256, crop_size=224,
                  bit_depth=None, aggregation_size=3, reduce_dim=None, sigma=4.0,

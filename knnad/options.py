@@ -102,18 +102,18 @@ OPTIONS: Dict[str, Option] = {
                        f"own nn.Module", _backbone),
     "layers": Option("module names to hook, e.g. layer2 layer3 (one scale); several scales, "
                      "each its layers joined by '+', e.g. features.6+features.13 "
-                     "features.3+features.6; or a preset of the backbone: 'coarse' (the default, "
-                     "also 'default' and none: mobilenet_v2 features.6 features.13, resnets layer2 "
-                     "layer3), 'fine' (coarse plus the stride-4 block, a 4x larger patch grid), "
-                     "'multiscale' (the two as two scales, each in units of its scores on held-out "
-                     "normal images, fused as fusion says)", _layers, nargs="+"),
+                     "features.3+features.6; or a preset of the backbone: 'multiscale' (the "
+                     "default, also 'default' and none: the two below as two scales, each in "
+                     "units of its scores on held-out normal images, fused as fusion says), "
+                     "'coarse' (mobilenet_v2 features.6 features.13, resnets layer2 layer3; "
+                     "knnad 0.3's default), 'fine' (coarse plus the stride-4 block, a 4x larger "
+                     "patch grid)", _layers, nargs="+"),
     "fusion": Option("with several scales: how their maps, each in units of its normal scores, "
-                     "become one: 'refine' (the coarser map cut to the finer map's outline where "
-                     "the finer scale sees a defect, else the larger), 'max' (a defect any scale "
-                     "sees is kept), 'mean', or 'auto' "
-                     "(weights chosen at fit by synthetic defects in held-out normal images; "
-                     "measured not to pick the real defects' best weights on MVTec bottle and "
-                     "transistor)",
+                     "become one: 'refine' (the default: the coarser map cut to the finer map's "
+                     "outline where the finer scale sees a defect, else the larger), 'max' (a "
+                     "defect any scale sees is kept), 'mean', or 'auto' (weights chosen at fit "
+                     "by synthetic defects in held-out normal images; measured not to pick the "
+                     "real defects' best weights on MVTec bottle and transistor)",
                      _choice(FUSIONS)),
     "weights": Option("'DEFAULT', a torchvision weight name such as IMAGENET1K_V1, none "
                       "(seeded random initialisation) or a .pth state-dict path", _weights,

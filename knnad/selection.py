@@ -9,7 +9,7 @@ same images (:func:`synthetic_defects`), scored the same way, choose the weights
 vector of :func:`~knnad.fusion.weight_grid` whose fused maps rank the synthetic defects' pixels
 highest (pixel AUROC). No test image is ever used. (``bench_accuracy.py`` measures how well the
 synthetic defects stand for real ones: on MVTec bottle and transistor they did not pick the
-weights the real defects favour, which is why ``"max"`` is the default.)
+weights the real defects favour, which is why ``"refine"``, with no weights, is the default.)
 """
 from __future__ import annotations
 

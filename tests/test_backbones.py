@@ -48,9 +48,14 @@ def test_wide_resnet_shapes_and_all_layers(wide_resnet):
                       "layer3": (1, 1024, 14, 14)}
 
 
-@pytest.mark.parametrize("layers", [None, "default", "coarse"])
-def test_default_layers_are_the_coarse_scale(layers):
+@pytest.mark.parametrize("layers", [None, "default", "multiscale"])
+def test_default_layers_are_the_coarse_and_the_fine_scale(layers):
     extractor = FeatureExtractor("resnet18", layers=layers, weights=None)
+    assert extractor.scales == (("layer2", "layer3"), ("layer1", "layer2", "layer3"))
+
+
+def test_coarse_preset_is_one_scale():
+    extractor = FeatureExtractor("resnet18", layers="coarse", weights=None)
     assert extractor.scales == (("layer2", "layer3"),)
 
 

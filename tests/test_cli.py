@@ -18,6 +18,7 @@ from knnad.datasets import MVTecAD
 from knnad.metrics import image_auroc
 
 FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--no-progress"]
+ONE_SCALE = [*FAST, "--layers", "coarse"]
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +64,13 @@ def test_fit_then_predict(tmp_path, sample, capsys):
     np.testing.assert_allclose([float(row["score"]) for row in rows], expected.image_scores,
                                atol=1e-6)
     assert [row["anomalous"] for row in rows] == [str(int(label)) for label in expected.labels]
-    # Scoring options differ from the calibration's: scores, but no labels.
+    # Scoring options differ from the calibration's: scores, but no labels. (The default's two
+    # scales keep their fit's k.)
     assert main(["predict", str(model), str(broken), "--out", str(out), "--no-heatmaps",
-                 "--no-progress", "--k", "1", "--upsampling", "nearest"]) == 0
+                 "--no-progress", "--upsampling", "nearest"]) == 0
     with open(out / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
-    expected = detector.set_params(k=1, upsampling="nearest").predict([row["path"] for row in rows])
+    expected = detector.set_params(upsampling="nearest").predict([row["path"] for row in rows])
     np.testing.assert_allclose([float(row["score"]) for row in rows], expected.image_scores,
                                atol=1e-6)
     assert expected.labels is None and {row["anomalous"] for row in rows} == {""}
@@ -80,13 +82,15 @@ def test_fit_then_predict(tmp_path, sample, capsys):
 
 def test_evaluate_mvtec_and_folder(tmp_path, sample, capsys):
     out = tmp_path / "report"
+    # One scale, every patch: the command, the API and the example script compute alike.
     assert main(["evaluate", "--dataset", "mvtec", "--root", str(sample.parent), "--category",
-                 "bottle", "--out", str(out), "--coreset", "none", *FAST]) == 0
+                 "bottle", "--out", str(out), "--coreset", "none", *ONE_SCALE]) == 0
     results = json.loads((out / "results.json").read_text())
     row = results["rows"][0]
     assert row["category"] == "bottle" and row["test_images"] == 12
     assert row["memory_bank"] == 16 * 784
-    direct = Detector("mobilenet_v2", weights=None, coreset=None, progress=False).fit(
+    direct = Detector("mobilenet_v2", layers="coarse", weights=None, coreset=None,
+                      progress=False).fit(
         MVTecAD(sample.parent, "bottle", "train"))
     mvtec_test = MVTecAD(sample.parent, "bottle", "test")
     figures, direct_prediction, _ = evaluate(direct, mvtec_test, return_prediction=True)
@@ -97,7 +101,8 @@ def test_evaluate_mvtec_and_folder(tmp_path, sample, capsys):
     # As many torch threads as here (one under pytest-xdist): the same float32 rounding.
     threads = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     subprocess.run([sys.executable, str(example), "--root", str(sample.parent), "--category",
-                    "bottle", "--out", str(tmp_path / "example"), "--coreset", "none", *FAST],
+                    "bottle", "--out", str(tmp_path / "example"), "--coreset", "none",
+                    *ONE_SCALE],
                    check=True, capture_output=True, text=True, env=threads)
     example_row = json.loads((tmp_path / "example" / "results.json").read_text())["rows"][0]
     for name in ("image_auroc", "pixel_auroc", "aupro", "memory_bank"):
@@ -119,7 +124,7 @@ def test_evaluate_mvtec_and_folder(tmp_path, sample, capsys):
     assert main(["evaluate", "--dataset", "folder", "--train", str(folders / "train"),
                  "--test-normal", str(folders / "normal"), "--test-abnormal",
                  str(folders / "abnormal"), "--out", str(tmp_path / "folder_report"),
-                 "--coreset", "none", *FAST]) == 0
+                 "--coreset", "none", *ONE_SCALE]) == 0
     folder_rows = json.loads((tmp_path / "folder_report" / "results.json").read_text())["rows"]
     assert folder_rows[0]["pixel_auroc"] is None  # no masks given
     kept = [i for i, defect in enumerate(mvtec_test.defects)

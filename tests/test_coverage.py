@@ -317,8 +317,9 @@ def test_fine_layer_preset(normal, tmp_path):
     assert tuple(loaded.layers) == ("features.3", "features.6", "features.13")
     np.testing.assert_array_equal(loaded.predict(normal[2:3]).anomaly_maps,
                                   reduced.predict(normal[2:3]).anomaly_maps)
-    default = Detector(**{**CROP, "layers": "default"}).fit(normal[:1])
-    assert default.extractor_.layers == ("features.6", "features.13")
+    default = Detector(**{**CROP, "layers": "default"}).fit(normal[:2])
+    assert default.extractor_.scales == (("features.6", "features.13"),
+                                         ("features.3", "features.6", "features.13"))
     with pytest.raises(ValueError,
                        match="no preset layers 'fine' for backbone 'alexnet'.*pass layers="):
         Detector(**{**CROP, "backbone": "alexnet", "layers": "fine"}).fit(normal[:1])

@@ -439,26 +439,35 @@ def test_sharded_index_with_torch_finds_the_same_neighbours(cluster):
 
 
 def test_a_detector_scores_the_same_with_a_sharded_index(cluster, model, tmp_path):
-    _, local = model
     images = sorted((BOTTLE / "test").glob("*/*.png"))
-    detector = distributed.shard_detector(Detector.load(model[0]), 3, num_cpus_per_shard=0.25)
-    assert isinstance(detector.index_, distributed.ShardedIndex)
-    assert len(detector.index_) == len(local.index_)
-    for image_score in ("max", "spade", "reweighted"):
-        expected = Detector.load(model[0]).set_params(image_score=image_score).predict(images)
-        got = detector.set_params(image_score=image_score).predict(images)
-        np.testing.assert_allclose(got.image_scores, expected.image_scores, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(got.anomaly_maps, expected.anomaly_maps, rtol=0, atol=1e-6)
-    saved = Detector.load(detector.set_params(image_score="max").save(tmp_path / "sharded.npz"))
-    np.testing.assert_array_equal(saved.index_.vectors(), local.index_.vectors())
-    detector.index_.close()
+    one_scale = Detector(**PARAMS, layers="coarse").fit(BOTTLE / "train" / "good")
+    # The default's two scales fuse the maps' maxima; one scale scores every way.
+    for path, image_scores in ((model[0], ("max",)),
+                               (one_scale.save(tmp_path / "one.npz"), ("max", "spade",
+                                                                        "reweighted"))):
+        local = Detector.load(path)
+        detector = distributed.shard_detector(Detector.load(path), 3, num_cpus_per_shard=0.25)
+        assert all(isinstance(scale.index, distributed.ShardedIndex)
+                   for scale in detector.scales_)
+        assert [len(scale.index) for scale in detector.scales_] == [len(scale.index)
+                                                                     for scale in local.scales_]
+        for image_score in image_scores:
+            expected = local.set_params(image_score=image_score).predict(images)
+            got = detector.set_params(image_score=image_score).predict(images)
+            np.testing.assert_allclose(got.image_scores, expected.image_scores, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(got.anomaly_maps, expected.anomaly_maps, rtol=0, atol=1e-6)
+        saved = Detector.load(detector.set_params(image_score="max").save(tmp_path / "shard.npz"))
+        for restored, original in zip(saved.scales_, local.scales_):
+            np.testing.assert_array_equal(restored.index.vectors(), original.index.vectors())
+        for scale in detector.scales_:
+            scale.index.close()
 
 
 # --- command line --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def cli_run(cluster, model, tmp_path_factory):
-    """knnad predict --ray (--k 3, batches of 2, --map-size processed) on the sample's good test
+    """knnad predict --ray (--sigma 2, batches of 2, --map-size processed) on the sample's good test
     images and a corrupt file: its exit status, what it printed, the images' folder and the
     output folder."""
     import contextlib
@@ -475,7 +484,7 @@ def cli_run(cluster, model, tmp_path_factory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         status = main(["predict", str(model[0]), str(folder), "--out", str(tmp_path / "out"),
-                       "--k", "3", "--batch-size", "2", "--map-size", "processed", "--ray"])
+                       "--sigma", "2", "--batch-size", "2", "--map-size", "processed", "--ray"])
     return status, printed.getvalue(), folder, tmp_path / "out"
 
 
@@ -487,7 +496,7 @@ def test_cli_predict_on_ray(cli_run, model, tmp_path, capsys):
     assert status == 3  # PARTIAL: one image skipped
     assert "scored 3 images on Ray" in printed
     rows = pd.read_parquet(out / "scores.parquet").set_index("path")
-    expected = Detector.load(model[0]).set_params(k=3).predict(sorted(folder.glob("0*.png")))
+    expected = Detector.load(model[0]).set_params(sigma=2).predict(sorted(folder.glob("0*.png")))
     np.testing.assert_allclose(rows.loc[expected.paths].image_score, expected.image_scores, rtol=0,
                                atol=1e-6)
     assert rows.loc[str(folder / "corrupt.png"), "status"] == "skipped"
@@ -606,7 +615,7 @@ def test_map_size_reaches_the_scoring_actors(cluster, model, single_thread, torc
     good = sorted(str(p) for p in folder.glob("0*.png"))
     scored = pd.read_parquet(out / "scores.parquet").set_index("path").loc[good]
     np.testing.assert_allclose(scored.image_score,
-                               Detector.load(model[0]).set_params(k=3).predict(good).image_scores,
+                               Detector.load(model[0]).set_params(sigma=2).predict(good).image_scores,
                                rtol=0, atol=1e-6)
 
 

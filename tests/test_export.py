@@ -235,8 +235,8 @@ def test_export_refusals_name_the_problem(fitted, tmp_path):
 
 def test_tiles_smaller_than_the_candidates_with_rerank(monkeypatch, tmp_path):
     # 1,024 bank rows in tiles of 100 (the last of 24) against k + rerank = 12 candidates.
-    detector = Detector("mobilenet_v2", weights=None, image_size=72, crop_size=64, coreset=None,
-                        k=7, rerank=5, progress=False).fit(TRAIN)
+    detector = Detector("mobilenet_v2", layers="coarse", weights=None, image_size=72,
+                        crop_size=64, coreset=None, k=7, rerank=5, progress=False).fit(TRAIN)
     monkeypatch.setattr(knnad.deploy.export, "TILE_ROWS", 100)
     got = OnnxDetector(detector.export_onnx(tmp_path / "tiles.onnx")).predict(TEST)
     expected = detector.predict(TEST)

@@ -287,7 +287,7 @@ def test_predict_writes_report_html(fast_model, tmp_path, capsys):
                      (out / "report.html").read_text())
     # Scoring options other than the calibration's: the thresholds do not apply.
     assert main(["predict", str(fast_model), str(images), "--out", str(out), "--no-heatmaps",
-                 "--no-progress", "--k", "2"]) == 0
+                 "--no-progress", "--upsampling", "nearest"]) == 0
     assert "no calibrated threshold" in (out / "report.html").read_text()
     assert main(["predict", str(fast_model), str(images), "--out", str(tmp_path / "none"),
                  "--no-heatmaps", "--no-report", "--no-progress"]) == 0

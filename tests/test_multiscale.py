@@ -9,7 +9,7 @@ import torch
 
 from knnad import Detector, OnnxDetector
 from knnad.anomaly_map import anomaly_maps
-from knnad.archive import read_archive
+from knnad.archive import read_archive, write_archive
 from knnad.fusion import NormalScores, Scale, normal_scores, refined_map, weight_grid
 from knnad.options import check
 from knnad.selection import DEFECT_AREA, held_out_numbers, synthetic_defects
@@ -28,6 +28,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def fitted(images):
+    """The default fusion ("refine")."""
     return Detector(**SMALL, k=2).fit(images)
 
 
@@ -97,7 +98,8 @@ def test_refine_cuts_the_coarse_halo_to_the_fine_outline_and_keeps_what_fine_mis
 
 @pytest.mark.parametrize("fusion", ["max", "mean", "refine"])
 def test_fused_maps_equal_their_definition(fitted, images, fusion):
-    fitted = fitted if fusion == "max" else Detector(**SMALL, k=2, fusion=fusion).fit(images)
+    if fusion != fitted.fusion:
+        fitted = Detector(**SMALL, k=2, fusion=fusion).fit(images)
     tests = [with_defect(textured_images(1, seed=9)[0]), textured_images(1, seed=10)[0]]
     batch = torch.from_numpy(np.stack([fitted.preprocessor_(image) for image in tests]))
     normalised = []
@@ -130,6 +132,29 @@ def test_model_file_holds_the_scales_and_scores_as_saved(fitted, tmp_path):
     single = Detector(**{**SMALL, "layers": "coarse"}).fit(textured_images(2, seed=4))
     # Older knnad reads it
     assert read_archive(single.save(tmp_path / "single.npz"), "Detector", 3)[2] == 2
+
+
+def test_files_of_the_one_scale_default_and_of_max_fusion_load_and_score_as_saved(images,
+                                                                                tmp_path):
+    """The default became two scales fused by "refine": a file of knnad 0.3's default (saved
+    with layers=None, no fusion setting) stays one coarse scale; a two-scale file of fusion="max"
+    stays "max"."""
+    coarse = Detector(**{**SMALL, "layers": "coarse"}).fit(textured_images(3, seed=4))
+    path = coarse.save(tmp_path / "coarse.npz")
+    meta, arrays, version = read_archive(path, "Detector", 3)
+    meta["params"]["layers"] = None
+    del meta["params"]["fusion"]
+    old = write_archive(tmp_path / "old.npz", "Detector", version, meta, arrays)
+    tests = [with_defect(textured_images(1, seed=14)[0])] + textured_images(1, seed=15)
+    loaded = Detector.load(old)
+    assert loaded.extractor_.scales == (("features.6", "features.13"),)
+    np.testing.assert_array_equal(loaded.predict(tests).anomaly_maps,
+                                  coarse.predict(tests).anomaly_maps)
+    fused_by_max = Detector(**SMALL, k=2, fusion="max").fit(images)
+    reloaded = Detector.load(fused_by_max.save(tmp_path / "max.npz"))
+    assert reloaded.fusion == "max" != Detector().fusion
+    np.testing.assert_array_equal(reloaded.predict(tests).anomaly_maps,
+                                  fused_by_max.predict(tests).anomaly_maps)
 
 
 def test_settings_that_the_statistics_do_not_cover_are_refused(fitted):
@@ -169,7 +194,8 @@ def test_layers_name_scales_in_the_api_and_on_the_command_line():
 
 @pytest.mark.parametrize("fusion", ["max", "refine"])
 def test_exported_graph_fuses_like_the_detector(fitted, images, fusion, tmp_path):
-    fitted = fitted if fusion == "max" else Detector(**SMALL, k=2, fusion=fusion).fit(images)
+    if fusion != fitted.fusion:
+        fitted = Detector(**SMALL, k=2, fusion=fusion).fit(images)
     tests = [with_defect(textured_images(1, seed=12)[0])] + textured_images(2, seed=13)
     onnx = OnnxDetector(fitted.export_onnx(tmp_path / "multi.onnx")).predict(tests)
     expected = fitted.predict(tests)
