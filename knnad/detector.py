@@ -107,7 +107,8 @@ class Detector(Parameters):
         embedders = scale_embedders(self.extractor_, config)
         keep = held_out_numbers(len(items)) if len(embedders) > 1 else ()
         found = embed_images(images, self.extractor_, embedders, config["augment"], keep,
-                             self._lanes(len(items), config["batch_size"]))
+                             self._lanes(len(items), config["batch_size"]),
+                             None if config["coreset"] is None else config["seed"])
         scales = fit_scales(found, embedders, self.extractor_, config)
         self._set_bank(config, scales, found.global_features)
         whole_image = config["crop_size"] is None  # the frame of fit's images is then fixed

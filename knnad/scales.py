@@ -6,8 +6,10 @@ Memory banks of several scales: a share of ``coreset`` is a share of the coarses
 scale's patches; every later scale keeps as many rows as cost the same to search per image
 (fewer, as its patches are more and longer: at crop 224, mobilenet_v2's fine scale has 3,136
 patches of 152 dims to the coarse scale's 784 of 128, so a fifth of its rows), selected from a
-seeded random pool of at most as many patches as the first scale has, so that its coreset costs
-no more to select either. Predict then searches each scale in about the same time.
+seeded random pool of as many of each image's patches as the first scale has, drawn while the
+images are embedded (:func:`~knnad.embedding.embed_images`), so that neither its memory at fit
+nor its coreset costs much more than the first scale's. Predict then searches each scale in
+about the same time.
 """
 from __future__ import annotations
 
@@ -44,25 +46,18 @@ def scale_embedders(extractor: FeatureExtractor, config: Dict[str, Any]) -> List
             for layers in extractor.scales]
 
 
-def _kept_rows(banks: Sequence[np.ndarray], spec: CoresetSpec) -> List[CoresetSpec]:
+def _kept_rows(patches: Sequence[int], banks: Sequence[np.ndarray], spec: CoresetSpec
+               ) -> List[CoresetSpec]:
     """Each scale's coreset setting: ``spec`` for one scale, or for several when it keeps every
     row; else the first scale's count of rows, scaled at each later scale by the ratio of the
-    first scale's patches per image times dimension to its own (the same search cost per image)."""
+    first scale's patches per image times dimension to its own (the same search cost per
+    image), at most its bank's rows. ``patches``: each scale's patches before pooling."""
     if len(banks) == 1 or spec is None:
         return [spec] * len(banks)
     count = max(1, int(len(banks[0]) * spec)) if isinstance(spec, float) else spec
-    cost = [len(bank) * bank.shape[1] for bank in banks]  # patches per image x dim, times images
+    # patches per image x dim, times images
+    cost = [seen * bank.shape[1] for seen, bank in zip(patches, banks)]
     return [min(len(bank), max(1, round(count * cost[0] / own))) for bank, own in zip(banks, cost)]
-
-
-def _coreset_rows(bank: np.ndarray, spec: CoresetSpec, pool: int, seed: int, device: Any,
-                  progress: bool) -> np.ndarray:
-    """Sorted rows of ``bank`` kept by ``spec``, selected from a seeded random pool of at most
-    ``pool`` rows (all rows when the bank is no larger, or when every row is kept)."""
-    if spec is None or len(bank) <= pool or (isinstance(spec, int) and spec >= len(bank)):
-        return subsample(bank, spec, seed, device, progress)
-    candidates = np.sort(np.random.default_rng(seed).choice(len(bank), pool, replace=False))
-    return candidates[subsample(bank[candidates], spec, seed, device, progress)]
 
 
 def fit_scales(found: Embedded, embedders: Sequence[PatchEmbedder], extractor: FeatureExtractor,
@@ -71,11 +66,10 @@ def fit_scales(found: Embedded, embedders: Sequence[PatchEmbedder], extractor: F
     normal statistics and fusion weights from ``found.kept``
     (:func:`~knnad.selection.calibrate_scales`). A ValueError when ``k`` exceeds a memory bank."""
     placement = index_placement(config)
-    specs = _kept_rows(found.banks, config["coreset"])
+    specs = _kept_rows(found.patches, found.banks, config["coreset"])
     scales = []
     for bank, image_ids, embedder, spec in zip(found.banks, found.image_ids, embedders, specs):
-        picks = _coreset_rows(bank, spec, len(found.banks[0]), config["seed"], extractor.device,
-                              config["progress"])
+        picks = subsample(bank, spec, config["seed"], extractor.device, config["progress"])
         if len(picks) < len(bank):  # all rows kept: no copy
             bank, image_ids = bank[picks], image_ids[picks]
         check_int(config["k"], "k", 1, len(bank), f" (the {len(bank)} patches in the memory bank; "

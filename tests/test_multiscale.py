@@ -10,9 +10,11 @@ import torch
 from knnad import Detector, OnnxDetector
 from knnad.anomaly_map import anomaly_maps
 from knnad.archive import read_archive, write_archive
+from knnad.embedding import embed_images, pooled_rows
 from knnad.fusion import NormalScores, Scale, normal_scores, refined_map, weight_grid
 from knnad.options import check
 from knnad.selection import DEFECT_AREA, held_out_numbers, synthetic_defects
+from knnad.sources import batches
 
 from test_detector import textured_images, with_defect
 
@@ -52,6 +54,29 @@ def test_multiscale_fuses_a_coarse_and_a_fine_scale(fitted):
     # Coreset=None: every patch
     assert len(coarse.index) == 8 * 8 * 8 and len(fine.index) == 8 * 16 * 16
     assert coarse.weight == fine.weight == 0.5 and coarse.normal.k == 2
+
+
+def test_a_finer_scale_keeps_a_seeded_pool_of_each_image_s_patches(fitted, images):
+    embedders = [scale.embedder for scale in fitted.scales_]
+
+    def embedded(batch_size, pool_seed):
+        return embed_images(batches(images, fitted.preprocessor_, batch_size),
+                            fitted.extractor_, embedders, pool_seed=pool_seed)
+
+    every, pooled = embedded(3, None), embedded(3, 7)
+    assert every.patches == pooled.patches == [8 * 64, 8 * 256]
+    same = dict(rtol=1e-5, atol=1e-9)  # two forward passes may round differently
+    np.testing.assert_allclose(pooled.banks[0], every.banks[0], **same)  # the first scale: all
+    assert len(pooled.banks[1]) == 8 * 64  # as many per image as the first scale
+    np.testing.assert_array_equal(pooled.image_ids[1], np.repeat(np.arange(8), 64))
+    for image in range(8):
+        rows = pooled_rows(256, 64, 7, image, 1)
+        assert len(set(rows)) == 64
+        np.testing.assert_allclose(pooled.banks[1][image * 64:(image + 1) * 64],
+                                   every.banks[1][image * 256 + rows], **same)
+    # The same pool in batches of another size; another seed, another pool.
+    np.testing.assert_allclose(embedded(5, 7).banks[1], pooled.banks[1], **same)
+    assert not np.allclose(embedded(3, 8).banks[1], pooled.banks[1], **same)
 
 
 def test_normal_scores_are_the_held_out_images_scored_without_their_own_rows(fitted, images):
