@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 from PIL import Image
@@ -117,7 +117,7 @@ def one_thread_stages(detector: Detector, paths: List[str], repeats: int = 3
     return {stage: min(run[stage] for run in runs) for stage in runs[0]}
 
 
-def knnad_rates(detector: Detector, train: List[str], test: List[str]) -> Dict[str, float]:
+def knnad_rates(detector: Detector, train: List[str], test: List[str]) -> Dict[str, Any]:
     """Fit seconds and images/s of Detector.predict: cold, warm, warm with a competing process."""
     fit = _timed(lambda: detector.fit(train))
     cold = _timed(lambda: detector.predict(test))
@@ -126,7 +126,8 @@ def knnad_rates(detector: Detector, train: List[str], test: List[str]) -> Dict[s
     with CompetingProcess():
         loaded = sum(_timed(lambda: detector.predict(test)) for _ in range(PASSES - 1))
     count = (PASSES - 1) * len(test)
-    return {"bank rows": len(detector.index_), "fit s": fit, "cold img/s": len(test) / cold,
+    return {"bank rows": " + ".join(str(len(scale.index)) for scale in detector.scales_),
+            "fit s": fit, "cold img/s": len(test) / cold,
             "warm img/s": count / warm, "loaded img/s": count / loaded}
 
 
