@@ -102,7 +102,7 @@ from knnad.scoring import patch_knn_scores
 from knnad.sources import _DECODE_THREADS, batches
 
 import _common
-from _common import best_time, category_parser, patch_embeddings, write_results
+from _common import ONE_SCALE, best_time, category_parser, patch_embeddings, write_results
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 #: The MVTec AD root beside the checkout (../shared), as the tests find it.
@@ -791,9 +791,10 @@ def run_checks(args, sizes: Sizes, device: torch.device, train: List[str], test:
     """Items 1 to 4 in turn, each table's rows appended as they are measured; ``save`` writes
     the results so far (quietly before Ray, so that they outlast a run killed there)."""
     def detector(coreset=args.coreset, **params) -> Detector:
-        """An unfitted Detector of the run's backbone, weights and coreset on the device."""
+        """An unfitted Detector of the run's backbone, weights and coreset on the device, one
+        scale (its stages are timed one by one below)."""
         return Detector("mobilenet_v2", weights=args.weights, coreset=coreset, backend="torch",
-                        device=str(device), progress=False, **params)
+                        device=str(device), progress=False, **{"layers": ONE_SCALE, **params})
 
     say("1. exact search, random case")
     queries, bank = random_case(sizes, device)

@@ -28,7 +28,14 @@ from .persistence import (
 from .prediction import Prediction
 from .preprocessing import Preprocessor
 from .runtime import backbone_device, cpu_threads, one_thread_lanes
-from .scales import check_scales, fit_scales, index_placement, scale_embedders, score_images
+from .scales import (
+    check_scales,
+    fit_scales,
+    index_placement,
+    pool_seed,
+    scale_embedders,
+    score_images,
+)
 from .scoring import image_row_ranges
 from .selection import held_out_numbers
 from .sources import Batch, batches, image_items
@@ -108,7 +115,7 @@ class Detector(Parameters):
         keep = held_out_numbers(len(items)) if len(embedders) > 1 else ()
         found = embed_images(images, self.extractor_, embedders, config["augment"], keep,
                              self._lanes(len(items), config["batch_size"]),
-                             None if config["coreset"] is None else config["seed"])
+                             pool_seed(config))
         scales = fit_scales(found, embedders, self.extractor_, config)
         self._set_bank(config, scales, found.global_features)
         whole_image = config["crop_size"] is None  # the frame of fit's images is then fixed
@@ -122,8 +129,9 @@ class Detector(Parameters):
     def predict(self, data: Any) -> Prediction:
         """Anomaly scores and maps for ``data`` (same kinds as :meth:`fit`). Pixel score: mean
         Euclidean distance of the patch to its ``k`` nearest normal patches, upsampled to the crop
-        or whole frame (``upsampling``), smoothed (``sigma``), sized per ``map_size``; image
-        score per ``image_score``."""
+        or whole frame (``upsampling``), smoothed (``sigma``), sized per ``map_size``; with
+        several scales (the default), each scale's map in units of its normal scores (1 = their
+        99.9th percentile) and fused (``fusion``). Image score per ``image_score``."""
         return Prediction.concatenate(list(self.predict_batches(data)), "predict")
 
     def predict_batches(self, data: Any) -> Iterator[Prediction]:

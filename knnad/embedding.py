@@ -172,8 +172,8 @@ def embed_images(batches: Iterable[Batch], extractor: FeatureExtractor,
     ``keep`` (0 for the first image read; views are not kept); a ValueError when no image could
     be read, or when the images do not share one size. ``lanes``: how many batches at once, each
     on one thread when more than one (:func:`~knnad.runtime.one_thread_lanes`). With a
-    ``pool_seed``, a later scale keeps of each image (view) only a random pool of as many
-    patches as the first scale has (:func:`pooled_rows`): what a coreset of it picks from, in a
+    ``pool_seed``, a scale of more patches than the coarsest keeps of each image (view) only a
+    random pool of as many (:func:`pooled_rows`): what a coreset of it picks from, in a
     fraction of the memory (the fine scale's bank of wide_resnet50_2 is 4.7x the coarse one's
     bytes; pooled, 1.2x)."""
     transforms = [lambda x: x] + [VIEWS[name] for name in check_augment(augment) or ()]
@@ -209,12 +209,12 @@ def embed_images(batches: Iterable[Batch], extractor: FeatureExtractor,
                 kept.append(images[image])
                 kept_ids.append(len(pooled))
             for embeddings, global_features in views:
-                first = embeddings[0][image].shape[0] * embeddings[0][image].shape[1]
+                fewest = min(embedding.shape[1] * embedding.shape[2] for embedding in embeddings)
                 for scale, embedding in enumerate(embeddings):
                     rows = embedding[image].reshape(-1, embedding.shape[-1])
                     seen[scale] += len(rows)
-                    if pool_seed is not None and scale > 0 and len(rows) > first:
-                        rows = rows[torch.from_numpy(pooled_rows(len(rows), first, pool_seed,
+                    if pool_seed is not None and len(rows) > fewest:
+                        rows = rows[torch.from_numpy(pooled_rows(len(rows), fewest, pool_seed,
                                                                  len(pooled), scale))]
                     patches[scale].append(rows)
                     counts[scale].append(len(rows))

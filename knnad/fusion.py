@@ -132,7 +132,7 @@ def refined_map(coarse: torch.Tensor, fine: torch.Tensor, radius: int) -> torch.
 
 def refine_radius(patch_size: float) -> int:
     """The ``"refine"`` radius in map pixels for a finer scale whose patches are ``patch_size``
-    map pixels wide (8 for mobilenet_v2's stride-4 scale on a 224 crop)."""
+    map pixels wide (mobilenet_v2's stride-4 scale on a 224 crop: patches of 4, radius 8)."""
     return max(1, int(round(REFINE_RADIUS * patch_size)))
 
 

@@ -118,7 +118,8 @@ OPTIONS: Dict[str, Option] = {
     "weights": Option("'DEFAULT', a torchvision weight name such as IMAGENET1K_V1, none "
                       "(seeded random initialisation) or a .pth state-dict path", _weights,
                       parse=_none_or(str)),
-    "k": Option("nearest normal patches whose mean Euclidean distance is a patch's score",
+    "k": Option("nearest normal patches whose mean Euclidean distance is a patch's score (a "
+                "model of several scales keeps its fit's k)",
                 _int(1), parse=int, refit=False, scoring=True),
     "image_score": Option("'max': the maximum of the anomaly map; 'spade': the mean distance of "
                           "the image's global feature to its image_k nearest training images, "

@@ -359,6 +359,11 @@ def _farthest(radii: torch.Tensor, cells: _Cells, owner: torch.Tensor,
     return rows[nearest.index_select(0, rows) == largest].min()
 
 
+def keeps_every_row(spec: CoresetSpec) -> bool:
+    """Whether coreset setting ``spec`` (checked) keeps every patch: None or a share of 1.0."""
+    return spec is None or (isinstance(spec, float) and spec >= 1.0)
+
+
 def subsample(bank: ArrayLike, spec: CoresetSpec, seed: int = 0,
               device: Union[str, torch.device] = "cpu", progress: bool = False) -> np.ndarray:
     """Rows of ``bank`` to keep for a coreset setting (see :func:`parse_coreset`; a count above

@@ -2,11 +2,12 @@
 each, and for several scales their normal statistics and fusion weights, see
 :mod:`knnad.selection`), and at predict one anomaly map from them.
 
-Memory banks of several scales: a share of ``coreset`` is a share of the coarsest (first)
-scale's patches; every later scale keeps as many rows as cost the same to search per image
+Memory banks of several scales: a share of ``coreset`` is a share of the coarsest scale's
+patches (the scale of fewest patches); every other scale keeps as many rows as cost the same
+to search per image
 (fewer, as its patches are more and longer: at crop 224, mobilenet_v2's fine scale has 3,136
 patches of 152 dims to the coarse scale's 784 of 128, so a fifth of its rows), selected from a
-seeded random pool of as many of each image's patches as the first scale has, drawn while the
+seeded random pool of as many of each image's patches as the coarsest scale has, drawn while the
 images are embedded (:func:`~knnad.embedding.embed_images`), so that neither its memory at fit
 nor its coreset costs much more than the first scale's. Predict then searches each scale in
 about the same time.
@@ -14,7 +15,7 @@ about the same time.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from .backbones import FeatureExtractor
 from .embedding import Embedded, PatchEmbedder, patch_features
 from .fusion import Scale, fused_maps, normal_scores
 from .index import FlatL2Index
-from .sampling import CoresetSpec, subsample
+from .sampling import CoresetSpec, keeps_every_row, subsample
 from .scoring import patch_knn_scores, score_patches
 from .selection import calibrate_scales
 
@@ -46,18 +47,27 @@ def scale_embedders(extractor: FeatureExtractor, config: Dict[str, Any]) -> List
             for layers in extractor.scales]
 
 
+def pool_seed(config: Dict[str, Any]) -> Optional[int]:
+    """The seed of the finer scales' per-image pools at fit (see
+    :func:`~knnad.embedding.embed_images`); None when the coreset keeps every patch."""
+    return None if keeps_every_row(config["coreset"]) else config["seed"]
+
+
 def _kept_rows(patches: Sequence[int], banks: Sequence[np.ndarray], spec: CoresetSpec
                ) -> List[CoresetSpec]:
     """Each scale's coreset setting: ``spec`` for one scale, or for several when it keeps every
-    row; else the first scale's count of rows, scaled at each later scale by the ratio of the
-    first scale's patches per image times dimension to its own (the same search cost per
-    image), at most its bank's rows. ``patches``: each scale's patches before pooling."""
-    if len(banks) == 1 or spec is None:
+    row; else the coarsest scale's (the one of fewest patches) count of rows, scaled at each
+    other scale by the ratio of the coarsest scale's patches per image times dimension to its
+    own (the same search cost per image), at most its bank's rows. ``patches``: each scale's
+    patches before pooling."""
+    if len(banks) == 1 or keeps_every_row(spec):
         return [spec] * len(banks)
-    count = max(1, int(len(banks[0]) * spec)) if isinstance(spec, float) else spec
+    coarsest = int(np.argmin(patches))
+    count = max(1, int(len(banks[coarsest]) * spec)) if isinstance(spec, float) else spec
     # patches per image x dim, times images
     cost = [seen * bank.shape[1] for seen, bank in zip(patches, banks)]
-    return [min(len(bank), max(1, round(count * cost[0] / own))) for bank, own in zip(banks, cost)]
+    return [min(len(bank), max(1, round(count * cost[coarsest] / own)))
+            for bank, own in zip(banks, cost)]
 
 
 def fit_scales(found: Embedded, embedders: Sequence[PatchEmbedder], extractor: FeatureExtractor,

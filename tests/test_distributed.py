@@ -85,20 +85,21 @@ def test_fit_many_records_a_broken_job_and_keeps_the_others(cluster, local_weigh
     assert broken["model"] is None and broken["bank_size"] is None
     assert "ValueError" in broken["error"] and str(empty) in broken["error"]
     assert not (tmp_path / "models" / "broken.npz").exists()
-    patches = 14 * 14  # crop 112 at stride 8
+    patches = 14 * 14 + 28 * 28  # crop 112: the coarse scale at stride 8, the fine one at 4
     for row, images in ((rows[0], len(train)), (rows[2], 4)):
         assert row["error"] is None and row["seconds"] > 0
         assert row["model"] == str(tmp_path / "models" / f"{row['name']}.npz")
         assert row["bank_size"] == images * patches
         loaded = Detector.load(row["model"])
-        assert len(loaded.index_) == row["bank_size"]
+        assert sum(len(scale.index) for scale in loaded.scales_) == row["bank_size"]
         assert loaded.train_paths_ == [str(p)
                                        for p in (good if row["name"] == "bottle" else good[:4])]
     # The same fit in this process gives the same memory bank (to float32 rounding: the worker
     # runs torch on one thread, this process on two).
     local = Detector(**PARAMS).fit(good[:4])
-    np.testing.assert_allclose(Detector.load(rows[2]["model"]).index_.vectors(),
-                               local.index_.vectors(), rtol=0, atol=1e-5)
+    for remote, here in zip(Detector.load(rows[2]["model"]).scales_, local.scales_):
+        np.testing.assert_allclose(remote.index.vectors(), here.index.vectors(), rtol=0,
+                                   atol=1e-5)
 
 
 def test_fit_many_checks_before_any_task(tmp_path):

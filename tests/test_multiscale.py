@@ -79,6 +79,29 @@ def test_a_finer_scale_keeps_a_seeded_pool_of_each_image_s_patches(fitted, image
     assert not np.allclose(embedded(3, 8).banks[1], pooled.banks[1], **same)
 
 
+def test_a_coreset_share_is_of_the_coarse_scale_and_the_fine_bank_costs_as_much_to_search(
+        fitted, images):
+    coarse_rows = (64, 128)  # patches per image, dims
+    fine_rows = (256, 24 + 32 + 96)
+    detector = Detector(**{**SMALL, "coreset": 0.5}, k=2).fit(images)
+    coarse, fine = detector.scales_
+    assert len(fine.index) == round(len(coarse.index) * coarse_rows[0] * coarse_rows[1]
+                                    / (fine_rows[0] * fine_rows[1]))
+    assert np.bincount(fine.image_ids).max() <= 64  # picked from each image's pool of 64
+    # The scales in the other order: banks of the same sizes (their pools are drawn per scale
+    # number) and, with every patch kept, the same maps.
+    reverse = dict(SMALL, layers=[["features.3", "features.6", "features.13"],
+                                  ["features.6", "features.13"]], k=2)
+    reversed_sizes = [len(scale.index)
+                      for scale in Detector(**{**reverse, "coreset": 0.5}).fit(images).scales_]
+    assert reversed_sizes == [len(fine.index), len(coarse.index)]
+    tests = [with_defect(textured_images(1, seed=16)[0])]
+    np.testing.assert_allclose(Detector(**reverse).fit(images).predict(tests).anomaly_maps,
+                               fitted.predict(tests).anomaly_maps, atol=1e-5)
+    every = Detector(**{**SMALL, "coreset": 1.0}, k=2).fit(images)  # 1.0 keeps every patch
+    assert [len(scale.index) for scale in every.scales_] == [8 * 64, 8 * 256]
+
+
 def test_normal_scores_are_the_held_out_images_scored_without_their_own_rows(fitted, images):
     kept = held_out_numbers(len(images))
     assert kept == list(range(8))  # up to 16, evenly spread: all 8 here
@@ -135,6 +158,8 @@ def test_fused_maps_equal_their_definition(fitted, images, fusion):
     stacked = torch.stack(normalised)
     expected = (stacked.amax(0) if fusion == "max" else stacked.mean(0) if fusion == "mean"
                 else refined_by_definition(*normalised, radius=8))  # 2 fine patches of 4 px
+    if fusion == "refine":  # the fine scale sees the defect: the gate acts
+        assert (expected - stacked.amax(0)).abs().max() > 0.5
     prediction = fitted.predict(tests)
     np.testing.assert_allclose(prediction.anomaly_maps, expected.numpy(), atol=1e-4)
     np.testing.assert_allclose(prediction.image_scores, expected.amax(dim=(1, 2)).numpy(),

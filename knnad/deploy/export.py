@@ -252,7 +252,9 @@ def _add_scoring(writer: _GraphWriter, scales: List[Scale], grids: List[Tuple[in
                 "factor", np.array(factor, np.float32))])
         maps.append(anomaly_map)
         patch_sizes.append(frame[0] / grid[0])
-    if several and settings["fusion"] == "refine":
+    if several and len(maps) == 1:  # one scale of non-zero weight
+        writer.node("Identity", maps, name=OUTPUTS[1])
+    elif several and settings["fusion"] == "refine":
         coarsest_first = refine_order(patch_sizes)
         fused = maps[coarsest_first[0]]
         for finer in coarsest_first[1:]:

@@ -53,7 +53,8 @@ def _fit_job(name: str, images: Any, model: str, params: Dict[str, Any]) -> Dict
     try:
         detector = Detector(**params).fit(images)
         path = detector.save(model)
-        return _row(name, str(path), len(detector.index_), time.perf_counter() - start, None)
+        bank = sum(len(scale.index) for scale in detector.scales_)
+        return _row(name, str(path), bank, time.perf_counter() - start, None)
     except Exception as error:  # the job's own failure: recorded, the other jobs go on
         logger.warning("fit_many: job %r failed: %s", name, error)
         return _row(name, None, None, time.perf_counter() - start, error_text(error))
@@ -114,8 +115,8 @@ def fit_many(jobs: Iterable[Tuple[str, Any]], output_dir: PathLike, *,
     times at most.
 
     Returns one row per job, in the order of ``jobs``: ``name``, ``model`` (the file written,
-    or None), ``bank_size`` (memory-bank rows), ``seconds`` (fit and save, in the task) and
-    ``error`` (None, or the exception's type and message: a failing job, such as a folder
+    or None), ``bank_size`` (memory-bank rows of all scales), ``seconds`` (fit and save, in the
+    task) and ``error`` (None, or the exception's type and message: a failing job, such as a folder
     without images, records it and the other jobs go on; a job whose worker died every time,
     Ray's error).
     """
