@@ -130,15 +130,14 @@ def refined_map(coarse: torch.Tensor, fine: torch.Tensor, radius: int) -> torch.
     return torch.maximum(fine, coarse * (1.0 - found * (1.0 - outline)))
 
 
-def refine_radius(patch_size: float) -> int:
-    """The ``"refine"`` radius in map pixels for a finer scale whose patches are ``patch_size``
-    map pixels wide (mobilenet_v2's stride-4 scale on a 224 crop: patches of 4, radius 8)."""
-    return max(1, int(round(REFINE_RADIUS * patch_size)))
-
-
-def refine_order(patch_sizes: Sequence[float]) -> List[int]:
-    """The scales' numbers from the coarsest (largest patches) to the finest, equals in order."""
-    return sorted(range(len(patch_sizes)), key=lambda number: -patch_sizes[number])
+def refine_steps(patch_sizes: Sequence[float]) -> Tuple[int, List[Tuple[int, int]]]:
+    """How ``"refine"`` folds scales whose patches are ``patch_sizes`` map pixels wide: the
+    coarsest scale's number (largest patches; equals in order), then ``(number, radius)`` of
+    each finer one, coarse to fine, its radius :data:`REFINE_RADIUS` of its patches in map
+    pixels (mobilenet_v2's stride-4 scale on a 224 crop: patches of 4, radius 8)."""
+    order = sorted(range(len(patch_sizes)), key=lambda number: -patch_sizes[number])
+    return order[0], [(number, max(1, int(round(REFINE_RADIUS * patch_sizes[number]))))
+                      for number in order[1:]]
 
 
 def fused_maps(maps: Sequence[torch.Tensor], normals: Sequence[NormalScores],
@@ -157,10 +156,10 @@ def fused_maps(maps: Sequence[torch.Tensor], normals: Sequence[NormalScores],
         if len(patch_sizes) != len(normalised):
             raise ValueError(f"fusion='refine' needs each scale's patch size in map pixels, got "
                              f"{list(patch_sizes)} for {len(normalised)} scales")
-        coarsest_first = refine_order(patch_sizes)
-        fused = normalised[coarsest_first[0]]
-        for finer in coarsest_first[1:]:
-            fused = refined_map(fused, normalised[finer], refine_radius(patch_sizes[finer]))
+        coarsest, steps = refine_steps(patch_sizes)
+        fused = normalised[coarsest]
+        for finer, radius in steps:
+            fused = refined_map(fused, normalised[finer], radius)
         return fused.float()
     if fusion == "max":
         return torch.stack(normalised).amax(dim=0).float()

@@ -37,7 +37,7 @@ from ..anomaly_map import map_matrices
 from ..archive import atomic_write, check_target
 from ..backbones import FeatureExtractor
 from ..embedding import PatchEmbedder
-from ..fusion import Scale, normal_scores, refine_order, refine_radius
+from ..fusion import Scale, normal_scores, refine_steps
 from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from ..thresholds import Thresholds
 from .onnx_detector import (
@@ -255,12 +255,11 @@ def _add_scoring(writer: _GraphWriter, scales: List[Scale], grids: List[Tuple[in
     if several and len(maps) == 1:  # one scale of non-zero weight
         writer.node("Identity", maps, name=OUTPUTS[1])
     elif several and settings["fusion"] == "refine":
-        coarsest_first = refine_order(patch_sizes)
-        fused = maps[coarsest_first[0]]
-        for finer in coarsest_first[1:]:
-            fused = _add_refined_map(writer, fused, maps[finer],
-                                     refine_radius(patch_sizes[finer]),
-                                     OUTPUTS[1] if finer == coarsest_first[-1] else None)
+        coarsest, steps = refine_steps(patch_sizes)
+        fused = maps[coarsest]
+        for step, (finer, radius) in enumerate(steps, 1):
+            fused = _add_refined_map(writer, fused, maps[finer], radius,
+                                     OUTPUTS[1] if step == len(steps) else None)
     elif several:
         writer.node("Max" if settings["fusion"] == "max" else "Sum", maps, name=OUTPUTS[1])
     writer.node("ReduceMax", [OUTPUTS[1], writer.constant("axes", np.array([1, 2], np.int64))],
