@@ -13,7 +13,8 @@ size), the fine scale alone (``layers="fine"``, as many rows as the coarse bank)
 fine row (``layers="fine", reduce_dim=128``, the same rows). Each row: image AUROC, pixel AUROC
 with a 95 % bootstrap interval and the paired bootstrap differences (the same resamples of the
 test images) to the coarse scale (knnad 0.3's default) and to the better of coarse-only and
-fine-only, AUPRO, ms/image (predict, decoding included, warm), fit seconds, memory-bank rows and
+fine-only, the paired differences of image AUROC to coarse-only and to fine-only (the same
+resamples), AUPRO, ms/image (predict, decoding included, warm), fit seconds, memory-bank rows and
 MiB over all scales.
 
 Pixel figures are on the pixels every setting scores: the 224 crop of the 256-resized image
@@ -34,7 +35,8 @@ from pathlib import Path
 from knnad import Detector, evaluate
 from knnad.backbones import DEFAULT_PRESET
 from knnad.datasets import MVTecAD
-from knnad.metrics import aupro, image_auroc, pixel_auroc, pixel_auroc_bootstrap
+from knnad.metrics import (aupro, image_auroc, image_auroc_bootstrap, pixel_auroc,
+                           pixel_auroc_bootstrap)
 from knnad.preprocessing import center_crop
 
 import _common
@@ -94,7 +96,7 @@ def main() -> None:
         train.samples, test.samples = train.samples[:4], test.samples[::12]
         _common.RESULTS = Path(tempfile.mkdtemp(prefix="bench_accuracy-"))
     labels = test.labels
-    rows, crop_maps, crop_masks, coarse_rows = [], [], None, None
+    rows, crop_maps, image_scores, crop_masks, coarse_rows = [], [], [], None, None
     for fit_params, settings in FITS:
         fit_params = {"coreset": args.coreset, **fit_params}
         if fit_params["coreset"] == COARSE_ROWS:
@@ -115,6 +117,7 @@ def main() -> None:
             maps = maps if detector.crop_size else center_crop(maps, CROP)
             crop_masks = masks if crop_masks is None else crop_masks
             crop_maps.append(maps)
+            image_scores.append(prediction.image_scores)
             rows.append({"setting": name, "bank rows": " + ".join(str(len(bank)) for bank in banks),
                          "bank MiB": sum(len(bank) * bank.dim * 4 for bank in banks) / 2**20,
                          "fusion weights": " / ".join(f"{scale.weight:g}"
@@ -129,11 +132,15 @@ def main() -> None:
     names = [row["setting"] for row in rows]
     coarse, fine = names.index(COARSE), names.index(FINE)
     better = coarse if rows[coarse]["pixel AUROC"] >= rows[fine]["pixel AUROC"] else fine
-    for row, column in zip(rows, replicates.T):
+    image_replicates = image_auroc_bootstrap(labels, *image_scores, rounds=rounds)
+    for row, column, image_column in zip(rows, replicates.T, image_replicates.T):
         row["pixel AUROC 95% interval"] = interval(column)
         row["- coarse, paired 95%"] = interval(column - replicates[:, coarse], digits=5)
         row["- better single scale, paired 95%"] = interval(column - replicates[:, better],
                                                             digits=5)
+        for scale, number in (("coarse", coarse), ("fine", fine)):
+            row[f"image AUROC - {scale}, paired 95%"] = interval(
+                image_column - image_replicates[:, number], digits=4)
         row["AUPRO"] = row.pop("AUPRO")  # last, as in the other tables
     if args.peer_python and not args.quick:
         weights = SHARED / "weights" / "mobilenet_v2-b0353104.pth"

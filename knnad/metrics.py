@@ -1,4 +1,5 @@
-"""Anomaly detection metrics: image and pixel ROC AUC, ROC curves, F1-max and AUPRO.
+"""Anomaly detection metrics: image and pixel ROC AUC (and their paired bootstrap), ROC curves,
+F1-max and AUPRO.
 
 Built on scikit-learn's ROC and precision–recall curves; pixel metrics work on flattened
 arrays in one sort (O(P log P) time, O(P) memory for P pixels, no pairwise work).
@@ -114,9 +115,10 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
 
 
 def _ordered_pair_counts(masks: np.ndarray, maps: np.ndarray) -> np.ndarray:
-    """``[N, N]`` float64: entry ``[i, j]`` counts the (defect pixel of image i, normal pixel of
-    image j) pairs that ``maps`` ranks correctly, ties counting one half. Summed over all i, j it
-    is the Mann–Whitney numerator of the pixel AUROC."""
+    """``[N, N]`` float64 of ``masks`` bool and ``maps`` ``[N, P]`` (each image's P pixels):
+    entry ``[i, j]`` counts the (defect pixel of image i, normal pixel of image j) pairs that
+    ``maps`` ranks correctly, ties counting one half. Summed over all i, j it is the
+    Mann–Whitney numerator of the pixel AUROC."""
     counts = np.zeros((len(masks), len(masks)))
     defect_scores = maps[masks]
     defect_images = np.nonzero(masks)[0]
@@ -139,23 +141,42 @@ def pixel_auroc_bootstrap(masks, *maps, rounds: int = 2000, seed: int = 0) -> np
     defect pixel. Exact (equal to :func:`pixel_auroc` of the repeated images), and cheap: the
     pixels are ranked once per map set, then each resample is a weighted sum over image pairs.
     """
+    return _paired_bootstrap(masks, maps, 3, "pixel_auroc_bootstrap", rounds, seed)
+
+
+def image_auroc_bootstrap(labels, *scores, rounds: int = 2000, seed: int = 0) -> np.ndarray:
+    """Image AUROC of each set of ``scores`` (float ``[N]``; ``labels`` ``[N]``, 1 = defect) on
+    ``rounds`` bootstrap resamples of the images: float64 ``[rounds, len(scores)]``, NaN where
+    a resample holds no defect (or no normal) image. The resamples are
+    :func:`pixel_auroc_bootstrap`'s for the same ``N``, ``rounds`` and ``seed``, so image and
+    pixel intervals of one run come from the same resampled test sets."""
+    return _paired_bootstrap(labels, scores, 1, "image_auroc_bootstrap", rounds, seed)
+
+
+def _paired_bootstrap(masks, maps, ndim: int, what: str, rounds: int, seed: int) -> np.ndarray:
+    """AUROC of each of ``maps`` on bootstrap resamples of the images of ``masks`` (``ndim``
+    dimensions: 1 for image labels, each image then a single "pixel"; 3 for pixel masks)."""
     masks = np.asarray(masks).astype(bool)
     if not maps:
-        raise ValueError("pixel_auroc_bootstrap needs at least one set of maps")
-    if masks.ndim != 3:
-        raise ValueError(f"masks must be [N, H, W], got shape {masks.shape}")
+        raise ValueError(f"{what} needs at least one set of {'scores' if ndim == 1 else 'maps'}")
+    if masks.ndim != ndim:
+        raise ValueError(f"{what}: {'labels must be [N]' if ndim == 1 else 'masks must be [N, H, W]'}"
+                         f", got shape {masks.shape}")
     check_int(rounds, "rounds", hint=" (bootstrap resamples)")
+    pixels = masks.reshape(len(masks), -1)
     pair_counts = []
     for position, image_maps in enumerate(maps):
         image_maps = np.asarray(image_maps)
         if image_maps.shape != masks.shape:
-            raise ValueError(f"maps #{position} has shape {image_maps.shape}, masks {masks.shape}")
-        _binary_and_scores(masks, image_maps, "pixel_auroc_bootstrap")
-        pair_counts.append(_ordered_pair_counts(masks, image_maps))
+            raise ValueError(f"{what}: {'scores' if ndim == 1 else 'maps'} #{position} has shape "
+                             f"{image_maps.shape}, {'labels' if ndim == 1 else 'masks'} "
+                             f"{masks.shape}")
+        _binary_and_scores(masks, image_maps, what)
+        pair_counts.append(_ordered_pair_counts(pixels, image_maps.reshape(len(masks), -1)))
     count = len(masks)
     weights = np.random.default_rng(seed).multinomial(count, [1.0 / count] * count, size=rounds)
-    defect = masks.reshape(count, -1).sum(axis=1).astype(np.float64)
-    normal = masks[0].size - defect
+    defect = pixels.sum(axis=1).astype(np.float64)
+    normal = pixels.shape[1] - defect
     pairs = (weights @ defect) * (weights @ normal)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.stack([np.einsum("ri,ij,rj->r", weights, counts, weights) / pairs

@@ -102,6 +102,43 @@ def test_pixel_auroc_bootstrap_equals_auroc_of_repeated_images():
                                           abs=1e-12)
 
 
+def test_image_auroc_bootstrap_equals_auroc_of_repeated_images_on_pixel_resamples():
+    rng = np.random.default_rng(2)
+    labels = np.array([0, 0, 1, 1, 0, 1, 0, 1, 1])
+    tied = np.round(rng.random(9) + 0.4 * labels, 1)
+    noise = rng.random(9)
+    replicates = metrics.image_auroc_bootstrap(labels, tied, noise, rounds=8, seed=5)
+    assert replicates.shape == (8, 2)
+    draws = np.random.default_rng(5).multinomial(9, [1 / 9] * 9, size=8)
+    checked = 0
+    for replicate, draw in zip(replicates, draws):
+        images = np.repeat(np.arange(9), draw)
+        if labels[images].all() or not labels[images].any():
+            assert np.isnan(replicate).all()
+            continue
+        checked += 1
+        for value, scores in zip(replicate, (tied, noise)):
+            assert value == pytest.approx(metrics.image_auroc(labels[images], scores[images]),
+                                          abs=1e-12)
+    assert checked >= 6
+    # the same resamples as the pixel bootstrap: images as one-pixel maps give the same figures
+    pixel = metrics.pixel_auroc_bootstrap(labels[:, None, None].astype(bool),
+                                          tied[:, None, None], rounds=8, seed=5)
+    np.testing.assert_array_equal(pixel[:, 0], replicates[:, 0])
+
+
+def test_image_auroc_bootstrap_errors():
+    labels = np.array([0, 1, 1])
+    with pytest.raises(ValueError, match="image_auroc_bootstrap needs at least one set of scores"):
+        metrics.image_auroc_bootstrap(labels)
+    with pytest.raises(ValueError, match="scores #0 has shape"):
+        metrics.image_auroc_bootstrap(labels, np.zeros(4))
+    with pytest.raises(ValueError, match=r"labels must be \[N\]"):
+        metrics.image_auroc_bootstrap(labels[:, None], np.zeros((3, 1)))
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        metrics.image_auroc_bootstrap(np.ones(3), np.zeros(3))
+
+
 def test_pixel_auroc_bootstrap_errors():
     masks = np.zeros((2, 3, 3), bool)
     masks[0, 0, 0] = True
