@@ -35,8 +35,13 @@ from pathlib import Path
 from knnad import Detector, evaluate
 from knnad.backbones import DEFAULT_PRESET
 from knnad.datasets import MVTecAD
-from knnad.metrics import (aupro, image_auroc, image_auroc_bootstrap, pixel_auroc,
-                           pixel_auroc_bootstrap)
+from knnad.metrics import (
+    aupro,
+    image_auroc,
+    image_auroc_bootstrap,
+    pixel_auroc,
+    pixel_auroc_bootstrap,
+)
 from knnad.preprocessing import center_crop
 
 import _common

@@ -157,20 +157,20 @@ def _paired_bootstrap(masks, maps, ndim: int, what: str, rounds: int, seed: int)
     """AUROC of each of ``maps`` on bootstrap resamples of the images of ``masks`` (``ndim``
     dimensions: 1 for image labels, each image then a single "pixel"; 3 for pixel masks)."""
     masks = np.asarray(masks).astype(bool)
+    masks_name, maps_name, shape = (("labels", "scores", "[N]") if ndim == 1
+                                    else ("masks", "maps", "[N, H, W]"))
     if not maps:
-        raise ValueError(f"{what} needs at least one set of {'scores' if ndim == 1 else 'maps'}")
+        raise ValueError(f"{what} needs at least one set of {maps_name}")
     if masks.ndim != ndim:
-        raise ValueError(f"{what}: {'labels must be [N]' if ndim == 1 else 'masks must be [N, H, W]'}"
-                         f", got shape {masks.shape}")
+        raise ValueError(f"{what}: {masks_name} must be {shape}, got shape {masks.shape}")
     check_int(rounds, "rounds", hint=" (bootstrap resamples)")
     pixels = masks.reshape(len(masks), -1)
     pair_counts = []
     for position, image_maps in enumerate(maps):
         image_maps = np.asarray(image_maps)
         if image_maps.shape != masks.shape:
-            raise ValueError(f"{what}: {'scores' if ndim == 1 else 'maps'} #{position} has shape "
-                             f"{image_maps.shape}, {'labels' if ndim == 1 else 'masks'} "
-                             f"{masks.shape}")
+            raise ValueError(f"{what}: {maps_name} #{position} has shape {image_maps.shape}, "
+                             f"{masks_name} {masks.shape}")
         _binary_and_scores(masks, image_maps, what)
         pair_counts.append(_ordered_pair_counts(pixels, image_maps.reshape(len(masks), -1)))
     count = len(masks)
