@@ -29,7 +29,9 @@ def machine_tag() -> str:
 
 def git_state() -> Dict[str, object]:
     """``git_commit``: the commit of the checkout holding these benchmarks, and ``git_dirty``:
-    whether tracked files differ from it (both None outside a git checkout)."""
+    whether tracked files other than committed results (``benchmarks/results``) differ from it
+    (both None outside a git checkout): one benchmark's new result files do not mark the code
+    that the next one measures as changed."""
     def git(*arguments: str) -> Optional[str]:
         try:
             run = subprocess.run(["git", *arguments], cwd=Path(__file__).resolve().parent,
@@ -39,7 +41,8 @@ def git_state() -> Dict[str, object]:
         return run.stdout.strip() if run.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                  ":(top,exclude)benchmarks/results") if commit else None
     return {"git_commit": commit, "git_dirty": None if changes is None else bool(changes)}
 
 
