@@ -27,14 +27,14 @@ def machine_tag() -> str:
     return f"cpu{os.cpu_count()}"
 
 
-def git_state() -> Dict[str, object]:
-    """``git_commit``: the commit of the checkout holding these benchmarks, and ``git_dirty``:
-    whether tracked files other than committed results (``benchmarks/results``) differ from it
-    (both None outside a git checkout): one benchmark's new result files do not mark the code
-    that the next one measures as changed."""
+def git_state(directory: Path = Path(__file__).resolve().parent) -> Dict[str, object]:
+    """``git_commit``: the commit of the checkout holding ``directory`` (these benchmarks),
+    and ``git_dirty``: whether tracked files other than committed results
+    (``benchmarks/results``) differ from it (both None outside a git checkout): one
+    benchmark's new result files do not mark the code that the next one measures as changed."""
     def git(*arguments: str) -> Optional[str]:
         try:
-            run = subprocess.run(["git", *arguments], cwd=Path(__file__).resolve().parent,
+            run = subprocess.run(["git", *arguments], cwd=directory,
                                  capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return None

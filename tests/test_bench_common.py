@@ -44,3 +44,25 @@ def test_results_record_the_code_as_it_was_when_the_run_started(tmp_path, monkey
     assert (machine["git_commit"], machine["git_dirty"]) == (
         _common.CODE_AT_START["git_commit"], _common.CODE_AT_START["git_dirty"])
     assert machine["git_commit"] != "changed since"
+
+
+def test_new_result_files_do_not_mark_the_code_as_changed(tmp_path):
+    """One benchmark's results, written into the checkout, must not make the next benchmark of
+    the same run record its (unchanged) code as dirty; a changed source file must."""
+    def git(*arguments):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *arguments],
+                       cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "knnad").mkdir()
+    result, source = tmp_path / "benchmarks" / "results" / "r.md", tmp_path / "knnad" / "m.py"
+    result.write_text("old figures\n")
+    source.write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    state = _common.git_state(tmp_path / "benchmarks")
+    assert state["git_dirty"] is False and len(state["git_commit"]) == 40
+    result.write_text("new figures\n")
+    assert _common.git_state(tmp_path / "benchmarks")["git_dirty"] is False
+    source.write_text("x = 2\n")
+    assert _common.git_state(tmp_path / "benchmarks")["git_dirty"] is True
