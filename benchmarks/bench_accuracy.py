@@ -151,7 +151,7 @@ def main() -> None:
                                                             digits=5)
         for scale, number in (("coarse", coarse), ("fine", fine)):
             row[f"image AUROC - {scale}, paired 95%"] = interval(
-                image_column - image_replicates[:, number], digits=4)
+                image_column - image_replicates[:, number])
         row["AUPRO"] = row.pop("AUPRO")  # last, as in the other tables
     if args.peer_python and not args.quick:
         weights = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
