@@ -440,7 +440,7 @@ def test_sharded_index_with_torch_finds_the_same_neighbours(cluster):
 
 
 def test_a_detector_scores_the_same_with_a_sharded_index(cluster, model, tmp_path):
-    images = sorted((BOTTLE / "test").glob("*/*.png"))
+    images = sorted((BOTTLE / "test").glob("*/*.png"))[::3]  # every defect type and good ones
     one_scale = Detector(**PARAMS, layers="coarse").fit(BOTTLE / "train" / "good")
     # The default's two scales fuse the maps' maxima; one scale scores every way.
     for path, image_scores in ((model[0], ("max",)),
