@@ -259,18 +259,17 @@ def one_thread_lanes(function: Callable[[Item], Result], items: Iterable[Item], 
 
 
 class ThreadTuner:
-    """Chooses the CPU thread count of a loop of similar steps by timing it (the coreset's picks;
-    predict and fit use :func:`one_thread_lanes` instead). Work made of many small operations
-    runs faster on two threads of a quiet machine, but when another process competes for the
-    cores the threads wait on each other and the loop slows several-fold (predict, before its
-    lanes, 4.5x on a 2-core machine with one competing process), while one thread keeps its
-    pace. So every few blocks of ``block`` steps
-    it times one block with each candidate count (``threads`` and 1) and runs the faster until
-    the next probe, sizing torch's and faiss's pools (:func:`set_cpu_threads`); wrap the loop in
-    :func:`kept_cpu_threads`. The count can change float32 rounding (on some CPUs a
-    matrix-vector product rounds a row differently with one and two threads): a loop whose
-    choices must not depend on it sums each value the same way on any count, as the coreset's
-    distances do."""
+    """Chooses the CPU thread count of a loop of similar steps by timing it (the coreset's
+    picks; predict and fit use :func:`one_thread_lanes` instead). Work made of many small
+    operations runs faster on two threads of a quiet machine, but when another process competes
+    for the cores the threads wait on each other and the loop slows several-fold (predict,
+    before its lanes, 4.5x on a 2-core machine with one competing process), while one thread
+    keeps its pace. So every few blocks of ``block`` steps it times one block with each
+    candidate count (``threads`` and 1) and runs the faster until the next probe, sizing torch's
+    and faiss's pools (:func:`set_cpu_threads`); wrap the loop in :func:`kept_cpu_threads`. The
+    count can change float32 rounding (on some CPUs a matrix-vector product rounds a row
+    differently with one and two threads): a loop whose choices must not depend on it sums each
+    value the same way on any count, as the coreset's distances do."""
 
     EXPLOIT = 16  # blocks run with the chosen count between two probes
     MARGIN = 1.5  # how much faster one thread must be to be chosen
